@@ -1,0 +1,44 @@
+"""lossguard: training-dynamics diagnostics and recovery for fine-tuning language models.
+
+``from lossguard import LossGuard`` gives the Hugging Face ``TrainerCallback``. Heavy
+dependencies (torch, transformers) load only when the callback is first used, so the pure core
+(detectors, telemetry, policy) imports without them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lossguard.config import DetectionConfig, GpuConfig, GuardConfig, ProbeConfig, RecoveryConfig
+from lossguard.records import Action, ActionKind, Finding, Reason, Sample, Severity
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Action",
+    "ActionKind",
+    "DetectionConfig",
+    "Finding",
+    "GpuConfig",
+    "GuardConfig",
+    "LossGuard",
+    "ProbeConfig",
+    "Reason",
+    "RecoveryConfig",
+    "Sample",
+    "Severity",
+    "__version__",
+    "load_run",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LossGuard":
+        from lossguard.integrations.hf import LossGuard
+
+        return LossGuard
+    if name == "load_run":
+        from lossguard.presentation.frames import load_run
+
+        return load_run
+    raise AttributeError(f"module 'lossguard' has no attribute {name!r}")

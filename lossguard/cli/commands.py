@@ -1,0 +1,86 @@
+"""Typer signatures of the subcommands; each forwards to its own module in ``lossguard/cli``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from lossguard.cli import _run, app
+
+RunDir = Annotated[str, typer.Argument(help="A Trainer output_dir (e.g. ./qwen-qlora-it).")]
+
+
+@app.command()
+def watch(
+    run_dir: RunDir,
+    once: Annotated[bool, typer.Option("--once", help="Analyse what is there now, print, exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --once: one JSON object.")] = False,
+    fail_on: Annotated[Optional[str], typer.Option(help="Exit 1 when status reaches warning|critical.")] = None,
+    daemon: Annotated[bool, typer.Option("--daemon", help="Detach: alerts, report, pidfile.")] = False,
+    stop: Annotated[bool, typer.Option("--stop", help="Stop the daemon watching RUN_DIR.")] = False,
+    on_alert: Annotated[Optional[str], typer.Option(help="Command run per alert; finding JSON on stdin.")] = None,
+    refresh: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+    report_every: Annotated[float, typer.Option(help="Daemon: seconds between report.html refreshes.")] = 60.0,
+) -> None:
+    """Watch a run: live dashboard, one-shot analysis (--once) or background daemon (--daemon)."""
+    _run("watch", "command", run_dir=run_dir, once=once, as_json=as_json, fail_on=fail_on, daemon=daemon,
+         stop=stop, on_alert=on_alert, refresh=refresh, report_every=report_every)
+
+
+@app.command()
+def report(
+    run_dir: RunDir,
+    output: Annotated[Optional[str], typer.Option("-o", "--output", help="HTML file to write.")] = None,
+) -> None:
+    """Write a self-contained HTML report of a run (works offline)."""
+    _run("report", "command", run_dir=run_dir, output=output)
+
+
+@app.command()
+def export(
+    run_dir: RunDir,
+    output: Annotated[str, typer.Option("-o", "--output", help="CSV file to write.")] = "lossguard-samples.csv",
+) -> None:
+    """Export a run's per-step samples as CSV."""
+    _run("export", "command", run_dir=run_dir, output=output)
+
+
+@app.command("gpu-report")
+def gpu_report(
+    seconds: Annotated[float, typer.Option(help="How long to sample.")] = 10.0,
+    interval: Annotated[float, typer.Option(help="Seconds between samples.")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    record: Annotated[Optional[str], typer.Option(help="Save the sampled timeline to FILE.")] = None,
+    replay: Annotated[Optional[str], typer.Option(help="Diagnose a saved timeline FILE.")] = None,
+    run: Annotated[Optional[str], typer.Option(help="Summarise a lossguard run's GPU records.")] = None,
+) -> None:
+    """Per-GPU utilization, why a GPU idles, and what to change."""
+    _run("gpu_report", "command", seconds=seconds, interval=interval, as_json=as_json, record=record,
+         replay=replay, run=run)
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="A checkpoint-* directory or a run directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """What a checkpoint holds, and what swapping adapters needs (never unpickles anything)."""
+    _run("inspect", "command", path=path, as_json=as_json)
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[str, typer.Option(help="Where the demo run is written.")] = "demo-run",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 600,
+) -> None:
+    """Fine-tune a tiny model on CPU with LossGuard attached, then summarise."""
+    _run("demo", "command", output_dir=output_dir, steps=steps)
+
+
+@app.command()
+def version() -> None:
+    """Print the lossguard version."""
+    from lossguard import __version__
+
+    typer.echo(__version__)

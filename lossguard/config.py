@@ -1,0 +1,157 @@
+"""User-facing configuration, validated on construction.
+
+Bad configuration fails loudly: every constructor raises ``ValueError`` naming the field, the
+value and the allowed range. Each section belongs to one layer (detection, recovery, probe, gpu)
+and is plain data, so it serialises into the ``run`` record as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from lossguard.records import Reason
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, *, lo_open: bool = False) -> None:
+    ok = (lo < value if lo_open else lo <= value) and value <= hi and not math.isnan(value)
+    if not ok:
+        left = "(" if lo_open else "["
+        raise ValueError(f"{name}={value!r} is out of range; allowed {left}{lo}, {hi}]")
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int = 2**62) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an integer in [{lo}, {hi}]")
+    _check_range(name, value, lo, hi)
+
+
+@dataclass
+class DetectionConfig:
+    """When the detectors speak up. Defaults are tuned by ``benchmarks/detection.py``."""
+
+    spike_window: int = 128
+    spike_sigmas: float = 6.0
+    min_history: int = 20
+    divergence_window: int = 50
+    divergence_probability: float = 0.99
+    plateau_min_steps: int = 100
+    early_fraction: float = 0.5
+    vanishing_grad_norm: float = 1e-8
+    vanishing_window: int = 20
+
+    def __post_init__(self) -> None:
+        _check_int("spike_window", self.spike_window, 8)
+        _check_range("spike_sigmas", self.spike_sigmas, 1.0, 100.0)
+        _check_int("min_history", self.min_history, 2)
+        _check_int("divergence_window", self.divergence_window, 10)
+        _check_range("divergence_probability", self.divergence_probability, 0.5, 1.0, lo_open=True)
+        _check_int("plateau_min_steps", self.plateau_min_steps, 10)
+        _check_range("early_fraction", self.early_fraction, 0.0, 1.0, lo_open=True)
+        _check_range("vanishing_grad_norm", self.vanishing_grad_norm, 0.0, 1.0)
+        _check_int("vanishing_window", self.vanishing_window, 2)
+
+
+DEFAULT_TRIGGERS = (
+    Reason.EARLY_CONVERGENCE,
+    Reason.SPIKE,
+    Reason.DIVERGENCE,
+    Reason.NONFINITE,
+)
+
+
+@dataclass
+class RecoveryConfig:
+    """How lossguard rolls back and retrains at a reduced learning rate."""
+
+    enabled: bool = True
+    triggers: tuple[Reason, ...] = DEFAULT_TRIGGERS
+    rollback_steps: int = 100
+    snapshot_every: int = 25
+    lr_factor: float = 0.1
+    max_low_lr_steps: int = 300
+    restore_ramp_steps: int = 0
+    cooldown_steps: int = 50
+    max_rollbacks: int = 3
+    on_give_up: str = "continue"
+    snapshot_memory_mb: float = 512.0
+    snapshot_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.triggers = tuple(Reason(t) for t in self.triggers)
+        _check_int("rollback_steps", self.rollback_steps, 0)
+        _check_int("snapshot_every", self.snapshot_every, 1)
+        _check_range("lr_factor", self.lr_factor, 0.0, 1.0, lo_open=True)
+        _check_int("max_low_lr_steps", self.max_low_lr_steps, 1)
+        _check_int("restore_ramp_steps", self.restore_ramp_steps, 0)
+        _check_int("cooldown_steps", self.cooldown_steps, 0)
+        _check_int("max_rollbacks", self.max_rollbacks, 0)
+        if self.on_give_up not in ("continue", "stop"):
+            raise ValueError(f"on_give_up={self.on_give_up!r}; allowed 'continue' or 'stop'")
+        _check_range("snapshot_memory_mb", self.snapshot_memory_mb, 0.0, 1e7)
+
+
+@dataclass
+class ProbeConfig:
+    """When and how hard the Hessian saddle probe looks."""
+
+    enabled: bool = True
+    on_plateau: bool = True
+    every_n_steps: int = 0
+    max_iter: int = 30
+    max_seconds: float = 60.0
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check_int("every_n_steps", self.every_n_steps, 0)
+        _check_int("max_iter", self.max_iter, 2, 1000)
+        _check_range("max_seconds", self.max_seconds, 0.0, 1e6, lo_open=True)
+        _check_int("batch_size", self.batch_size, 1)
+
+
+@dataclass
+class GpuConfig:
+    """The NVML sampler that runs beside training."""
+
+    enabled: bool = True
+    interval_s: float = 1.0
+    peak_tflops: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_range("interval_s", self.interval_s, 0.0, 3600.0, lo_open=True)
+        if self.peak_tflops is not None:
+            _check_range("peak_tflops", self.peak_tflops, 0.0, 1e6, lo_open=True)
+
+
+@dataclass
+class GuardConfig:
+    """Everything LossGuard can be told. ``GuardConfig()`` is the recommended default."""
+
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    console: bool = True
+    log_subdir: str = "lossguard"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("detection", "recovery", "probe", "gpu") and isinstance(value, dict):
+                setattr(self, f.name, _SECTIONS[f.name](**value))
+        if not self.log_subdir or "/" in self.log_subdir or self.log_subdir in (".", ".."):
+            raise ValueError(f"log_subdir={self.log_subdir!r} must be a plain directory name")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["recovery"]["triggers"] = [t.value for t in self.recovery.triggers]
+        return d
+
+
+_SECTIONS: dict[str, type] = {
+    "detection": DetectionConfig,
+    "recovery": RecoveryConfig,
+    "probe": ProbeConfig,
+    "gpu": GpuConfig,
+}

@@ -1,0 +1,45 @@
+"""torch.distributed helpers: every rank must decide from the same numbers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def _device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    if backend == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def mean_loss_and_sum_tokens(loss: float | None, tokens: int | None) -> tuple[float | None, int | None]:
+    """The step loss averaged over ranks and the step's tokens summed over ranks.
+
+    A NaN on any rank makes the mean NaN on every rank, so all ranks see the same non-finite
+    step and take the same decision (nobody waits on a collective the others skipped). A rank
+    with no loss to report contributes NaN for the same reason.
+    """
+    if not is_distributed():
+        return loss, tokens
+    buf = torch.tensor(
+        [math.nan if loss is None else loss, 0.0 if tokens is None else float(tokens)],
+        dtype=torch.float64,
+        device=_device(),
+    )
+    torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
+    total_loss, total_tokens = buf.tolist()
+    return total_loss / world_size(), (int(total_tokens) if tokens is not None else None)

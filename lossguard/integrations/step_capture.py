@@ -1,0 +1,198 @@
+"""Capturing what one optimizer step really did, from inside a running Trainer.
+
+The Trainer logs only every ``logging_steps``, averages over the interval and (with
+``logging_nan_inf_filter``) replaces NaN losses by the running mean, so none of its logs show the
+raw loss of a step. Without subclassing the Trainer, lossguard wraps two methods of the running
+instance for the duration of ``train()``:
+
+- ``trainer.training_step``: its return value is each micro-batch's share of the step loss (the
+  Trainer already scales it for gradient accumulation), so their sum is the step loss exactly as
+  the Trainer would report it, NaN included;
+- ``trainer.accelerator.clip_grad_norm_``: its return value is the gradient norm before clipping.
+
+Both wrappers only read values; they never change what the Trainer computes. When the Trainer
+cannot be found (an unusual Trainer subclass, a manual callback call), a forward hook on the model
+captures the loss instead, and the gradient norm is computed from ``.grad`` before the optimizer
+step (after clipping, marked as such).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("lossguard")
+
+
+def find_trainer(max_depth: int = 12) -> Any | None:
+    """The ``transformers.Trainer`` whose ``train()`` is running up the call stack, if any."""
+    try:
+        from transformers import Trainer
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    frame = inspect.currentframe()
+    depth = 0
+    while frame is not None and depth < max_depth + 8:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+        depth += 1
+    return None
+
+
+def _count_tokens(inputs: Any) -> torch.Tensor | None:
+    if not isinstance(inputs, dict):
+        return None
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return mask.detach().sum()
+    ids = inputs.get("input_ids")
+    if isinstance(ids, torch.Tensor):
+        return torch.tensor(ids.numel(), device=ids.device)
+    return None
+
+
+class StepCapture:
+    """Accumulates loss, tokens and gradient norm over the micro-batches of one optimizer step."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.perf_counter, keep_batches: int = 0) -> None:
+        self._clock = clock
+        self._loss: torch.Tensor | None = None
+        self._tokens: torch.Tensor | None = None
+        self._micro = 0
+        self._hook_losses = False
+        self.grad_norm: float | None = None
+        self.grad_norm_clipped = False
+        self.lr: float | None = None
+        self._t0: float | None = None
+        self._restore: list[Callable[[], None]] = []
+        self.keep_batches = keep_batches
+        self.kept: list[dict[str, Any]] = []
+        self.mode = "none"
+
+    # --- installing -------------------------------------------------------------------------
+    def install(self, trainer: Any | None, model: Any) -> str:
+        """Wrap ``trainer``'s methods (or hook ``model``); returns the capture mode used."""
+        self.uninstall()
+        if trainer is not None and callable(getattr(trainer, "training_step", None)):
+            self._wrap(trainer, "training_step", self._after_training_step)
+            accelerator = getattr(trainer, "accelerator", None)
+            if accelerator is not None and callable(getattr(accelerator, "clip_grad_norm_", None)):
+                self._wrap(accelerator, "clip_grad_norm_", self._after_clip)
+            self.mode = "trainer"
+        elif model is not None:
+            handle = model.register_forward_hook(self._forward_hook, with_kwargs=True)
+            self._restore.append(handle.remove)
+            self.mode = "forward_hook"
+        return self.mode
+
+    def _wrap(self, obj: Any, name: str, after: Callable[..., None]) -> None:
+        original = getattr(obj, name)
+        had_own = name in vars(obj)
+
+        @functools.wraps(original)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            try:
+                after(result, *args, **kwargs)
+            except Exception as err:  # lossguard must never break the Trainer
+                logger.warning("lossguard: capture failed in %s (%s)", name, err)
+            return result
+
+        setattr(obj, name, wrapper)
+
+        def restore() -> None:
+            if had_own:
+                setattr(obj, name, original)
+            else:
+                try:
+                    delattr(obj, name)
+                except AttributeError:
+                    pass
+
+        self._restore.append(restore)
+
+    def uninstall(self) -> None:
+        while self._restore:
+            self._restore.pop()()
+        self.mode = "none"
+
+    # --- observing ------------------------------------------------------------------------
+    def _add_loss(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float().reshape(-1).mean()
+        self._loss = loss if self._loss is None else self._loss + loss
+        self._micro += 1
+
+    def _add_tokens(self, inputs: Any) -> None:
+        n = _count_tokens(inputs)
+        if n is not None:
+            self._tokens = n if self._tokens is None else self._tokens + n
+        if self.keep_batches and isinstance(inputs, dict) and len(self.kept) < self.keep_batches:
+            self.kept.append({k: v.detach().cpu() for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+
+    def _after_training_step(self, result: Any, *args: Any, **kwargs: Any) -> None:
+        if self._t0 is None:
+            self._t0 = self._clock()
+        if isinstance(result, torch.Tensor):
+            self._add_loss(result)
+        inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
+        self._add_tokens(inputs)
+
+    def _after_clip(self, result: Any, *args: Any, **kwargs: Any) -> None:
+        max_norm = args[1] if len(args) > 1 else kwargs.get("max_norm")
+        if self.grad_norm is None or max_norm == float("inf"):
+            value = result.item() if isinstance(result, torch.Tensor) else result
+            self.grad_norm = None if value is None else float(value)
+
+    def _forward_hook(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        loss = getattr(output, "loss", None)
+        if loss is None and isinstance(output, dict):
+            loss = output.get("loss")
+        if isinstance(loss, torch.Tensor):
+            if self._t0 is None:
+                self._t0 = self._clock()
+            # with num_items_in_batch the model already divides by the whole step's token count
+            self._hook_losses = kwargs.get("num_items_in_batch") is None
+            self._add_loss(loss)
+            self._add_tokens(kwargs)
+
+    # --- per step -------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        self._t0 = self._clock()
+
+    def before_optimizer_step(self, model: Any, optimizer: Any) -> None:
+        """Read the LR ``optimizer.step()`` is about to use; measure the grad norm if needed."""
+        if optimizer is not None and getattr(optimizer, "param_groups", None):
+            self.lr = float(optimizer.param_groups[0]["lr"])
+        if self.grad_norm is None and model is not None:
+            grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+            if grads:
+                self.grad_norm = float(torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+                self.grad_norm_clipped = True
+
+    def end_step(self) -> tuple[float | None, int | None, float | None, float | None, float | None]:
+        """(loss, tokens, grad_norm, lr, seconds) of the step just finished; resets for the next."""
+        loss: float | None = None
+        if self._loss is not None:
+            total = self._loss
+            if self._hook_losses and self._micro > 1:
+                total = total / self._micro  # hooked model losses are per-micro-batch means
+            loss = float(total)
+        tokens = int(self._tokens) if self._tokens is not None else None
+        seconds = self._clock() - self._t0 if self._t0 is not None else None
+        out = (loss, tokens, self.grad_norm, self.lr, seconds)
+        self._loss = self._tokens = None
+        self._micro = 0
+        self.grad_norm = None
+        self._t0 = None
+        return out

@@ -1,0 +1,37 @@
+"""One-line console notices for findings and actions, as they happen during training."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+
+from lossguard.records import Action, Finding, Severity
+
+_STYLE = {Severity.INFO: "cyan", Severity.WARNING: "yellow", Severity.CRITICAL: "bold red"}
+
+_console: Console | None = None
+
+
+def console() -> Console:
+    """The shared stderr console (stdout stays the user's)."""
+    global _console
+    if _console is None:
+        _console = Console(stderr=True, highlight=False)
+    return _console
+
+
+def finding_line(f: Finding) -> str:
+    style = _STYLE.get(f.severity, "white")
+    return f"[{style}]lossguard {f.severity.value}[/] [bold]{f.reason.value}[/] {escape(f.message)}"
+
+
+def action_line(a: Action) -> str:
+    return f"[magenta]lossguard action[/] [bold]{a.action.value}[/] {escape(a.message)}"
+
+
+def print_finding(f: Finding, out: Console | None = None) -> None:
+    (out or console()).print(finding_line(f))
+
+
+def print_action(a: Action, out: Console | None = None) -> None:
+    (out or console()).print(action_line(a))

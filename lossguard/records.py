@@ -1,0 +1,224 @@
+"""The vocabulary shared by every layer: what was measured, what was found, what was done.
+
+Pure stdlib. Every record type converts to and from the plain dict that the telemetry log
+stores (``to_record`` / ``from_record``), so the trainer and the watcher speak one language.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class Severity(str, enum.Enum):
+    """How urgently the person training should look."""
+
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+    @property
+    def rank(self) -> int:
+        return _SEVERITY_RANK[self]
+
+
+_SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
+
+
+class Reason(str, enum.Enum):
+    """What kind of trouble a finding reports."""
+
+    NONFINITE = "nonfinite"
+    SPIKE = "spike"
+    DIVERGENCE = "divergence"
+    EARLY_CONVERGENCE = "early_convergence"
+    GRAD_EXPLOSION = "grad_explosion"
+    GRAD_VANISHING = "grad_vanishing"
+    ZERO_LOSS = "zero_loss"
+    NOT_A_CONVERGENCE_SIGNAL = "not_a_convergence_signal"
+    RELAPSE = "relapse"
+    GAVE_UP = "gave_up"
+    LOSSGUARD_ERROR = "lossguard_error"
+
+
+class ActionKind(str, enum.Enum):
+    """What lossguard did to (or around) training."""
+
+    ROLLBACK = "rollback"
+    LR_OVERRIDE = "lr_override"
+    LR_RESTORE = "lr_restore"
+    SAVE = "save"
+    PROBE = "probe"
+    GIVE_UP = "give_up"
+
+
+def _opt_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _opt_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(f):
+        return None
+    return int(f)
+
+
+@dataclass
+class Sample:
+    """One optimizer step as the person training sees it.
+
+    ``loss`` is the mean over the step's accumulated micro-batches (all-reduced across ranks);
+    ``grad_norm`` is measured before clipping; ``lr`` is the rate that ``optimizer.step()`` used.
+    Any field but ``step`` may be missing (``None``) when the source does not record it.
+    """
+
+    step: int
+    loss: float | None = None
+    grad_norm: float | None = None
+    lr: float | None = None
+    epoch: float | None = None
+    step_time_s: float | None = None
+    tokens: int | None = None
+    t: float | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {"kind": "sample"}
+        rec.update({k: v for k, v in asdict(self).items() if v is not None or k == "loss"})
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Sample:
+        return cls(
+            step=int(rec["step"]),
+            loss=_opt_float(rec.get("loss")),
+            grad_norm=_opt_float(rec.get("grad_norm")),
+            lr=_opt_float(rec.get("lr")),
+            epoch=_opt_float(rec.get("epoch")),
+            step_time_s=_opt_float(rec.get("step_time_s")),
+            tokens=_opt_int(rec.get("tokens")),
+            t=_opt_float(rec.get("t")),
+        )
+
+
+@dataclass
+class Finding:
+    """Something a detector saw, with the numbers that justify it.
+
+    ``step`` is where it was detected; ``onset_step`` where the trouble began (a plateau is
+    detected well after it starts, and recovery must roll back to before the onset).
+    """
+
+    reason: Reason
+    severity: Severity
+    step: int
+    onset_step: int
+    message: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    detector: str = ""
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "kind": "finding",
+            "reason": self.reason.value,
+            "severity": self.severity.value,
+            "step": self.step,
+            "onset_step": self.onset_step,
+            "message": self.message,
+            "evidence": dict(self.evidence),
+            "detector": self.detector,
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Finding:
+        try:
+            reason = Reason(rec.get("reason"))
+        except ValueError:
+            reason = Reason.LOSSGUARD_ERROR
+        try:
+            severity = Severity(rec.get("severity"))
+        except ValueError:
+            severity = Severity.WARNING
+        step = _opt_int(rec.get("step")) or 0
+        onset = _opt_int(rec.get("onset_step"))
+        return cls(
+            reason=reason,
+            severity=severity,
+            step=step,
+            onset_step=step if onset is None else onset,
+            message=str(rec.get("message", "")),
+            evidence=dict(rec.get("evidence") or {}),
+            detector=str(rec.get("detector", "")),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The five fields that ``watch --once --json`` prints."""
+        return {
+            "reason": self.reason.value,
+            "severity": self.severity.value,
+            "step": self.step,
+            "onset_step": self.onset_step,
+            "message": self.message,
+        }
+
+
+@dataclass
+class Action:
+    """Something lossguard did: a rollback, an LR change, a save, a probe, giving up."""
+
+    action: ActionKind
+    step: int
+    message: str
+    from_step: int | None = None
+    to_step: int | None = None
+    lr_factor: float | None = None
+    reason: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "kind": "action",
+            "action": self.action.value,
+            "step": self.step,
+            "from_step": self.from_step,
+            "to_step": self.to_step,
+            "lr_factor": self.lr_factor,
+            "reason": self.reason,
+            "message": self.message,
+            "details": dict(self.details),
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Action:
+        try:
+            kind = ActionKind(rec.get("action"))
+        except ValueError:
+            kind = ActionKind.GIVE_UP
+        return cls(
+            action=kind,
+            step=_opt_int(rec.get("step")) or 0,
+            message=str(rec.get("message", "")),
+            from_step=_opt_int(rec.get("from_step")),
+            to_step=_opt_int(rec.get("to_step")),
+            lr_factor=_opt_float(rec.get("lr_factor")),
+            reason=rec.get("reason"),
+            details=dict(rec.get("details") or {}),
+        )
+
+
+def worst_severity(findings: list[Finding]) -> Severity | None:
+    """The most severe level among ``findings`` (None when there are none)."""
+    if not findings:
+        return None
+    return max((f.severity for f in findings), key=lambda s: s.rank)
