@@ -33,7 +33,9 @@ def _load_json(path: Path) -> Any:
     try:
         return json.loads(text)  # accepts NaN / Infinity literals, as the Trainer writes them
     except json.JSONDecodeError as err:
-        what = "truncated" if err.pos >= len(text.rstrip()) - 1 else "corrupt"
+        body = text.rstrip()
+        cut_short = not body.endswith(("}", "]")) and err.pos >= len(body) - 32
+        what = "truncated" if cut_short else "corrupt"
         raise LogReadError(
             f"{path}: {what} JSON ({err.msg} at line {err.lineno}, column {err.colno})"
         ) from None

@@ -1,0 +1,110 @@
+import json
+import math
+import os
+
+import pytest
+
+from lossguard.errors import LogReadError
+from lossguard.records import Sample
+from lossguard.telemetry import EventWriter, LogTail, RunLog, read_events
+from lossguard.telemetry.schema import as_float, encode
+
+
+def test_nonfinite_floats_are_strict_json_and_round_trip(tmp_path):
+    path = tmp_path / "events.jsonl"
+    with EventWriter(path, clock=lambda: 100.0) as w:
+        w.write_record(Sample(step=1, loss=math.nan, grad_norm=math.inf, lr=1e-3).to_record())
+        w.write_record(Sample(step=2, loss=-math.inf, grad_norm=0.5).to_record())
+    raw = path.read_text().splitlines()
+    for line in raw:  # strict parsers (browsers, jq) reject NaN/Infinity literals
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"literal {c} written"))
+    first = json.loads(raw[0])
+    assert first["v"] == 1 and first["t"] == 100.0 and first["kind"] == "sample"
+    assert first["loss"] == "nan" and first["grad_norm"] == "inf"
+    samples = [Sample.from_record(r) for r in read_events(path)]
+    assert math.isnan(samples[0].loss) and samples[0].grad_norm == math.inf
+    assert samples[1].loss == -math.inf and samples[1].grad_norm == 0.5 and samples[1].lr is None
+
+
+def test_encode_handles_nested_nonfinite_and_numpy():
+    import numpy as np
+
+    line = encode({"kind": "x", "a": [1.0, float("nan")], "b": {"c": np.float32(2.5)}, "d": np.float64("inf")})
+    assert json.loads(line) == {"kind": "x", "a": [1.0, "nan"], "b": {"c": 2.5}, "d": "inf"}
+    assert as_float("-inf") == -math.inf and as_float("nope") is None and as_float(True) is None
+
+
+def test_reader_tolerates_truncated_last_line_unknown_kinds_and_fields(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text(
+        '{"v":1,"kind":"run","max_steps":50,"future_field":{"x":1}}\n'
+        '{"v":1,"kind":"sample","step":1,"loss":2.5,"new_metric":7}\n'
+        '{"v":2,"kind":"hologram","step":1}\n'
+        '{"v":1,"kind":"sample","step":2,"loss":2.4}\n'
+        '{"v":1,"kind":"sample","st'
+    )
+    log = RunLog(source="lossguard", path=path)
+    for rec in read_events(path):
+        log.add_record(rec)
+    assert [s.step for s in log.samples] == [1, 2]
+    assert log.samples[0].loss == 2.5 and log.max_steps == 50
+
+
+def test_reader_rejects_a_file_with_no_record(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\x00\xff\xfe garbage\nmore garbage\n")
+    with pytest.raises(LogReadError, match="events.jsonl: not a JSON-lines log"):
+        read_events(path)
+    with pytest.raises(LogReadError, match="no such file"):
+        read_events(tmp_path / "missing.jsonl")
+    with pytest.raises(LogReadError, match="is a directory"):
+        read_events(tmp_path)
+
+
+def test_duplicate_steps_keep_the_last(tmp_path):
+    log = RunLog(source="x", path=tmp_path)
+    log.add_sample(Sample(step=1, loss=3.0))
+    log.add_sample(Sample(step=2, loss=2.0))
+    log.add_sample(Sample(step=2, loss=1.5))
+    log.add_sample(Sample(step=0, loss=9.0))
+    assert [(s.step, s.loss) for s in log.samples] == [(0, 9.0), (1, 3.0), (2, 1.5)]
+    log.add_sample(Sample(step=1, loss=2.9))
+    assert [(s.step, s.loss) for s in log.samples] == [(0, 9.0), (1, 2.9), (2, 1.5)]
+
+
+def test_tail_follows_growth_holds_partial_lines_and_restarts_on_truncation(tmp_path):
+    path = tmp_path / "events.jsonl"
+    tail = LogTail(path)
+    assert tail.poll() == []  # not there yet
+    with open(path, "w") as fh:
+        fh.write('{"kind":"sample","step":1,"loss":1.0}\n{"kind":"sample","st')
+    assert [r["step"] for r in tail.poll()] == [1]
+    with open(path, "a") as fh:
+        fh.write('ep":2,"loss":0.9}\n')
+    got = tail.poll()
+    assert [r["step"] for r in got] == [2] and not tail.reset
+    size = path.stat().st_size
+    assert tail.offset == size and tail.poll() == []
+    path.write_text('{"kind":"sample","step":7,"loss":0.1}\n')  # rewritten shorter
+    got = tail.poll()
+    assert tail.reset and [r["step"] for r in got] == [7]
+
+
+def test_tail_restarts_when_the_file_is_replaced(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"kind":"sample","step":1}\n' * 3)
+    tail = LogTail(path)
+    assert len(tail.poll()) == 3
+    os.rename(path, tmp_path / "events.jsonl.1")
+    path.write_text('{"kind":"sample","step":1}\n' * 5)  # rotated: a new, longer file
+    assert len(tail.poll()) == 5 and tail.reset
+
+
+def test_writer_on_unwritable_path_warns_and_drops(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with caplog.at_level("WARNING", logger="lossguard"):
+        w = EventWriter(blocker / "sub" / "events.jsonl")
+    assert w.failed and "telemetry disabled" in caplog.text
+    w.write("sample", step=1, loss=1.0)  # no exception, nothing written
+    assert w.written == 0
