@@ -1,0 +1,138 @@
+"""Detection quality on labelled synthetic curves, and the throughput of ``watch --once``.
+
+    .venv/bin/python benchmarks/detection.py [--quick] [--throughput-only]
+
+Prints, per detector and per logging interval (every step, every 10, every 20 steps):
+precision, recall, false alarms per healthy run and median latency from the labelled onset,
+against the targets of issue 3. Then writes a 1,000,000-sample events.jsonl and times reading
+it alone (the baseline) against the full ``once()`` (read + detect + JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+
+from lossguard.records import Reason
+from lossguard.signals.synthetic import SCORED, score, standard_set
+
+TARGET_RECALL = {Reason.SPIKE: 0.95, Reason.DIVERGENCE: 0.95, Reason.NONFINITE: 0.95, Reason.EARLY_CONVERGENCE: 0.9}
+
+
+def quality(healthy: int, per_anomaly: int) -> bool:
+    ok = True
+    t0 = time.perf_counter()
+    all_curves = []
+    for k in (1, 10, 20):
+        curves = standard_set(healthy=healthy, per_anomaly=per_anomaly, log_every=(k,), seed=1000 * k)
+        all_curves.extend(curves)
+        print(f"\nlogging every {k} step(s): {len(curves)} curves, {sum(len(c.samples) for c in curves)} samples")
+        _table(score(curves))
+    print("\nall intervals together:")
+    scores = _table(score(all_curves))
+    for reason, target in TARGET_RECALL.items():
+        sc = scores[reason]
+        good = sc.recall >= target
+        ok &= good
+        print(f"  target recall {reason.value} >= {target}: {sc.recall:.3f} {'OK' if good else 'MISSED'}")
+    ec = scores[Reason.EARLY_CONVERGENCE]
+    good = ec.median_latency <= 100
+    ok &= good
+    print(f"  target early_convergence median latency <= 100 steps: {ec.median_latency:.0f} {'OK' if good else 'MISSED'}")
+    runs = ec.healthy_runs
+    false_runs = ec.healthy_runs_alarmed + scores[Reason.DIVERGENCE].healthy_runs_alarmed
+    per50 = 50.0 * false_runs / runs
+    good = per50 <= 1.0
+    ok &= good
+    print(f"  target <= 1 false early_convergence/divergence per 50 healthy runs: {false_runs} in {runs} "
+          f"= {per50:.2f} per 50 {'OK' if good else 'MISSED'}")
+    print(f"  quality evaluation took {time.perf_counter() - t0:.1f} s")
+    return ok
+
+
+def _table(scores):
+    print(f"  {'detector':<18}{'labels':>7}{'recall':>8}{'precision':>10}{'FA/healthy':>11}{'med.lat':>8}")
+    for reason in SCORED:
+        sc = scores[reason]
+        print(f"  {reason.value:<18}{sc.labels:>7}{sc.recall:>8.3f}{sc.precision:>10.3f}"
+              f"{sc.false_alarms_per_healthy_run:>11.3f}{sc.median_latency:>8.0f}")
+    return scores
+
+
+def throughput(n: int) -> None:
+    from lossguard.analysis import analyze
+    from lossguard.cli.watch_once import once
+    from lossguard.signals.suite import DetectorSuite
+    from lossguard.telemetry import EventWriter, open_run
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        path = run / "lossguard" / "events.jsonl"
+        t0 = time.perf_counter()
+        steps = np.arange(1, n + 1)
+        loss = 0.8 + 2.0 * (1 + steps / 200.0) ** -0.4 * (1 + 0.05 * rng.standard_normal(n))
+        gn = 1.0 * np.exp(0.2 * rng.standard_normal(n))
+        lr = 2e-4 * (1 - steps / n)
+        with EventWriter(path, clock=lambda: 1.7e9) as w:
+            w.write("run", max_steps=n, num_train_epochs=1.0)
+            fh = w._fh  # bulk write of the exact lines EventWriter produces, to save minutes
+            for i in range(n):
+                fh.write(json.dumps({"v": 1, "t": 1.7e9 + i, "kind": "sample", "step": int(steps[i]),
+                                     "loss": float(loss[i]), "grad_norm": float(gn[i]), "lr": float(lr[i]),
+                                     "epoch": float(steps[i]) / n, "step_time_s": 0.1, "tokens": 4096},
+                                    separators=(",", ":")) + "\n")
+        size = path.stat().st_size
+        print(f"\nthroughput: wrote {n} samples ({size / 1e6:.0f} MB) in {time.perf_counter() - t0:.1f} s")
+
+        t0 = time.perf_counter()
+        log = open_run(run)
+        t_read = time.perf_counter() - t0
+        print(f"  read only (open_run, baseline):        {t_read:6.2f} s  ({1e6 * t_read / n:.2f} us/sample)")
+
+        t0 = time.perf_counter()
+        suite = DetectorSuite(max_steps=n)
+        for s in log.samples:
+            suite.observe(s)
+        t_det = time.perf_counter() - t0
+        print(f"  detectors only (DetectorSuite.observe): {t_det:6.2f} s  ({1e6 * t_det / n:.2f} us/sample)")
+
+        t0 = time.perf_counter()
+        analyze(log)
+        t_an = time.perf_counter() - t0
+        print(f"  analyze(log) on the read log:           {t_an:6.2f} s")
+
+        t0 = time.perf_counter()
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            code = once(str(run), True, None)
+        t_once = time.perf_counter() - t0
+        out = json.loads(buf.getvalue())
+        print(f"  once(run, --json) end to end:           {t_once:6.2f} s  (target < 5 s; "
+              f"{t_once / t_read:.2f}x the read alone); exit {code}, status {out['status']}, "
+              f"{len(out['findings'])} findings")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer curves")
+    ap.add_argument("--throughput-only", action="store_true")
+    ap.add_argument("--samples", type=int, default=1_000_000)
+    args = ap.parse_args()
+    ok = True
+    if not args.throughput_only:
+        ok = quality(20 if args.quick else 50, 8 if args.quick else 20)
+    throughput(args.samples)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Offline analysis of a finished or running log: the online detectors, replayed.
+
+``analyze`` feeds every sample of a ``RunLog`` through the same ``DetectorSuite`` the training
+callback uses, so ``lossguard watch --once`` reports what the callback would have seen. For a
+lossguard telemetry log the findings recorded online are merged in: a recorded finding with the
+same (reason, onset_step) as a replayed one is the same finding and appears once (the recorded
+copy wins, its message is what the person saw during training); recorded findings the replay
+does not reproduce (a relapse or give-up from recovery, findings made with another config) are
+kept. The result is sorted by step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lossguard.config import DetectionConfig
+from lossguard.records import Action, Finding, worst_severity
+from lossguard.signals.suite import DetectorSuite
+from lossguard.telemetry.runlog import RunLog
+
+STATUSES = ("healthy", "warning", "critical")
+
+
+@dataclass
+class Analysis:
+    """What the detectors found in one run, and the overall verdict."""
+
+    source: str
+    steps: int
+    last_step: int | None
+    findings: list[Finding] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        """"critical" / "warning" from the worst finding; info findings leave a run "healthy"."""
+        worst = worst_severity(self.findings)
+        if worst is None or worst.rank == 0:
+            return "healthy"
+        return worst.value
+
+    def to_json(self, run_dir: str) -> dict[str, Any]:
+        """The one object ``watch --once --json`` prints."""
+        actions = []
+        for a in self.actions:
+            rec = a.to_record()
+            rec.pop("kind", None)
+            actions.append(rec)
+        return {
+            "run_dir": run_dir,
+            "source": self.source,
+            "steps": self.steps,
+            "last_step": self.last_step,
+            "findings": [f.summary() for f in self.findings],
+            "actions": actions,
+            "status": self.status,
+        }
+
+
+def status_at_least(status: str, threshold: str) -> bool:
+    """Whether ``status`` is as bad as ``threshold`` ("healthy" < "warning" < "critical")."""
+    return STATUSES.index(status) >= STATUSES.index(threshold)
+
+
+def analyze(log: RunLog, config: DetectionConfig | None = None) -> Analysis:
+    """Replay every sample of ``log`` through the detectors and merge the recorded findings."""
+    if config is None and log.run and isinstance(log.run.get("config"), dict):
+        config = _config_from_run(log.run["config"])
+    suite = DetectorSuite(config, max_steps=log.max_steps, num_train_epochs=log.num_train_epochs)
+    observe = suite.observe
+    found: list[Finding] = []
+    for sample in log.samples:
+        new = observe(sample)
+        if new:
+            found.extend(new)
+    seen = {(f.reason, f.onset_step) for f in log.findings}
+    merged = list(log.findings) + [f for f in found if (f.reason, f.onset_step) not in seen]
+    merged.sort(key=lambda f: (f.step, f.onset_step))
+    return Analysis(
+        source=log.source,
+        steps=len(log.samples),
+        last_step=log.last_step,
+        findings=merged,
+        actions=list(log.actions),
+    )
+
+
+def _config_from_run(cfg: dict[str, Any]) -> DetectionConfig | None:
+    """The detection thresholds the run was trained with, when its run record carries them."""
+    det = cfg.get("detection")
+    if not isinstance(det, dict):
+        return None
+    known = {k: v for k, v in det.items() if k in DetectionConfig.__dataclass_fields__}
+    try:
+        return DetectionConfig(**known)
+    except (TypeError, ValueError):
+        return None

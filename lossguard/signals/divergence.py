@@ -1,0 +1,116 @@
+"""Divergence: the loss is climbing, not just noisy."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lossguard.config import DetectionConfig
+from lossguard.records import Finding, Reason, Sample, Severity
+from lossguard.signals.base import fmt
+from lossguard.signals.stats import RollingRegression, RollingRobust
+
+_LEVEL_WINDOW = 16
+
+
+class DivergenceDetector:
+    """A sustained rise of the loss above the best level the run has reached.
+
+    Two conditions, both needed: the least-squares slope over the last ``divergence_window``
+    samples is positive with probability >= ``divergence_probability`` (dlib's test), and the
+    loss level (median of the last 16 samples, so spikes do not count) is at least
+    ``divergence_min_rise`` (relative) above the lowest level seen so far. While the learning
+    rate is still warming up, a rise three times as large is needed: early bumps are common and
+    usually settle. The onset is the step where the level was lowest, where the climb began.
+    """
+
+    name = "divergence"
+
+    def __init__(self, config: DetectionConfig | None = None) -> None:
+        self.config = config or DetectionConfig()
+        self.trend = RollingRegression(self.config.divergence_window)
+        self.level = RollingRobust(_LEVEL_WINDOW)
+        self.best: float | None = None
+        self.best_step = 0
+        self.active = False
+        self.last_lr: float | None = None
+        self.warming_up = False
+
+    def update(self, sample: Sample) -> Finding | None:
+        loss = sample.loss
+        if loss is None or not math.isfinite(loss):
+            return None
+        lr = sample.lr
+        if lr is not None:
+            last = self.last_lr
+            self.warming_up = last is not None and lr > last * (1.0 + 1e-9)
+            self.last_lr = lr
+        step = sample.step
+        self.trend.push(step, loss)
+        level = self.level
+        level.push(loss)
+        if len(level) < _LEVEL_WINDOW:
+            return None
+        med = level.median()
+        if self.best is None or med < self.best:
+            self.best = med
+            self.best_step = step
+            self.active = False
+            return None
+        c = self.config
+        best = self.best
+        noise = level.sigma() * 1.25 / math.sqrt(_LEVEL_WINDOW)
+        rise_needed = c.divergence_min_rise * (3.0 if self.warming_up else 1.0) * max(abs(best), 1e-6)
+        rise_needed = max(rise_needed, 4.0 * noise)
+        rise = med - best
+        if self.active:
+            if rise < 0.5 * rise_needed:
+                self.active = False
+            return None
+        if rise < rise_needed or len(self.trend) < self.trend.size:
+            return None
+        p = self.trend.prob_increasing()
+        if p < c.divergence_probability:
+            return None
+        self.active = True
+        return Finding(
+            reason=Reason.DIVERGENCE,
+            severity=Severity.CRITICAL,
+            step=step,
+            onset_step=self.best_step,
+            message=(
+                f"Loss diverging at step {step}: level {fmt(med)} is {fmt(rise)} "
+                f"({100.0 * rise / max(abs(best), 1e-12):.0f}%) above the best {fmt(best)} at step "
+                f"{self.best_step}, rising with probability {p:.3f} over the last "
+                f"{len(self.trend)} samples; onset {self.best_step}."
+            ),
+            evidence={"level": med, "best": best, "best_step": self.best_step, "probability": p},
+            detector=self.name,
+        )
+
+    def reset_after_rollback(self, step: int) -> None:
+        self.trend.clear()
+        self.level.clear()
+        self.active = False
+        self.last_lr = None
+        self.warming_up = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "trend": self.trend.state_dict(),
+            "level": self.level.state_dict(),
+            "best": self.best,
+            "best_step": self.best_step,
+            "active": self.active,
+            "last_lr": self.last_lr,
+            "warming_up": self.warming_up,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trend.load_state_dict(state["trend"])
+        self.level.load_state_dict(state["level"])
+        self.best = state["best"]
+        self.best_step = int(state["best_step"])
+        self.active = bool(state["active"])
+        self.last_lr = state["last_lr"]
+        self.warming_up = bool(state["warming_up"])
