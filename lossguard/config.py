@@ -40,6 +40,14 @@ class DetectionConfig:
     early_fraction: float = 0.5
     vanishing_grad_norm: float = 1e-8
     vanishing_window: int = 20
+    spike_min_rise: float = 0.2
+    grad_spike_ratio: float = 4.0
+    divergence_min_rise: float = 0.1
+    plateau_z: float = 3.0
+    plateau_min_drop: float = 0.01
+    stall_min_improvement: float = 0.05
+    degenerate_level: float = 0.05
+    cooldown_steps: int = 50
 
     def __post_init__(self) -> None:
         _check_int("spike_window", self.spike_window, 8)
@@ -51,6 +59,14 @@ class DetectionConfig:
         _check_range("early_fraction", self.early_fraction, 0.0, 1.0, lo_open=True)
         _check_range("vanishing_grad_norm", self.vanishing_grad_norm, 0.0, 1.0)
         _check_int("vanishing_window", self.vanishing_window, 2)
+        _check_range("spike_min_rise", self.spike_min_rise, 0.0, 100.0)
+        _check_range("grad_spike_ratio", self.grad_spike_ratio, 1.0, 1e6)
+        _check_range("divergence_min_rise", self.divergence_min_rise, 0.0, 100.0, lo_open=True)
+        _check_range("plateau_z", self.plateau_z, 0.5, 100.0)
+        _check_range("plateau_min_drop", self.plateau_min_drop, 0.0, 1.0)
+        _check_range("stall_min_improvement", self.stall_min_improvement, 0.0, 1.0)
+        _check_range("degenerate_level", self.degenerate_level, 0.0, 1e6)
+        _check_int("cooldown_steps", self.cooldown_steps, 0)
 
 
 DEFAULT_TRIGGERS = (
