@@ -118,12 +118,19 @@ class ProbeConfig:
     max_iter: int = 30
     max_seconds: float = 60.0
     batch_size: int = 64
+    tol: float = 1e-3
+    hvp: str = "auto"
+    groups: int = 2
 
     def __post_init__(self) -> None:
         _check_int("every_n_steps", self.every_n_steps, 0)
         _check_int("max_iter", self.max_iter, 2, 1000)
         _check_range("max_seconds", self.max_seconds, 0.0, 1e6, lo_open=True)
         _check_int("batch_size", self.batch_size, 1)
+        _check_range("tol", self.tol, 0.0, 1.0)
+        if self.hvp not in ("auto", "double_backward", "finite_difference"):
+            raise ValueError(f"hvp={self.hvp!r}; allowed 'auto', 'double_backward' or 'finite_difference'")
+        _check_int("groups", self.groups, 1, 16)
 
 
 @dataclass
