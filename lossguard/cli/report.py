@@ -1,0 +1,43 @@
+"""``lossguard report RUN_DIR -o report.html``: one self-contained HTML file, works offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lossguard.errors import LossguardError
+
+if TYPE_CHECKING:
+    from lossguard.watch.live import LiveRun
+
+
+def write_report(run_dir: str, output: str | None = None) -> tuple[Path, int, LiveRun]:
+    """Read the run, write the report; returns (path, bytes written, the run as read)."""
+    from lossguard.presentation.report import render_html
+    from lossguard.watch.live import read_run
+
+    live = read_run(run_dir)
+    out = Path(output) if output else Path(run_dir) / "lossguard" / "report.html"
+    if out.is_dir():
+        raise LossguardError(f"{out}: is a directory; give a file name, e.g. -o {out / 'report.html'}")
+    page = render_html(live)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise LossguardError(f"{out}: cannot write ({err.strerror or err})") from None
+    return out, len(page.encode()), live
+
+
+def command(run_dir: str, output: str | None = None) -> int:
+    """Write the report and say where; 0 on success."""
+    out, size, live = write_report(run_dir, output)
+    for note in live.notes:
+        print(f"lossguard: {note}")
+    print(f"lossguard: wrote {out} ({size / 1e6:.1f} MB): {live.n_samples} steps, "
+          f"{len(live.findings)} finding(s), status {live.status}")
+    return 0

@@ -1,0 +1,307 @@
+"""A run as the watcher knows it so far: bounded summary of the log plus the detectors' findings.
+
+``LiveRun.fold`` takes each ``Batch`` the follower hands out, runs every new sample through the
+same ``DetectorSuite`` the training callback uses (so a watched run reports what the callback
+would have seen, whatever wrote the log) and keeps only what the dashboard and the report draw:
+curves thinned with min/max buckets, the latest records, the findings and actions. Memory does
+not grow with the length of the run beyond the findings, actions and probes themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lossguard.config import DetectionConfig
+from lossguard.presentation.downsample import MinMaxBuckets
+from lossguard.records import Action, Finding, Sample, Severity, worst_severity
+from lossguard.telemetry.schema import as_float
+from lossguard.watch.follow import Batch
+
+logger = logging.getLogger("lossguard")
+
+SMOOTHING_SPAN = 20
+MAX_KEPT = 10_000
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _run_config(run: dict[str, Any] | None) -> DetectionConfig | None:
+    """The detection thresholds the run was trained with, when its run record carries them."""
+    if not run or not isinstance(run.get("config"), dict):
+        return None
+    try:
+        from lossguard.analysis import _config_from_run
+    except ImportError:
+        return None
+    return _config_from_run(run["config"])
+
+
+class LiveRun:
+    """Everything the dashboard, the report and the daemon's alerts read about one run."""
+
+    def __init__(self, run_dir: str | Path, *, config: DetectionConfig | None = None,
+                 capacity: int = 2000, clock: Callable[[], float] = time.time) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.capacity = capacity
+        self._clock = clock
+        self.notes: deque[str] = deque(maxlen=20)
+        self.source_kind: str | None = None
+        self.source_path: Path | None = None
+        self.waiting: str | None = None
+        self.resets = 0
+        self.detector_error: str | None = None
+        self.bad_lines = 0
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget the run (its log was truncated or replaced): the next batch starts afresh."""
+        self.run: dict[str, Any] | None = None
+        self.preflight: dict[str, Any] | None = None
+        self.max_steps: int | None = None
+        self.num_train_epochs: float | None = None
+        self.ended = False
+        self.n_samples = 0
+        self.first_step: int | None = None
+        self.last: Sample | None = None
+        self.recent: deque[Sample] = deque(maxlen=512)
+        self.loss = MinMaxBuckets(self.capacity)
+        self.loss_smooth = MinMaxBuckets(self.capacity)
+        self.grad_norm = MinMaxBuckets(self.capacity)
+        self.lr = MinMaxBuckets(self.capacity)
+        self._ema = 0.0
+        self._ema_weight = 0.0
+        self.smoothed: float | None = None
+        self.findings: list[Finding] = []
+        self._finding_keys: dict[tuple[str, int], int] = {}
+        self.actions: list[Action] = []
+        self.probes: list[dict[str, Any]] = []
+        self.gpu_last: dict[str, Any] | None = None
+        self.gpu_util: dict[int, MinMaxBuckets] = {}
+        self.evals: list[dict[str, Any]] = []
+        self.updated_at: float | None = None
+        self._suite: Any = None
+
+    # ---- folding ---------------------------------------------------------------------------
+    def fold(self, batch: Batch) -> list[Finding]:
+        """Take in one poll's worth of log; returns the findings that are new with it."""
+        if batch.reset:
+            self.clear()
+            self.resets += 1
+        for note in batch.notes:
+            self.notes.append(note)
+        self.waiting = batch.waiting
+        if batch.source is not None:
+            self.source_kind, self.source_path = batch.source.kind, batch.source.path
+        if batch.max_steps and batch.max_steps != self.max_steps:
+            self.max_steps = batch.max_steps
+            self._tell_progress()
+        if batch.num_train_epochs is not None and batch.num_train_epochs != self.num_train_epochs:
+            self.num_train_epochs = batch.num_train_epochs
+            self._tell_progress()
+        if batch.samples or batch.records:
+            self.updated_at = self._clock()
+        new: list[Finding] = []
+        later: list[dict[str, Any]] = []
+        for rec in batch.records:
+            kind = rec.get("kind")
+            if kind == "run":
+                self._take_run(rec)
+            elif kind == "preflight":
+                self.preflight = rec
+            else:
+                later.append(rec)
+        for s in batch.samples:
+            self._take_sample(s, new)
+        for rec in later:
+            self._take_record(rec, new)
+        return new
+
+    def _tell_progress(self) -> None:
+        setter = getattr(self._suite, "set_progress", None)
+        if setter is not None:
+            setter(max_steps=self.max_steps, num_train_epochs=self.num_train_epochs)
+
+    def _take_run(self, rec: dict[str, Any]) -> None:
+        self.run = rec
+        self.ended = False
+        ms = as_float(rec.get("max_steps"))
+        if ms is not None and math.isfinite(ms) and ms > 0:
+            self.max_steps = int(ms)
+        ne = as_float(rec.get("num_train_epochs"))
+        if ne is not None:
+            self.num_train_epochs = ne
+        self._tell_progress()
+
+    def _take_sample(self, s: Sample, new: list[Finding]) -> None:
+        self.n_samples += 1
+        if self.first_step is None:
+            self.first_step = s.step
+        self.last = s
+        self.recent.append(s)
+        x = float(s.step)
+        self.loss.add(x, s.loss)
+        if _finite(s.loss):
+            alpha = 2.0 / (SMOOTHING_SPAN + 1)
+            self._ema = (1 - alpha) * self._ema + alpha * s.loss  # type: ignore[operator]
+            self._ema_weight = (1 - alpha) * self._ema_weight + alpha
+            self.smoothed = self._ema / self._ema_weight
+            self.loss_smooth.add(x, self.smoothed)
+        self.grad_norm.add(x, s.grad_norm)
+        self.lr.add(x, s.lr)
+        for f in self._detect(s):
+            self._add_finding(f, new)
+
+    def _detect(self, s: Sample) -> list[Finding]:
+        if self.detector_error is not None:
+            return []
+        try:
+            if self._suite is None:
+                from lossguard.signals.suite import DetectorSuite
+
+                self._suite = DetectorSuite(self.config or _run_config(self.run), max_steps=self.max_steps,
+                                            num_train_epochs=self.num_train_epochs)
+            return list(self._suite.observe(s))
+        except Exception as err:  # a detector bug must not take the watcher down
+            self.detector_error = f"detectors unavailable ({type(err).__name__}: {err}); showing logged findings only"
+            self.notes.append(self.detector_error)
+            logger.warning("lossguard: %s", self.detector_error)
+            return []
+
+    def _add_finding(self, f: Finding, new: list[Finding], *, recorded: bool = False) -> None:
+        # same identity as ``analysis.analyze``: (reason, onset); the copy recorded during
+        # training wins, since its message is what the person saw then
+        key = (f.reason.value, f.onset_step)
+        at = self._finding_keys.get(key)
+        if at is not None:
+            if recorded and at >= 0:
+                self.findings[at] = f
+            return
+        if len(self.findings) < MAX_KEPT:
+            self._finding_keys[key] = len(self.findings)
+            self.findings.append(f)
+        else:
+            self._finding_keys[key] = -1
+        new.append(f)
+
+    def _take_record(self, rec: dict[str, Any], new: list[Finding]) -> None:
+        kind = rec.get("kind")
+        try:
+            if kind == "finding":
+                self._add_finding(Finding.from_record(rec), new, recorded=True)
+            elif kind == "action":
+                if len(self.actions) < MAX_KEPT:
+                    self.actions.append(Action.from_record(rec))
+            elif kind == "probe":
+                if len(self.probes) < MAX_KEPT:
+                    self.probes.append(rec)
+            elif kind == "gpu":
+                self._take_gpu(rec)
+            elif kind == "eval":
+                if len(self.evals) < MAX_KEPT:
+                    self.evals.append(rec)
+            elif kind == "end":
+                self.ended = True
+        except (TypeError, ValueError, KeyError, AttributeError):
+            pass  # one malformed record must not hide the rest of the run
+
+    def _take_gpu(self, rec: dict[str, Any]) -> None:
+        gpus = rec.get("gpus")
+        if not isinstance(gpus, list):
+            return
+        self.gpu_last = rec
+        x = as_float(rec.get("step"))
+        if x is None:
+            x = as_float(rec.get("t"))
+        if x is None:
+            return
+        for i, g in enumerate(gpus):
+            if not isinstance(g, dict):
+                continue
+            idx = as_float(g.get("index"))
+            key = int(idx) if idx is not None and math.isfinite(idx) else i
+            util = as_float(g.get("util_mean"))
+            self.gpu_util.setdefault(key, MinMaxBuckets(self.capacity)).add(x, util)
+
+    # ---- what the views read ----------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        """"healthy", "warning" or "critical": the worst finding so far (as ``watch --once``)."""
+        worst = worst_severity(self.findings)
+        return "healthy" if worst is None or worst == Severity.INFO else worst.value
+
+    def seconds_per_step(self) -> float | None:
+        """Median recent seconds per optimizer step, from step times or record timestamps."""
+        times = sorted(s.step_time_s for s in self.recent if _finite(s.step_time_s) and s.step_time_s > 0)  # type: ignore[operator]
+        if len(times) >= 3:
+            return times[len(times) // 2]
+        rates: list[float] = []
+        prev: Sample | None = None
+        for s in self.recent:
+            if prev is not None and _finite(s.t) and _finite(prev.t) and s.step > prev.step:
+                rates.append((s.t - prev.t) / (s.step - prev.step))  # type: ignore[operator]
+            prev = s
+        rates.sort()
+        return rates[len(rates) // 2] if len(rates) >= 3 else None
+
+    def eta_seconds(self) -> float | None:
+        """Seconds until ``max_steps`` at the recent pace (None when either is unknown)."""
+        if self.last is None or not self.max_steps or self.ended:
+            return None
+        per = self.seconds_per_step()
+        if per is None:
+            return None
+        return max(0, self.max_steps - self.last.step) * per
+
+    def lr_phases(self) -> list[tuple[int, int | None, float | None]]:
+        """Spans where lossguard ran at a reduced LR: (start step, end step or None, factor)."""
+        phases: list[tuple[int, int | None, float | None]] = []
+        open_at: tuple[int, float | None] | None = None
+        for a in self.actions:
+            if a.action.value == "lr_override":
+                if open_at is not None:
+                    phases.append((open_at[0], a.step, open_at[1]))
+                open_at = (a.step, a.lr_factor)
+            elif a.action.value in ("lr_restore", "give_up") and open_at is not None:
+                phases.append((open_at[0], a.step, open_at[1]))
+                open_at = None
+        if open_at is not None:
+            phases.append((open_at[0], None, open_at[1]))
+        return phases
+
+
+def read_run(run_dir: str | Path, *, config: DetectionConfig | None = None,
+             on_batch: Callable[[Batch], None] | None = None) -> LiveRun:
+    """Read a run directory's log to its current end, running the detectors over it.
+
+    Raises:
+        LogReadError: the directory is missing, holds no log lossguard can read, or several runs.
+    """
+    from lossguard.errors import LogReadError
+    from lossguard.watch.follow import RunFollower
+
+    follower = RunFollower(run_dir)
+    live = LiveRun(follower.run_dir, config=config)
+    while True:
+        batch = follower.poll()
+        if batch.source is None:
+            raise LogReadError(batch.waiting or f"{follower.run_dir}: no training log found")
+        live.fold(batch)
+        if on_batch is not None:
+            on_batch(batch)
+        if not batch.behind:
+            break
+    if live.n_samples == 0 and follower.last_error is not None:
+        raise follower.last_error
+    if live.n_samples == 0 and follower.bad_lines and follower.source is not None:
+        raise LogReadError(f"{follower.source.path}: not a readable log ({follower.bad_lines} unreadable line(s), no sample)")
+    live.bad_lines = follower.bad_lines
+    return live
