@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from lossguard.errors import LossguardError
 from lossguard.records import Severity
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _LEVELS = ("warning", "critical")
 
@@ -58,7 +62,7 @@ def command(run_dir: str, once: bool = False, as_json: bool = False, fail_on: st
     return live(run_dir, refresh)
 
 
-def live(run_dir: str, refresh: float, *, max_polls: int | None = None) -> int:
+def live(run_dir: str, refresh: float, *, max_polls: int | None = None, console: Console | None = None) -> int:
     """The live dashboard until Ctrl-C (or ``max_polls`` polls, for tests)."""
     from rich.console import Console
     from rich.live import Live
@@ -69,7 +73,7 @@ def live(run_dir: str, refresh: float, *, max_polls: int | None = None) -> int:
 
     follower = RunFollower(run_dir)
     state = LiveRun(follower.run_dir)
-    console = Console(highlight=False)
+    console = console or Console(highlight=False)
     polls = 0
 
     def step() -> bool:
@@ -92,11 +96,11 @@ def live(run_dir: str, refresh: float, *, max_polls: int | None = None) -> int:
             while max_polls is None or polls < max_polls:
                 step()
                 for note in list(state.notes):
-                    print(f"lossguard: {note}", flush=True)
+                    console.print(f"lossguard: {note}", markup=False, soft_wrap=True)
                 state.notes.clear()
                 line = state.waiting if state.last is None and state.waiting else summary_line(state)
                 if line != said:
-                    print(line, flush=True)
+                    console.print(line, markup=False, soft_wrap=True)
                     said = line
                 time.sleep(refresh)
             return 0

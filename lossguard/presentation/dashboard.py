@@ -91,10 +91,19 @@ def line_chart(raw: MinMaxBuckets, smooth: MinMaxBuckets | None, width: int, hei
         if is_smooth:
             smooth_cell[cy][cx] = True
 
+    prev_c: tuple[float, float] | None = None
     for xd, c in enumerate(raw_cols):
-        if c is not None:
-            for yd in range(row(c[1]), row(c[0]) + 1):
-                dot(xd, yd, False)
+        if c is None:
+            continue
+        lo, hi = c
+        if prev_c is not None:  # close the gap to the previous column so a jump reads as a line
+            if hi < prev_c[0]:
+                hi = prev_c[0]
+            elif lo > prev_c[1]:
+                lo = prev_c[1]
+        for yd in range(row(hi), row(lo) + 1):
+            dot(xd, yd, False)
+        prev_c = c
     prev: int | None = None
     for xd, c in enumerate(smooth_cols):
         if c is None:

@@ -31,7 +31,7 @@ READ_CHUNK_BYTES = 16 << 20
 # Lightning rewrites metrics.csv whole; beyond this size re-reading it per change is refused.
 MAX_CSV_BYTES = 512 << 20
 
-_LOOKED_FOR = f"lossguard/{EVENTS_FILE}, checkpoint-*/trainer_state.json, trainer_log.jsonl, metrics.csv"
+LOOKED_FOR = f"lossguard/{EVENTS_FILE}, checkpoint-*/trainer_state.json, trainer_log.jsonl, metrics.csv"
 _OWN_FILES = {"alerts.jsonl", "report.html", "watch.log", "watch.pid"}
 
 
@@ -247,7 +247,7 @@ class RunFollower:
             src, notes = pick_source(self.run_dir, self.subdir)
             if src is None and self.source is None:
                 return Batch(None, waiting=f"waiting for training to start: no log in {self.run_dir} yet "
-                                           f"(looked for {_LOOKED_FOR})")
+                                           f"(looked for {LOOKED_FOR})")
             same = src is None or src == self.source or (
                 self.source is not None and src.kind == self.source.kind == "trainer_state")
             if not same:

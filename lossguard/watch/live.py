@@ -286,14 +286,14 @@ def read_run(run_dir: str | Path, *, config: DetectionConfig | None = None,
         LogReadError: the directory is missing, holds no log lossguard can read, or several runs.
     """
     from lossguard.errors import LogReadError
-    from lossguard.watch.follow import RunFollower
+    from lossguard.watch.follow import LOOKED_FOR, RunFollower
 
     follower = RunFollower(run_dir)
     live = LiveRun(follower.run_dir, config=config)
     while True:
         batch = follower.poll()
         if batch.source is None:
-            raise LogReadError(batch.waiting or f"{follower.run_dir}: no training log found")
+            raise LogReadError(f"{follower.run_dir}: no training log found (looked for {LOOKED_FOR})")
         live.fold(batch)
         if on_batch is not None:
             on_batch(batch)
