@@ -422,21 +422,28 @@ def probe_model(
     return _combine(results, sizes, clock() - t0)
 
 
+def agreed_verdict(verdicts: Sequence[Verdict]) -> Verdict:
+    """The verdict all probe batches share, else ``inconclusive`` (the two-batch rule)."""
+    if not verdicts:
+        return Verdict.INCONCLUSIVE
+    first = verdicts[0]
+    return first if all(v is first for v in verdicts) else Verdict.INCONCLUSIVE
+
+
 def _combine(results: list[CurvatureResult], sizes: list[tuple[int, int]], seconds: float) -> CurvatureResult:
     first = results[0]
     verdicts = [r.verdict for r in results]
     groups = [{**r.summary(), "sequences": rows, "tokens": tok} for r, (rows, tok) in zip(results, sizes, strict=True)]
     n_hvp = sum(r.n_hvp for r in results)
     extra = {"batch_sequences": [rows for rows, _ in sizes], "tokens": [tok for _, tok in sizes]}
+    verdict = agreed_verdict(verdicts)
     if len(set(verdicts)) == 1:
-        verdict = first.verdict
         message = first.message if len(results) == 1 else (
             f"{verdict.value} on all {len(results)} probe batches: "
             + "; ".join(f"r {r.ratio:.3f} (lambda_min {r.lambda_min:.4g}, lambda_max {r.lambda_max:.4g})" for r in results)
             + f"; {n_hvp} Hessian-vector products in {seconds:.2f} s"
         )
     else:
-        verdict = Verdict.INCONCLUSIVE
         message = (
             "inconclusive: the probe batches disagree ("
             + ", ".join(f"{r.verdict.value} at r {r.ratio:.3f}" for r in results)
