@@ -79,12 +79,17 @@ def live(run_dir: str, refresh: float, *, max_polls: int | None = None, console:
     def step() -> bool:
         nonlocal polls
         changed = False
+        started = time.monotonic()
         while True:
             batch = follower.poll()
             state.fold(batch)
             changed = changed or not batch.empty or batch.waiting != getattr(step, "waiting", None)
             step.waiting = batch.waiting  # type: ignore[attr-defined]
             if not batch.behind:
+                break
+            if time.monotonic() - started > 0.5:  # a big log: show progress instead of a frozen screen
+                done, size = follower.progress or (0, 0)
+                state.waiting = f"catching up: read {done / 1e6:,.0f} of {size / 1e6:,.0f} MB"
                 break
         polls += 1
         return changed
