@@ -75,6 +75,7 @@ def test_users_notes_arguments_on_tiny_model(setup, tmp_path):
     assert status(report, "pre-training reference") is Status.INFO
     assert f"{20 * total / 1e6:.3g}M tokens" in report.row("pre-training reference").value
     assert status(report, "mixed precision") is Status.INFO  # fp16 asked, but this machine has no GPU
+    assert all(r.advice for r in report.rows if r.status is Status.WARN)  # every warning says what to change
 
 
 def test_record_is_strict_json_with_rows(setup, tmp_path):
@@ -283,3 +284,19 @@ def test_world_size_and_accumulation_in_effective_batch(setup, tmp_path):
     report = preflight(args, setup.model, setup.train, world_size=4)
     assert report.facts["effective_batch"] == 32
     assert report.facts["steps_per_epoch"] == 16  # 512 / 4 ranks = 128 rows -> 32 batches -> 16 steps
+
+
+def test_trainer_dataloader_as_the_callback_sees_it(setup, tmp_path):
+    import datasets
+    from transformers import Trainer
+
+    rows = [{**r, "prompt": "rev"} for r in setup.train[:64]]  # a text column the Trainer drops
+    trainer = Trainer(model=setup.model, args=training_args(str(tmp_path)),
+                      train_dataset=datasets.Dataset.from_list(rows), data_collator=setup.collator)
+    via_loader = preflight(trainer.args, setup.model, trainer.get_train_dataloader())
+    via_dataset = preflight(trainer.args, setup.model, trainer.train_dataset, data_collator=trainer.data_collator)
+    for report in (via_loader, via_dataset):
+        assert "after the data collator" in report.row("label masking").value
+        assert report.facts["rows_total"] == 64 and report.facts["steps_per_epoch"] == 8
+    assert via_loader.facts["tokens_estimate"] == via_dataset.facts["tokens_estimate"] == \
+        sum(len(r["input_ids"]) for r in rows)
