@@ -60,3 +60,17 @@ def test_broken_file_exits_1_and_names_it(run_dir, tmp_path, capsys):
 def test_missing_path_is_a_user_error(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint or run directory"):
         command(str(tmp_path / "missing"))
+
+
+def test_through_the_app_exit_codes_and_one_line_error(run_dir, tmp_path, capsys):
+    from lossguard.cli import main
+
+    with pytest.raises(SystemExit) as ok:
+        main(["inspect", str(run_dir), "--json"])
+    assert ok.value.code == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "run"
+    with pytest.raises(SystemExit) as bad:
+        main(["inspect", str(tmp_path / "missing")])
+    assert bad.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"lossguard: error: {tmp_path / 'missing'}: no such checkpoint or run directory\n"
