@@ -466,6 +466,8 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
     except OSError as err:
         raise CheckpointError(f"{p}: cannot list the directory ({err.strerror or err})") from None
     names = {f.name for f in info.files}
+    if not _has_checkpoint_files(names):
+        info.problems.append(f"{p}: no weights, adapter or trainer_state.json here (an interrupted save?)")
 
     if ADAPTER_CONFIG in names:
         try:
@@ -507,6 +509,13 @@ def _has_checkpoint_files(names: set[str]) -> bool:
     return any(_classify(n) in (FileRole.ADAPTER, FileRole.MODEL) for n in names) or TRAINER_STATE in names
 
 
+def _holds_checkpoints(path: Path) -> bool:
+    try:
+        return any(e.is_dir() and CHECKPOINT_DIR.match(e.name) for e in path.iterdir())
+    except OSError:
+        return False
+
+
 def inspect_path(path: str | os.PathLike[str]) -> Inspection:
     """Inspect a checkpoint directory or a run directory (its ``checkpoint-*`` subdirectories).
 
@@ -533,6 +542,10 @@ def inspect_path(path: str | os.PathLike[str]) -> Inspection:
             result.final = inspect_checkpoint(p)
         return result
     if not _has_checkpoint_files(names):
+        runs = sorted(e.name for e in entries if e.is_dir() and _holds_checkpoints(e))
+        if runs:
+            raise CheckpointError(f"{p}: holds {len(runs)} run(s) ({', '.join(runs[:5])}); inspect one of them, "
+                                  f"e.g. {p / runs[0]}")
         raise CheckpointError(
             f"{p}: no checkpoint here (no {ADAPTER_CONFIG}, {ADAPTER_WEIGHTS}, model.safetensors or "
             f"{TRAINER_STATE}, and no checkpoint-* directories)"

@@ -186,6 +186,12 @@ def test_missing_dir_file_and_empty_dir_raise_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LossguardError, match="no checkpoint here"):
         inspect_path(tmp_path / "empty")
+    (tmp_path / "runs" / "b" / "checkpoint-5").mkdir(parents=True)
+    (tmp_path / "runs" / "a").mkdir()
+    partial = inspect_path(tmp_path / "runs" / "b")
+    assert partial.kind == "run" and "an interrupted save?" in partial.problems[0]
+    with pytest.raises(CheckpointError, match=r"holds 1 run\(s\) \(b\); inspect one of them"):
+        inspect_path(tmp_path / "runs")
 
 
 def test_to_dict_is_plain_json(run):
