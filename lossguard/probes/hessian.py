@@ -166,10 +166,12 @@ class ProbeSkipped:
     message: str
     step: int | None = None
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self, step: int | None = None) -> dict[str, Any]:
+        """The telemetry ``probe`` record with ``skipped: true`` (``step`` overrides ``self.step``)."""
         rec: dict[str, Any] = {"kind": "probe", "skipped": True, "reason": self.reason, "message": self.message}
-        if self.step is not None:
-            rec["step"] = self.step
+        step = self.step if step is None else step
+        if step is not None:
+            rec["step"] = step
         return rec
 
 

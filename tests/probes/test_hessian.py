@@ -170,6 +170,7 @@ def test_probe_record_is_strict_json_with_the_numbers() -> None:
     assert len(rec["residuals"]) == 2 and "saddle" in rec["message"]
     skipped = json.loads(encode(ProbeSkipped("warmup", "step 3 is inside warmup", 3).to_record()))
     assert skipped == {"kind": "probe", "skipped": True, "reason": "warmup", "message": "step 3 is inside warmup", "step": 3}
+    assert ProbeSkipped("lora_b_zero", "B is zero").to_record(step=9)["step"] == 9
 
 
 def test_degenerate_record_encodes_nan_as_string() -> None:
