@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,10 +16,10 @@ def watch(
     run_dir: RunDir,
     once: Annotated[bool, typer.Option("--once", help="Analyse what is there now, print, exit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="With --once: one JSON object.")] = False,
-    fail_on: Annotated[Optional[str], typer.Option(help="Exit 1 when status reaches warning|critical.")] = None,
+    fail_on: Annotated[str | None, typer.Option(help="Exit 1 when status reaches warning|critical.")] = None,
     daemon: Annotated[bool, typer.Option("--daemon", help="Detach: alerts, report, pidfile.")] = False,
     stop: Annotated[bool, typer.Option("--stop", help="Stop the daemon watching RUN_DIR.")] = False,
-    on_alert: Annotated[Optional[str], typer.Option(help="Command run per alert; finding JSON on stdin.")] = None,
+    on_alert: Annotated[str | None, typer.Option(help="Command run per alert; finding JSON on stdin.")] = None,
     refresh: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
     report_every: Annotated[float, typer.Option(help="Daemon: seconds between report.html refreshes.")] = 60.0,
 ) -> None:
@@ -31,7 +31,7 @@ def watch(
 @app.command()
 def report(
     run_dir: RunDir,
-    output: Annotated[Optional[str], typer.Option("-o", "--output", help="HTML file to write.")] = None,
+    output: Annotated[str | None, typer.Option("-o", "--output", help="HTML file to write.")] = None,
 ) -> None:
     """Write a self-contained HTML report of a run (works offline)."""
     _run("report", "command", run_dir=run_dir, output=output)
@@ -51,9 +51,9 @@ def gpu_report(
     seconds: Annotated[float, typer.Option(help="How long to sample.")] = 10.0,
     interval: Annotated[float, typer.Option(help="Seconds between samples.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    record: Annotated[Optional[str], typer.Option(help="Save the sampled timeline to FILE.")] = None,
-    replay: Annotated[Optional[str], typer.Option(help="Diagnose a saved timeline FILE.")] = None,
-    run: Annotated[Optional[str], typer.Option(help="Summarise a lossguard run's GPU records.")] = None,
+    record: Annotated[str | None, typer.Option(help="Save the sampled timeline to FILE.")] = None,
+    replay: Annotated[str | None, typer.Option(help="Diagnose a saved timeline FILE.")] = None,
+    run: Annotated[str | None, typer.Option(help="Summarise a lossguard run's GPU records.")] = None,
 ) -> None:
     """Per-GPU utilization, why a GPU idles, and what to change."""
     _run("gpu_report", "command", seconds=seconds, interval=interval, as_json=as_json, record=record,

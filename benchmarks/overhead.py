@@ -1,0 +1,58 @@
+"""Wall-time overhead of LossGuard on a real tiny Trainer run (target: median ratio <= 1.02).
+
+The same run (tiny LoRA Llama, CPU) with and without the callback, interleaved so that machine
+noise hits both arms alike; prints per-arm medians and their ratio.
+
+    python benchmarks/overhead.py [--steps 300] [--repeats 7] [--hidden 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_once(with_guard: bool, steps: int, hidden: int, extra: dict) -> float:
+    from lossguard import GuardConfig, LossGuard
+    from lossguard.testing.tiny import make_trainer, tiny_setup
+
+    setup = tiny_setup(hidden_size=hidden)
+    callbacks = [LossGuard(GuardConfig(console=False, **extra))] if with_guard else []
+    with tempfile.TemporaryDirectory() as out:
+        trainer = make_trainer(setup, out, callbacks=callbacks, max_steps=steps, learning_rate=1e-2,
+                               logging_steps=20)
+        t0 = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--recording-only", action="store_true", help="recovery and probes off")
+    ns = ap.parse_args(argv)
+    extra = {"recovery": {"enabled": False}, "probe": {"enabled": False}} if ns.recording_only else {}
+    run_once(True, 20, ns.hidden, extra)  # warm-up: imports, pretrained base cache, allocator
+    base, guarded = [], []
+    for i in range(ns.repeats):
+        order = (False, True) if i % 2 == 0 else (True, False)
+        for arm in order:
+            (guarded if arm else base).append(run_once(arm, ns.steps, ns.hidden, extra))
+    b, g = statistics.median(base), statistics.median(guarded)
+    print(f"steps={ns.steps} repeats={ns.repeats} hidden={ns.hidden} recording_only={ns.recording_only}")
+    print(f"baseline median {b:.3f} s ({1000 * b / ns.steps:.2f} ms/step)  runs: {[round(x, 3) for x in base]}")
+    print(f"lossguard median {g:.3f} s ({1000 * g / ns.steps:.2f} ms/step)  runs: {[round(x, 3) for x in guarded]}")
+    print(f"overhead ratio (median lossguard / median baseline): {g / b:.4f}  target <= 1.02")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
