@@ -44,7 +44,7 @@ class DetectionConfig:
     grad_spike_ratio: float = 4.0
     divergence_min_rise: float = 0.1
     plateau_z: float = 3.0
-    plateau_min_drop: float = 0.01
+    plateau_min_drop: float = 0.03
     stall_min_improvement: float = 0.05
     degenerate_level: float = 0.05
     cooldown_steps: int = 50

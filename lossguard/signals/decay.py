@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_BETAS = np.array([0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0])
+_BETAS = np.geomspace(0.05, 2.0, 14)
 _X0_FRACTIONS = np.array([0.0, 0.03, 0.1, 0.3])
-_TAU_FRACTIONS = np.geomspace(0.03, 3.0, 14)
+_TAU_FRACTIONS = np.geomspace(0.03, 3.0, 32)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,9 @@ class DivergenceDetector:
         self.active = False
         self.last_lr: float | None = None
         self.warming_up = False
+        self.last_step: int | None = None
+        self.sized = False
+        self.streak = 0
 
     def update(self, sample: Sample) -> Finding | None:
         loss = sample.loss
@@ -46,10 +49,18 @@ class DivergenceDetector:
             self.warming_up = last is not None and lr > last * (1.0 + 1e-9)
             self.last_lr = lr
         step = sample.step
+        if self.last_step is not None and not self.sized and step > self.last_step:
+            gap = step - self.last_step
+            self.sized = True
+            if gap > 1:
+                # sparse logs (logging_steps > 1): windows cover similar spans of steps
+                self.trend = RollingRegression(max(10, self.config.divergence_window // gap))
+                self.level = RollingRobust(max(5, _LEVEL_WINDOW // gap))
+        self.last_step = step
         self.trend.push(step, loss)
         level = self.level
         level.push(loss)
-        if len(level) < _LEVEL_WINDOW:
+        if len(level) < level.size:
             return None
         med = level.median()
         if self.best is None or med < self.best:
@@ -59,18 +70,25 @@ class DivergenceDetector:
             return None
         c = self.config
         best = self.best
-        noise = level.sigma() * 1.25 / math.sqrt(_LEVEL_WINDOW)
+        noise = level.sigma() * 1.25 / math.sqrt(level.size)
         rise_needed = c.divergence_min_rise * (3.0 if self.warming_up else 1.0) * max(abs(best), 1e-6)
-        rise_needed = max(rise_needed, 4.0 * noise)
+        # the lowest of many noisy medians sits a few noise units low: ask for more than that
+        rise_needed = max(rise_needed, 6.0 * noise)
         rise = med - best
         if self.active:
             if rise < 0.5 * rise_needed:
                 self.active = False
             return None
         if rise < rise_needed or len(self.trend) < self.trend.size:
+            self.streak = 0
             return None
         p = self.trend.prob_increasing()
         if p < c.divergence_probability:
+            self.streak = 0
+            return None
+        # sustained: a chance excursion of a short median does not last half a level window
+        self.streak += 1
+        if self.streak < max(2, level.size // 2):
             return None
         self.active = True
         return Finding(
@@ -94,6 +112,7 @@ class DivergenceDetector:
         self.active = False
         self.last_lr = None
         self.warming_up = False
+        self.streak = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +123,9 @@ class DivergenceDetector:
             "active": self.active,
             "last_lr": self.last_lr,
             "warming_up": self.warming_up,
+            "last_step": self.last_step,
+            "sized": self.sized,
+            "streak": self.streak,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -114,3 +136,6 @@ class DivergenceDetector:
         self.active = bool(state["active"])
         self.last_lr = state["last_lr"]
         self.warming_up = bool(state["warming_up"])
+        self.last_step = state["last_step"]
+        self.sized = bool(state["sized"])
+        self.streak = int(state["streak"])

@@ -59,6 +59,7 @@ class PlateauDetector:
         self.seg_start: int | None = None
         self.first: list[float] = []
         self.start_level: float | None = None
+        self.start_noise = 0.0
         self.last_lr: float | None = None
         self.last_step: int | None = None
         self.gap = 1
@@ -83,7 +84,7 @@ class PlateauDetector:
         w = self.config.plateau_min_steps
         if self.epoch is not None and self.epoch >= 1.0 and self.steps_per_epoch:
             w = max(w, int(1.2 * self.steps_per_epoch))
-        return max(w, _MIN_WINDOW_SAMPLES * self.gap + 1)
+        return max(w, 2 * _MIN_WINDOW_SAMPLES * self.gap + 1)
 
     def _restart(self, step: int) -> None:
         self.seg_start = step
@@ -123,7 +124,10 @@ class PlateauDetector:
             self.first.append(loss)
             half = self.config.plateau_min_steps // 2
             if step - self.seg_start >= half and len(self.first) >= _MIN_WINDOW_SAMPLES:
-                self.start_level = float(np.median(self.first))
+                first = np.array(self.first)
+                self.start_level = float(np.median(first))
+                mad = float(np.median(np.abs(first - self.start_level))) * 1.4826
+                self.start_noise = 1.25 * mad / math.sqrt(len(first))
                 self.first = []
         if step < self.next_eval or progress is None:
             return None
@@ -178,14 +182,18 @@ class PlateauDetector:
 
         rule = None
         predicted_drop = 0.0
-        if self.start_level is not None:
+        rising = slope > 2.0 * se
+        if self.start_level is not None and not rising:
             improvement = self.start_level - level
+            se_improvement = math.sqrt(self.start_noise**2 + sigma * sigma / len(ys))
             if (
-                improvement < c.stall_min_improvement * max(abs(self.start_level), 1e-6)
+                step - seg >= 0.1 * (self.max_steps or 0)
+                and improvement < c.stall_min_improvement * max(abs(self.start_level), 1e-6)
+                and improvement < 3.0 * se_improvement
                 and observed_drop < 0.5 * c.stall_min_improvement * scale
             ):
                 rule = "stall"
-        if rule is None:
+        if rule is None and not rising:
             predicted_drop = self._predicted_drop(step, window)
             if predicted_drop >= c.plateau_min_drop * scale:
                 pred_slope = -predicted_drop / window
@@ -277,6 +285,7 @@ class PlateauDetector:
             "seg_start": self.seg_start,
             "first": list(self.first),
             "start_level": self.start_level,
+            "start_noise": self.start_noise,
             "last_lr": self.last_lr,
             "last_step": self.last_step,
             "gap": self.gap,
@@ -296,6 +305,7 @@ class PlateauDetector:
         self.seg_start = state["seg_start"]
         self.first = [float(v) for v in state["first"]]
         self.start_level = state["start_level"]
+        self.start_noise = float(state["start_noise"])
         self.last_lr = state["last_lr"]
         self.last_step = state["last_step"]
         self.gap = int(state["gap"])

@@ -11,14 +11,18 @@ from lossguard.signals.base import fmt
 from lossguard.signals.stats import RollingRobust
 
 _TINY = 1e-12
+_BASELINE = 16
+# the noise of one value, from the spread of differences of neighbours (trend cancels out)
+_DIFF_TO_SIGMA = 1.0 / 1.4142135623730951
 
 
 class SpikeDetector:
     """A loss (or grad norm) far above the recent baseline: a bad batch or the start of a blow-up.
 
-    The baseline is the median of the last ``spike_window`` values, the current one excluded,
-    and the yardstick is their robust sigma (IQR / 1.349), so the spikes being looked for do not
-    widen the band that judges them. A loss spike must also be a material rise
+    The baseline is the median of the last 16 values, the current one excluded (short, so a
+    falling curve does not leave it behind), and the yardstick is the robust sigma (IQR / 1.349)
+    of the last ``spike_window`` step-to-step differences divided by sqrt(2): the noise of one
+    value with the trend cancelled out, which the spikes being looked for cannot widen. A loss spike must also be a material rise
     (``spike_min_rise`` of the baseline); grad norms are judged on a log scale (they vary by
     factors, not by offsets) and must be ``grad_spike_ratio`` times the baseline (see
     ``GradExplosionDetector``). One finding per run of consecutive spiking samples;
@@ -30,7 +34,9 @@ class SpikeDetector:
     def __init__(self, config: DetectionConfig | None = None) -> None:
         self.config = config or DetectionConfig()
         c = self.config
-        self.loss_window = RollingRobust(c.spike_window)
+        self.loss_window = RollingRobust(_BASELINE)
+        self.diffs = RollingRobust(c.spike_window)
+        self.prev: float | None = None
         self.in_loss_spike = False
         self.n = 0
         self.n_spikes = 0
@@ -49,10 +55,11 @@ class SpikeDetector:
         w = self.loss_window
         self.n += 1
         finding = None
-        if len(w) >= c.min_history:
+        d = self.diffs
+        if len(d) >= c.min_history:
             med = w.median()
             scale = abs(med) + _TINY
-            sigma = max(w.sigma(), 1e-3 * scale)
+            sigma = max(d.sigma() * _DIFF_TO_SIGMA, 1e-3 * scale)
             threshold = med + max(c.spike_sigmas * sigma, c.spike_min_rise * scale)
             if loss > threshold:
                 self.n_spikes += 1
@@ -65,8 +72,8 @@ class SpikeDetector:
                         onset_step=step,
                         message=(
                             f"Loss spike at step {step}: {fmt(loss)} > {fmt(threshold)} "
-                            f"(median {fmt(med)} + {c.spike_sigmas:g} sigma of {fmt(sigma)} "
-                            f"over the last {len(w)} samples)."
+                            f"(median {fmt(med)} of the last {len(w)} samples + {c.spike_sigmas:g} "
+                            f"sigma of {fmt(sigma)})."
                         ),
                         evidence={
                             "loss": loss, "median": med, "sigma": sigma, "threshold": threshold,
@@ -76,6 +83,9 @@ class SpikeDetector:
                     )
             else:
                 self.in_loss_spike = False
+        if self.prev is not None:
+            d.push(loss - self.prev)
+        self.prev = loss
         w.push(loss)
         return finding
 
@@ -85,6 +95,8 @@ class SpikeDetector:
     def state_dict(self) -> dict[str, Any]:
         return {
             "loss_window": self.loss_window.state_dict(),
+            "diffs": self.diffs.state_dict(),
+            "prev": self.prev,
             "in_loss_spike": self.in_loss_spike,
             "n": self.n,
             "n_spikes": self.n_spikes,
@@ -92,6 +104,8 @@ class SpikeDetector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loss_window.load_state_dict(state["loss_window"])
+        self.diffs.load_state_dict(state["diffs"])
+        self.prev = state["prev"]
         self.in_loss_spike = bool(state["in_loss_spike"])
         self.n = int(state["n"])
         self.n_spikes = int(state["n_spikes"])

@@ -44,7 +44,7 @@ def _base(kind: str, t: np.ndarray, total: int, rng: np.random.Generator) -> tup
     elif kind == "exp":
         curve = c + a * np.exp(-t / (rng.uniform(0.05, 0.5) * total))
     elif kind == "slow":
-        curve = c + a * (1.0 + t / rng.uniform(50, 300)) ** -rng.uniform(0.1, 0.25)
+        curve = c + a * (1.0 + t / rng.uniform(30, 200)) ** -rng.uniform(0.12, 0.25)
     else:
         raise ValueError(kind)
     if kind == "staircase":

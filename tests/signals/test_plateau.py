@@ -1,0 +1,68 @@
+import json
+
+import numpy as np
+
+from lossguard.records import Reason, Sample
+from lossguard.signals.plateau import PlateauDetector
+from lossguard.signals.synthetic import make_curve
+
+
+def _feed(det, samples):
+    return [f for s in samples if (f := det.update(s)) is not None]
+
+
+def _premature(total=2000, onset=500, seed=0, every=1):
+    rng = np.random.default_rng(seed)
+    t = np.arange(1, total + 1)
+    y = 0.5 + 2.0 * (1 + t / 50) ** -0.6
+    y[onset:] = y[onset]
+    y = y * (1 + 0.03 * rng.standard_normal(total))
+    return [Sample(step=int(s), loss=float(v), lr=1e-4) for s, v in zip(t[every - 1::every], y[every - 1::every])]
+
+
+def test_premature_plateau_is_found_soon_after_its_onset():
+    found = _feed(PlateauDetector(max_steps=2000), _premature())
+    assert len(found) == 1
+    f = found[0]
+    assert f.reason == Reason.EARLY_CONVERGENCE
+    assert 500 < f.step <= 700 and 400 <= f.onset_step <= 600
+    assert "of 2000 steps" in f.message and f"onset {f.onset_step}" in f.message
+
+
+def test_plateau_found_in_a_sparse_log():
+    found = _feed(PlateauDetector(max_steps=2000), _premature(every=20))
+    assert len(found) == 1 and found[0].step <= 800
+
+
+def test_no_finding_without_knowing_the_run_length():
+    assert _feed(PlateauDetector(), _premature()) == []
+
+
+def test_no_finding_late_in_the_run():
+    assert _feed(PlateauDetector(max_steps=1100), _premature(total=1100, onset=700)) == []
+
+
+def test_healthy_shapes_do_not_fire():
+    for kind in ("exp", "slow", "staircase", "warmup", "power"):
+        for seed in range(3):
+            curve = make_curve(kind, 10 + seed, heavy_tails=False)
+            det = PlateauDetector(max_steps=curve.max_steps)
+            assert _feed(det, curve.samples) == [], (kind, seed)
+
+
+def test_a_run_that_never_got_going_stalls():
+    rng = np.random.default_rng(0)
+    samples = [Sample(step=i, loss=float(2.94 * (1 + 0.01 * rng.standard_normal())), lr=0.03 * (1 - i / 400))
+               for i in range(1, 401)]
+    found = _feed(PlateauDetector(max_steps=400), samples)
+    assert len(found) == 1 and found[0].evidence["rule"] == "stall" and found[0].step <= 200
+
+
+def test_state_dict_round_trip_gives_the_same_future():
+    samples = _premature()
+    a = PlateauDetector(max_steps=2000)
+    _feed(a, samples[:450])
+    b = PlateauDetector()
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    fa, fb = _feed(a, samples[450:]), _feed(b, samples[450:])
+    assert len(fa) == 1 and [f.message for f in fa] == [f.message for f in fb]
