@@ -93,6 +93,13 @@ class RecoveryConfig:
     on_give_up: str = "continue"
     snapshot_memory_mb: float = 512.0
     snapshot_dir: str | None = None
+    snapshot_disk_keep: int = 8
+    escalation: float = 0.5
+    smooth_window: int = 20
+    relapse_watch_steps: int = 150
+    relapse_fraction: float = 0.5
+    relapse_lr_scale: float = 0.3
+    reset_optimizer_moments: bool = False
 
     def __post_init__(self) -> None:
         self.triggers = tuple(Reason(t) for t in self.triggers)
@@ -106,6 +113,12 @@ class RecoveryConfig:
         if self.on_give_up not in ("continue", "stop"):
             raise ValueError(f"on_give_up={self.on_give_up!r}; allowed 'continue' or 'stop'")
         _check_range("snapshot_memory_mb", self.snapshot_memory_mb, 0.0, 1e7)
+        _check_int("snapshot_disk_keep", self.snapshot_disk_keep, 1)
+        _check_range("escalation", self.escalation, 0.0, 1.0, lo_open=True)
+        _check_int("smooth_window", self.smooth_window, 1)
+        _check_int("relapse_watch_steps", self.relapse_watch_steps, 0)
+        _check_range("relapse_fraction", self.relapse_fraction, 0.0, 1.0, lo_open=True)
+        _check_range("relapse_lr_scale", self.relapse_lr_scale, 0.0, 1.0, lo_open=True)
 
 
 @dataclass

@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,7 @@ from transformers import TrainerCallback
 
 from lossguard.config import GuardConfig
 from lossguard.integrations import dist
+from lossguard.integrations.hf_recovery import TrainerRecovery
 from lossguard.integrations.step_capture import StepCapture, find_trainer
 from lossguard.records import Action, Finding, Sample
 from lossguard.telemetry.schema import EVENTS_FILE
@@ -35,6 +37,7 @@ def _guarded(hook: F) -> F:
 
     @functools.wraps(hook)
     def wrapper(self: LossGuard, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
         try:
             return hook(self, *args, **kwargs)
         except Exception as err:
@@ -43,6 +46,8 @@ def _guarded(hook: F) -> F:
                 logger.warning("lossguard: %s failed (%s: %s); training continues",
                                hook.__name__, type(err).__name__, err)
             return None
+        finally:
+            self.hook_seconds += time.perf_counter() - t0
 
     return wrapper  # type: ignore[return-value]
 
@@ -91,6 +96,8 @@ class LossGuard(TrainerCallback):
         self._failed_hooks: set[str] = set()
         self._is_main = True
         self._interval: list[Sample] = []
+        self.recovery: TrainerRecovery | None = None
+        self.hook_seconds = 0.0  # time spent inside lossguard's hooks, for overhead figures
 
     # --- events --------------------------------------------------------------------------------
     def _emit_finding(self, finding: Finding) -> None:
@@ -163,15 +170,31 @@ class LossGuard(TrainerCallback):
         except Exception as err:
             self.engine = None
             logger.warning("lossguard: detection unavailable (%s); recording only", err)
+        if self.engine is not None and self.config.recovery.enabled:
+            self.recovery = TrainerRecovery(self.config, log_dir)
+            self.recovery.begin(trainer, model, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
+            resumed = self.recovery.load_resumed(args, state, self.engine)
+            if resumed is not None:
+                self._write("resume", step=int(state.global_step), checkpoint=str(resumed),
+                            rollbacks=self.engine.policy.rollbacks, phase=self.engine.policy.phase.value)
 
     @_guarded
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.recovery is not None:
+            self.recovery.first_snapshot(int(state.global_step), self.engine)
         self.capture.begin_step()
 
     @_guarded
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None,
                               optimizer: Any = None, **kwargs: Any) -> None:
+        if self.recovery is not None:  # before the capture reads it: the sample's lr is the one used
+            self.recovery.pre_optimizer_step(self.engine, int(state.global_step) + 1)
         self.capture.before_optimizer_step(model, optimizer)
+
+    @_guarded
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.recovery is not None:
+            self.recovery.post_optimizer_step()
 
     @_guarded
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -183,9 +206,21 @@ class LossGuard(TrainerCallback):
         self._interval.append(sample)
         if self._is_main and self.writer is not None:
             self.writer.write_record(sample.to_record())
-        if self.engine is not None:
-            for finding in self.engine.observe(sample):
-                self._emit_finding(finding)
+        if self.engine is None:
+            return
+        decision = self.engine.decide(sample, self.recovery.steps() if self.recovery is not None else [])
+        for finding in decision.findings:
+            self._emit_finding(finding)
+        if self.recovery is not None:
+            self.recovery.apply(decision, self.engine, int(state.global_step), control)
+        for action in decision.actions:
+            self._emit_action(action)
+
+    @_guarded
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.recovery is not None:
+            for action in self.recovery.on_save(args, state, self.engine, self._is_main):
+                self._emit_action(action)
 
     @_guarded
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,

@@ -1,0 +1,190 @@
+"""``LoopGuard``: LossGuard's detection and recovery for hand-written loops (plain PyTorch, Accelerate).
+
+    guard = LoopGuard(model, optimizer, scheduler, log_dir="runs/x/lossguard", max_steps=1000)
+    for batch in loader:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if guard.step(loss).stop:
+            break
+    guard.close()
+
+Call ``guard.step(loss)`` once per optimizer step, after ``backward()``; after ``optimizer.step()``
+is best, before it works too (a rollback then drops the pending gradients). The LR override is
+applied through torch's optimizer step hooks, so the LR of every ``optimizer.step()`` is exactly
+``factor x`` whatever the scheduler set, wherever ``guard.step`` is called.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lossguard.config import GuardConfig
+from lossguard.guard import Guard
+from lossguard.integrations import dist
+from lossguard.records import Action, Finding, Sample
+from lossguard.recovery.apply import Recoverer
+from lossguard.recovery.snapshot import trainable_parameters
+from lossguard.telemetry.schema import EVENTS_FILE
+from lossguard.telemetry.writer import EventWriter
+
+logger = logging.getLogger("lossguard")
+
+
+@dataclass
+class StepResult:
+    """What ``LoopGuard.step`` saw and did at one step."""
+
+    step: int
+    findings: list[Finding] = field(default_factory=list)
+    actions: list[Action] = field(default_factory=list)
+    rolled_back_to: int | None = None
+    stop: bool = False
+
+
+class LoopGuard:
+    """Records, diagnoses and repairs a hand-written training loop.
+
+    Args:
+        model, optimizer, scheduler: the live training objects (a scheduler is optional).
+        config: a ``GuardConfig`` (or keyword sections, as for ``LossGuard``).
+        log_dir: where ``events.jsonl`` goes; nothing is written when None.
+        max_steps, num_train_epochs: the planned length (tells a premature plateau from convergence).
+    """
+
+    def __init__(self, model: Any, optimizer: Any, scheduler: Any = None, *, config: GuardConfig | None = None,
+                 log_dir: str | os.PathLike[str] | None = None, max_steps: int | None = None,
+                 num_train_epochs: float | None = None, start_step: int = 0, **sections: Any) -> None:
+        self.config = config if config is not None else GuardConfig(**sections)
+        self.model = model
+        self.engine = Guard(self.config, max_steps=max_steps, num_train_epochs=num_train_epochs)
+        self.global_step = start_step
+        self.findings: list[Finding] = []
+        self.actions: list[Action] = []
+        self._is_main = dist.rank() == 0
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.writer = EventWriter(self.log_dir / EVENTS_FILE) if self.log_dir is not None and self._is_main else None
+        self.recoverer: Recoverer | None = None
+        self._remove_hooks = None
+        self._optimizer_steps = 0
+        self._last_lr: float | None = None
+        self._t0: float | None = None
+        if self.config.recovery.enabled:
+            spill = self.log_dir / "snapshots" if self.log_dir is not None else None
+            self.recoverer = Recoverer(model, optimizer, scheduler, config=self.config.recovery, spill_dir=spill)
+            self._remove_hooks = self.recoverer.install_step_hooks(
+                lambda: self.engine.lr_multiplier(self.global_step + 1))
+            self.recoverer.snapshot(start_step, self.engine.detector_state())
+        self._post = optimizer.register_step_post_hook(self._after_optimizer_step)
+        self._optimizer = optimizer
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in trainable_parameters(model).values())
+        self._write("run", world_size=dist.world_size(), total_params=total, trainable_params=trainable,
+                    max_steps=max_steps, start_step=start_step, capture="loop", config=self.config.to_dict())
+
+    # --- events --------------------------------------------------------------------------------
+    def _write(self, kind: str, **fields: Any) -> None:
+        if self.writer is not None:
+            self.writer.write(kind, **fields)
+
+    def _emit(self, item: Finding | Action) -> None:
+        (self.findings if isinstance(item, Finding) else self.actions).append(item)  # type: ignore[arg-type]
+        if not self._is_main:
+            return
+        if self.writer is not None:
+            self.writer.write_record(item.to_record())
+        if self.config.console:
+            from lossguard.presentation.console import print_action, print_finding
+
+            print_finding(item) if isinstance(item, Finding) else print_action(item)
+
+    def _after_optimizer_step(self, optimizer: Any, *args: Any) -> None:
+        self._optimizer_steps += 1
+        self._last_lr = float(optimizer.param_groups[0]["lr"]) * self.engine.lr_multiplier(self.global_step + 1)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def step(self, loss: torch.Tensor | float | None, *, grad_norm: float | None = None,
+             tokens: int | None = None) -> StepResult:
+        """Record one optimizer step's loss, run detection, and carry out recovery."""
+        try:
+            return self._step(loss, grad_norm, tokens)
+        except Exception as err:  # lossguard must never break the user's training
+            logger.warning("lossguard: step failed (%s: %s); training continues", type(err).__name__, err)
+            self.global_step += 1
+            return StepResult(self.global_step)
+
+    def _step(self, loss: Any, grad_norm: float | None, tokens: int | None) -> StepResult:
+        now = time.perf_counter()
+        self.global_step += 1
+        step = self.global_step
+        stepped = self._optimizer_steps >= step  # the optimizer already took this step
+        value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else loss
+        value, tokens = dist.mean_loss_and_sum_tokens(value, tokens)
+        if grad_norm is None and not stepped:
+            grads = [p.grad.detach().float() for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        lr = self._last_lr if stepped else (
+            float(self._optimizer.param_groups[0]["lr"]) * self.engine.lr_multiplier(step))
+        sample = Sample(step=step, loss=value, grad_norm=grad_norm, lr=lr, tokens=tokens,
+                        step_time_s=None if self._t0 is None else round(now - self._t0, 6))
+        self._t0 = now
+        if self.writer is not None:
+            self.writer.write_record(sample.to_record())
+        rec = self.recoverer
+        decision = self.engine.decide(sample, rec.ring.steps() if rec is not None else [])
+        result = StepResult(step, findings=decision.findings, actions=decision.actions, stop=decision.stop)
+        for finding in decision.findings:
+            self._emit(finding)
+        if rec is not None:
+            if decision.rollback_to is not None:
+                snap = rec.restore(decision.rollback_to)
+                if snap.engine is not None:
+                    self.engine.load_detector_state(snap.engine)
+                result.rolled_back_to = decision.rollback_to
+                if decision.actions:
+                    decision.actions[0].details["restore_seconds"] = round(rec.last_rollback_seconds or 0.0, 6)
+            else:
+                label = step if stepped else step - 1
+                if (decision.snapshot or rec.due(label) or not len(rec.ring)) and rec.params_finite():
+                    rec.snapshot(label, self.engine.detector_state())
+        for action in decision.actions:
+            self._emit(action)
+        return result
+
+    @property
+    def should_stop(self) -> bool:
+        return any(a.action.value == "give_up" for a in self.actions) and self.config.recovery.on_give_up == "stop"
+
+    def close(self) -> None:
+        """Remove the optimizer hooks and close the log."""
+        if self._remove_hooks is not None:
+            self._remove_hooks()
+            self._remove_hooks = None
+        self._post.remove()
+        self._write("end", step=self.global_step, findings=len(self.findings), actions=len(self.actions))
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def __enter__(self) -> LoopGuard:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"engine": self.engine.state_dict(), "global_step": self.global_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state["engine"])
+        self.global_step = int(state["global_step"])

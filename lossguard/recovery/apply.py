@@ -1,0 +1,151 @@
+"""Carrying out recovery decisions on live training objects: snapshot, restore, LR override.
+
+``Recoverer`` wraps a model, its optimizer and (optionally) its LR scheduler. It takes snapshots
+into a ``SnapshotRing``, restores one in place (bitwise: parameters are ``copy_``-ed, optimizer
+state reloaded from a clone), and scales the LR of each ``optimizer.step()``.
+
+The LR override is exact for every scheduler: just before ``optimizer.step()`` each param group's
+LR (which the scheduler has just set) is multiplied by the factor; just after, the scheduled value
+is put back. The scheduler therefore never sees the override, and the LR used is
+``factor * schedule(step)`` whatever the schedule (LambdaLR-based, ReduceLROnPlateau, chained).
+
+What a rollback restores: parameters, optimizer state (moments and step counts), RNG states and
+detector state. The scheduler's position keeps following the global step (the step counter
+keeps counting forward); a metric-driven scheduler (ReduceLROnPlateau) has its state and the LRs
+it chose restored from the snapshot, since the metrics it reacted to were rolled back too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lossguard.config import RecoveryConfig
+from lossguard.recovery.snapshot import (
+    Snapshot,
+    SnapshotRing,
+    capture,
+    clone_tree,
+    set_rng_state,
+    trainable_parameters,
+    unwrap,
+)
+
+
+def is_metric_driven(scheduler: Any) -> bool:
+    """Whether ``scheduler`` sets the LR from metrics (ReduceLROnPlateau-like) rather than the step."""
+    sched = unwrap(scheduler)
+    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return True
+    return type(sched).__name__ in ("GreedyLR",)
+
+
+class Recoverer:
+    """Snapshots and restores one model/optimizer/scheduler triple; overrides the step's LR."""
+
+    def __init__(self, model: Any, optimizer: Any, scheduler: Any = None, *,
+                 config: RecoveryConfig | None = None, spill_dir: Any = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.config = config or RecoveryConfig()
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self._clock = clock
+        spill = self.config.snapshot_dir or spill_dir
+        self.ring = SnapshotRing(self.config.snapshot_memory_mb, spill, self.config.snapshot_disk_keep)
+        self._scheduled: list[float] | None = None
+        self.snapshot_seconds = 0.0
+        self.n_snapshots = 0
+        self.last_rollback_seconds: float | None = None
+
+    # --- snapshots -----------------------------------------------------------------------------
+    def due(self, step: int) -> bool:
+        return step % self.config.snapshot_every == 0 or not len(self.ring)
+
+    def snapshot(self, step: int, engine_state: dict[str, Any] | None = None) -> Snapshot:
+        t0 = self._clock()
+        snap = capture(step, self.model, self.optimizer, self.scheduler, engine_state)
+        self.ring.add(snap)
+        self.snapshot_seconds += self._clock() - t0
+        self.n_snapshots += 1
+        return snap
+
+    def params_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in trainable_parameters(self.model).values())
+
+    # --- restore -------------------------------------------------------------------------------
+    def restore(self, step: int) -> Snapshot:
+        """Put the snapshot of ``step`` back in place; returns it (its ``engine`` state for the caller)."""
+        t0 = self._clock()
+        snap = self.ring.get(step)
+        assert snap.params is not None
+        params = trainable_parameters(self.model)
+        missing = set(snap.params) ^ set(params)
+        if missing:
+            raise RuntimeError(f"snapshot of step {step} does not match the model's trainable parameters "
+                               f"({len(missing)} differ, e.g. {sorted(missing)[0]})")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(snap.params[name])
+                p.grad = None
+        self._restore_optimizer(snap)
+        if snap.rng is not None:
+            set_rng_state(snap.rng)
+        self.ring.drop_after(step)
+        self.last_rollback_seconds = self._clock() - t0
+        return snap
+
+    def _restore_optimizer(self, snap: Snapshot) -> None:
+        if self.optimizer is None or snap.optimizer is None:
+            return
+        opt = unwrap(self.optimizer)
+        metric_driven = self.scheduler is not None and is_metric_driven(self.scheduler)
+        scheduled = [g["lr"] for g in opt.param_groups]
+        opt.load_state_dict(clone_tree(snap.optimizer))
+        if self.config.reset_optimizer_moments:
+            opt.state.clear()
+        if metric_driven and snap.scheduler is not None:
+            unwrap(self.scheduler).load_state_dict(clone_tree(snap.scheduler))
+        else:
+            for group, lr in zip(opt.param_groups, scheduled):
+                group["lr"] = lr
+
+    # --- LR override ---------------------------------------------------------------------------
+    def scale_lr(self, multiplier: float) -> list[float]:
+        """Before ``optimizer.step()``: LR = multiplier x the scheduled LR; returns the LRs to be used."""
+        groups = unwrap(self.optimizer).param_groups
+        self._scheduled = [g["lr"] for g in groups]
+        if multiplier != 1.0:
+            for g, lr in zip(groups, self._scheduled):
+                g["lr"] = lr * multiplier
+        return [g["lr"] for g in groups]
+
+    def unscale_lr(self) -> None:
+        """After ``optimizer.step()``: put the scheduled LR back, so the scheduler never sees the override."""
+        if self._scheduled is None:
+            return
+        for g, lr in zip(unwrap(self.optimizer).param_groups, self._scheduled):
+            g["lr"] = lr
+        self._scheduled = None
+
+    def install_step_hooks(self, multiplier: Callable[[], float]) -> Callable[[], None]:
+        """Apply the override around every ``optimizer.step()`` via torch's step hooks; returns an undo."""
+        opt = unwrap(self.optimizer)
+
+        def before(*_: Any) -> None:
+            self.scale_lr(multiplier())
+
+        def after(*_: Any) -> None:
+            self.unscale_lr()
+
+        pre = opt.register_step_pre_hook(before)
+        post = opt.register_step_post_hook(after)
+
+        def remove() -> None:
+            pre.remove()
+            post.remove()
+
+        return remove

@@ -1,0 +1,305 @@
+"""The recovery decision, as a pure state machine: NORMAL -> ROLLBACK -> LOW_LR -> RESTORE -> NORMAL.
+
+Given each step's loss, the findings the detectors raised and the steps that have snapshots,
+``RecoveryPolicy.step`` returns a ``Decision``: what to roll back to, which LR multiplier to use,
+when to save, when to give up. It never touches training; ``recovery/apply.py`` and the
+integrations carry the decision out. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lossguard.config import RecoveryConfig
+from lossguard.records import Action, ActionKind, Finding, Reason, Severity
+
+
+class Phase(str, enum.Enum):
+    """Where recovery stands. ROLLBACK and RESTORE are moments (actions), not phases."""
+
+    NORMAL = "normal"
+    LOW_LR = "low_lr"
+    RAMP = "ramp"
+    GAVE_UP = "gave_up"
+
+
+@dataclass
+class Decision:
+    """What the integration must do after this step."""
+
+    actions: list[Action] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    rollback_to: int | None = None
+    snapshot: bool = False
+    save: bool = False
+    stop: bool = False
+
+
+def pick_target(snapshots: Sequence[int], onset: int, rollback_steps: int, detected: int) -> int | None:
+    """The newest snapshot at least ``rollback_steps`` before ``onset``.
+
+    When none is that old (the trouble began early in the run), the oldest snapshot taken before
+    the detection; None when there is no snapshot to go back to.
+    """
+    before = [s for s in snapshots if s < detected]
+    if not before:
+        return None
+    eligible = [s for s in before if s <= onset - rollback_steps]
+    return max(eligible) if eligible else min(before)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+_PRIORITY = {Reason.NONFINITE: 0, Reason.DIVERGENCE: 1, Reason.SPIKE: 2, Reason.EARLY_CONVERGENCE: 3}
+# trouble of the trajectory (the LR may be too high: watch for a relapse after the restore), as
+# opposed to events (a bad batch, an overflow) that the rollback itself undoes
+_TRAJECTORY = frozenset({Reason.EARLY_CONVERGENCE.value, Reason.DIVERGENCE.value})
+
+
+class RecoveryPolicy:
+    """Decides rollbacks, the reduced-LR phase, the LR restore, relapses and giving up.
+
+    Budgets keep it from looping: a cooldown between rollbacks (doubling after each), at most
+    ``max_rollbacks`` rollbacks, and each rollback's LR factor ``escalation`` times the
+    previous one. A non-finite loss is acted on at once, cooldown or not (the weights are
+    already lost); other triggers wait out the cooldown and any recovery in progress.
+    """
+
+    def __init__(self, config: RecoveryConfig | None = None) -> None:
+        self.config = config or RecoveryConfig()
+        self.phase = Phase.NORMAL
+        self.rollbacks = 0
+        self.factor = self.config.lr_factor
+        self.ceiling = 1.0
+        self.cooldown_until = -1
+        self.trigger_level = math.inf
+        self.trigger_reason: str | None = None
+        self.detected_step = -1
+        self.target_step = -1
+        self.low_until_min = -1
+        self.low_deadline = -1
+        self.ramp_start = -1
+        self.restore_step = -1
+        self.restore_level = math.nan
+        self.watch_until = -1
+        self._window: deque[float] = deque(maxlen=self.config.smooth_window)
+
+    # --- queries -------------------------------------------------------------------------------
+    def smoothed(self) -> float:
+        """Mean of the recent finite losses (NaN when there are none yet)."""
+        return sum(self._window) / len(self._window) if self._window else math.nan
+
+    def lr_multiplier(self, step: int) -> float:
+        """The factor on the scheduled LR for the optimizer step that produces sample ``step``."""
+        if self.phase is Phase.LOW_LR:
+            return self.factor
+        if self.phase is Phase.RAMP:
+            ramp = max(1, self.config.restore_ramp_steps)
+            frac = min(1.0, max(0.0, (step - self.ramp_start) / ramp))
+            return self.factor + (self.ceiling - self.factor) * frac
+        return self.ceiling
+
+    # --- the decision --------------------------------------------------------------------------
+    def step(self, step: int, loss: float | None, findings: Sequence[Finding],
+             snapshots: Sequence[int]) -> Decision:
+        """Decide what to do after the optimizer step that produced ``step``'s ``loss``."""
+        decision = Decision()
+        before = self.smoothed()
+        cfg = self.config
+        if self.phase is not Phase.GAVE_UP and cfg.enabled:
+            trigger = self._trigger(step, findings)
+            if trigger is not None and trigger.reason is not Reason.NONFINITE and self._watching(step):
+                self._relapse(step, snapshots, decision, before,
+                              f"a {trigger.reason.value} at step {step}, {step - self.restore_step} steps after "
+                              f"restoring the LR at step {self.restore_step}")
+                return decision
+            if trigger is not None:
+                self._rollback(step, trigger, before, snapshots, decision)
+                return decision
+        if loss is not None and math.isfinite(loss):
+            self._window.append(float(loss))
+        if self.phase is Phase.LOW_LR:
+            self._maybe_restore(step, decision)
+        elif self.phase is Phase.RAMP and step >= self.ramp_start + cfg.restore_ramp_steps:
+            self.phase = Phase.NORMAL
+        elif self.phase is Phase.NORMAL and step <= self.watch_until:
+            self._watch_relapse(step, snapshots, decision)
+        return decision
+
+    def _trigger(self, step: int, findings: Sequence[Finding]) -> Finding | None:
+        wanted = [f for f in findings if f.reason in self.config.triggers]
+        if not wanted:
+            return None
+        wanted.sort(key=lambda f: (_PRIORITY.get(f.reason, 9), f.onset_step))
+        first = wanted[0]
+        if first.reason is Reason.NONFINITE or self._watching(step):
+            return first
+        if self.phase is not Phase.NORMAL or step < self.cooldown_until:
+            return None
+        return first
+
+    def _watching(self, step: int) -> bool:
+        return self.phase is Phase.NORMAL and step <= self.watch_until
+
+    def _give_up(self, step: int, why: str, decision: Decision) -> None:
+        self.phase = Phase.GAVE_UP
+        stop = self.config.on_give_up == "stop"
+        then = "stopping training" if stop else "training continues without further recovery"
+        message = f"gave up at step {step} after {self.rollbacks} rollback(s): {why}; {then}"
+        decision.actions.append(Action(ActionKind.GIVE_UP, step, message, reason=Reason.GAVE_UP.value))
+        decision.findings.append(Finding(Reason.GAVE_UP, Severity.CRITICAL, step, step, message,
+                                         evidence={"rollbacks": self.rollbacks}, detector="recovery"))
+        decision.stop = stop
+
+    def _rollback(self, step: int, finding: Finding, before: float, snapshots: Sequence[int],
+                  decision: Decision) -> None:
+        cfg = self.config
+        if self.rollbacks >= cfg.max_rollbacks:
+            self._give_up(step, f"{finding.reason.value} again and the budget of {cfg.max_rollbacks} "
+                                f"rollbacks is spent", decision)
+            return
+        target = pick_target(snapshots, finding.onset_step, cfg.rollback_steps, step)
+        if target is None:
+            self._give_up(step, f"{finding.reason.value} but no snapshot before step {step} to roll back to",
+                          decision)
+            return
+        self.factor = min(cfg.lr_factor * cfg.escalation ** self.rollbacks, self.ceiling)
+        self.rollbacks += 1
+        self.trigger_level = before if math.isfinite(before) else math.inf
+        self.trigger_reason = finding.reason.value
+        self.detected_step = step
+        self.target_step = target
+        replay = step - target
+        self.low_until_min = step + min(replay, cfg.max_low_lr_steps)
+        self.low_deadline = step + cfg.max_low_lr_steps
+        self.cooldown_until = step + cfg.cooldown_steps * 2 ** (self.rollbacks - 1)
+        self.watch_until = -1
+        self.phase = Phase.LOW_LR
+        self._window.clear()
+        gap = finding.onset_step - target
+        decision.rollback_to = target
+        decision.save = True
+        decision.actions.append(Action(
+            ActionKind.ROLLBACK, step,
+            f"rolled back from step {step} to the snapshot of step {target} ({gap} steps before the "
+            f"{finding.reason.value} onset at step {finding.onset_step}); global step keeps counting and the "
+            f"data loader keeps moving, so the {replay} discarded steps' batches are not replayed",
+            from_step=step, to_step=target, lr_factor=self.factor, reason=finding.reason.value,
+            details={"onset_step": finding.onset_step, "rollback": self.rollbacks,
+                     "discarded_steps": replay, "data_replayed": False}))
+        level = "a non-finite loss" if not math.isfinite(self.trigger_level) else _fmt(self.trigger_level)
+        decision.actions.append(Action(
+            ActionKind.LR_OVERRIDE, step,
+            f"LR set to {_fmt(self.factor)} x schedule until the smoothed loss is below {level} and at least "
+            f"{self.low_until_min - step} steps have passed (at most {cfg.max_low_lr_steps})",
+            from_step=step, to_step=self.low_deadline, lr_factor=self.factor, reason=finding.reason.value))
+
+    def _maybe_restore(self, step: int, decision: Decision) -> None:
+        cfg = self.config
+        level = self.smoothed()
+        below = len(self._window) >= min(cfg.smooth_window, 5) and level < self.trigger_level
+        trajectory = self.trigger_reason in _TRAJECTORY
+        if trajectory:
+            done = (step >= self.low_until_min and below) or step >= self.low_deadline
+        else:  # an event: back at the level before it, or the discarded distance replayed
+            done = below or step >= self.low_until_min
+        if not done:
+            return
+        why = (f"smoothed loss {_fmt(level)} is below the trigger level {_fmt(self.trigger_level)}" if below
+               else f"{step - self.detected_step} steps at the reduced LR passed (smoothed loss {_fmt(level)})")
+        ramp = cfg.restore_ramp_steps
+        how = f"over {ramp} steps" if ramp else "at once"
+        target = f"{_fmt(self.ceiling)} x schedule" if self.ceiling < 1.0 else "the schedule"
+        self.phase = Phase.RAMP if ramp else Phase.NORMAL
+        self.ramp_start = step
+        self.restore_step = step
+        self.restore_level = level
+        self.watch_until = step + ramp + cfg.relapse_watch_steps if below and trajectory else -1
+        decision.snapshot = True
+        decision.save = True
+        decision.actions.append(Action(
+            ActionKind.LR_RESTORE, step, f"LR back to {target} {how} at step {step}: {why}",
+            from_step=self.detected_step, to_step=step, lr_factor=self.ceiling, reason=self.trigger_reason,
+            details={"smoothed_loss": level, "trigger_level": self.trigger_level, "ramp_steps": ramp}))
+        decision.actions.append(Action(ActionKind.SAVE, step, f"asked for a checkpoint of the recovered state at step {step}",
+                                       reason=self.trigger_reason))
+
+    def _watch_relapse(self, step: int, snapshots: Sequence[int], decision: Decision) -> None:
+        cfg = self.config
+        gain = self.trigger_level - self.restore_level
+        if not (math.isfinite(gain) and gain > 0) or len(self._window) < cfg.smooth_window:
+            return
+        level = self.smoothed()
+        limit = self.restore_level + cfg.relapse_fraction * gain
+        if level <= limit:
+            return
+        self._relapse(step, snapshots, decision, level,
+                      f"smoothed loss rose from {_fmt(self.restore_level)} to {_fmt(level)} within "
+                      f"{step - self.restore_step} steps of restoring the LR at step {self.restore_step} "
+                      f"(limit {_fmt(limit)})")
+
+    def _relapse(self, step: int, snapshots: Sequence[int], decision: Decision, level: float, why: str) -> None:
+        cfg = self.config
+        message = f"relapse: {why}; the scheduled LR looks too high for this run"
+        decision.findings.append(Finding(Reason.RELAPSE, Severity.WARNING, step, self.restore_step, message,
+                                         evidence={"restore_level": self.restore_level, "level": level,
+                                                   "trigger_level": self.trigger_level},
+                                         detector="recovery"))
+        self.watch_until = -1
+        if self.rollbacks >= cfg.max_rollbacks:
+            self._give_up(step, f"relapse and the budget of {cfg.max_rollbacks} rollbacks is spent", decision)
+            return
+        target = max((s for s in snapshots if s <= self.restore_step), default=None)
+        if target is None:
+            return
+        self.rollbacks += 1
+        self.ceiling *= cfg.relapse_lr_scale
+        self.factor = min(self.factor, self.ceiling)
+        self.cooldown_until = step + cfg.cooldown_steps * 2 ** (self.rollbacks - 1)
+        self.restore_step = step
+        self.watch_until = step + cfg.relapse_watch_steps
+        if math.isfinite(level):
+            self.trigger_level = level
+        self._window.clear()
+        decision.rollback_to = target
+        decision.save = True
+        decision.actions.append(Action(
+            ActionKind.ROLLBACK, step,
+            f"rolled back from step {step} to the post-recovery snapshot of step {target} after a relapse; "
+            f"the data loader keeps moving, so the {step - target} discarded steps' batches are not replayed",
+            from_step=step, to_step=target, lr_factor=self.ceiling, reason=Reason.RELAPSE.value,
+            details={"rollback": self.rollbacks, "discarded_steps": step - target, "data_replayed": False}))
+        decision.actions.append(Action(
+            ActionKind.LR_OVERRIDE, step,
+            f"LR kept at {_fmt(self.ceiling)} x schedule from step {step} on, because the full schedule relapsed",
+            from_step=step, lr_factor=self.ceiling, reason=Reason.RELAPSE.value))
+
+    # --- state ---------------------------------------------------------------------------------
+    _FIELDS = ("rollbacks", "factor", "ceiling", "cooldown_until", "trigger_level", "trigger_reason",
+               "detected_step", "target_step", "low_until_min", "low_deadline", "ramp_start",
+               "restore_step", "restore_level", "watch_until")
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name) for name in self._FIELDS}
+        for key in ("trigger_level", "restore_level"):
+            value = out[key]
+            out[key] = value if math.isfinite(value) else str(value)
+        out["phase"] = self.phase.value
+        out["window"] = list(self._window)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self._FIELDS:
+            if name in state:
+                setattr(self, name, state[name])
+        self.trigger_level = float(self.trigger_level)
+        self.restore_level = float(self.restore_level)
+        self.phase = Phase(state.get("phase", Phase.NORMAL.value))
+        self._window = deque((float(v) for v in state.get("window", [])), maxlen=self.config.smooth_window)

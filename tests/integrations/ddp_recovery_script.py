@@ -1,0 +1,53 @@
+"""Run under ``torchrun --nproc_per_node=2``: gloo on CPU, LossGuard with recovery, NaN on rank 1 only.
+
+Each rank writes what it did to ``<out>/recovery.rank<N>.json``.
+"""
+
+import json
+import os
+import sys
+
+import torch
+from transformers import TrainerCallback
+
+from lossguard import GuardConfig, LossGuard
+from lossguard.recovery.snapshot import trainable_parameters
+from lossguard.testing.tiny import make_trainer, tiny_setup
+
+out = sys.argv[1]
+rank = int(os.environ["RANK"])
+torch.set_num_threads(1)
+
+
+class NanOnThisRank(TrainerCallback):
+    def __init__(self, step: int):
+        self.step, self.current = step, 0
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        def hook(module, a, kwargs, output):
+            if self.current == self.step and module.training:
+                output.loss = output.loss * float("nan")
+            return output
+
+        model.register_forward_hook(hook, with_kwargs=True)
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.current = state.global_step + 1
+
+
+setup = tiny_setup(n_train=128)
+guard = LossGuard(GuardConfig(console=False, recovery={"snapshot_every": 5, "rollback_steps": 5,
+                                                        "max_low_lr_steps": 6, "relapse_watch_steps": 0}))
+callbacks = [guard] + ([NanOnThisRank(12)] if rank == 1 else [])
+trainer = make_trainer(setup, out, callbacks=callbacks, max_steps=24, learning_rate=1e-2,
+                       per_device_train_batch_size=4, ddp_backend="gloo", logging_steps=50)
+trainer.train()
+params = trainable_parameters(setup.model)
+with open(os.path.join(out, f"recovery.rank{rank}.json"), "w") as fh:
+    json.dump({
+        "world": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+        "actions": [a.to_record() for a in guard.actions],
+        "final_step": trainer.state.global_step,
+        "finite": all(bool(torch.isfinite(p).all()) for p in params.values()),
+        "checksum": [float(p.double().sum()) for p in params.values()],
+    }, fh)

@@ -1,0 +1,36 @@
+"""Real torch.distributed (gloo, 2 processes): a NaN on one rank only; both roll back in lockstep."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nan_on_one_rank_every_rank_rolls_back_to_the_same_step(tmp_path):
+    script = Path(__file__).with_name("ddp_recovery_script.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={
+        **__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"recovery.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    for r in ranks:
+        rollbacks = [(a["from_step"], a["to_step"]) for a in r["actions"] if a["action"] == "rollback"]
+        assert rollbacks == [(12, 5)]  # rank 0 saw no NaN itself, yet rolled back with rank 1
+        assert any(a["action"] == "lr_restore" for a in r["actions"])
+        assert r["final_step"] == 24 and r["finite"]  # nobody deadlocked, training ended finite
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the ranks' weights are still identical
+    events = [json.loads(line) for line in (tmp_path / "lossguard" / "events.jsonl").read_text().splitlines()]
+    assert [e["to_step"] for e in events if e["kind"] == "action" and e["action"] == "rollback"] == [5]
