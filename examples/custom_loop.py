@@ -10,9 +10,10 @@ restore appear as they happen; ``<out>/lossguard/events.jsonl`` holds the record
 from __future__ import annotations
 
 import argparse
-import random
+import math
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from lossguard import GuardConfig
@@ -31,12 +32,15 @@ def main() -> None:
     model = setup.model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=args.steps)
-    rng = random.Random(0)
+    loader = DataLoader(setup.train, batch_size=8, shuffle=True, collate_fn=setup.collator,
+                        generator=torch.Generator().manual_seed(0))
+    epochs = math.ceil(args.steps / len(loader))
+    batches = (batch for _ in range(epochs) for batch in loader)
     model.train()
     with LoopGuard(model, optimizer, scheduler, config=GuardConfig(), log_dir=f"{args.out}/lossguard",
                    max_steps=args.steps) as guard:
-        for _ in range(args.steps):
-            loss = model(**setup.collator(rng.sample(setup.train, 8))).loss
+        for _, batch in zip(range(args.steps), batches):
+            loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

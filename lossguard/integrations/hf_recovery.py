@@ -80,12 +80,11 @@ class TrainerRecovery:
         if self.recoverer is not None:
             self.recoverer.unscale_lr()
 
-    def apply(self, decision: Decision, engine: Any, step: int, control: Any) -> list[Action]:
-        """Carry out ``decision`` after optimizer step ``step``; returns actions to report."""
+    def apply(self, decision: Decision, engine: Any, step: int, control: Any) -> None:
+        """Carry out ``decision`` after optimizer step ``step``."""
         rec = self.recoverer
-        out: list[Action] = []
         if rec is None:
-            return out
+            return
         if decision.rollback_to is not None:
             snap = rec.restore(decision.rollback_to)
             if snap.engine is not None and engine is not None:
@@ -99,7 +98,6 @@ class TrainerRecovery:
             control.should_save = True
         if decision.stop:
             control.should_training_stop = True
-        return out
 
     def on_save(self, args: Any, state: Any, engine: Any, is_main: bool) -> list[Action]:
         """Write lossguard's state into the new checkpoint; pin it when it holds a rollback target."""

@@ -89,6 +89,7 @@ class RecoveryPolicy:
         self.restore_step = -1
         self.restore_level = math.nan
         self.watch_until = -1
+        self.watch_level = False
         self._window: deque[float] = deque(maxlen=self.config.smooth_window)
 
     # --- queries -------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ class RecoveryPolicy:
         cfg = self.config
         if self.phase is not Phase.GAVE_UP and cfg.enabled:
             trigger = self._trigger(step, findings)
-            if trigger is not None and trigger.reason is not Reason.NONFINITE and self._watching(step):
+            if trigger is not None and self._watching(step):
                 self._relapse(step, snapshots, decision, before,
                               f"a {trigger.reason.value} at step {step}, {step - self.restore_step} steps after "
                               f"restoring the LR at step {self.restore_step}")
@@ -221,7 +222,8 @@ class RecoveryPolicy:
         self.ramp_start = step
         self.restore_step = step
         self.restore_level = level
-        self.watch_until = step + ramp + cfg.relapse_watch_steps if below and trajectory else -1
+        self.watch_until = step + ramp + cfg.relapse_watch_steps
+        self.watch_level = below and trajectory  # a rise of the smoothed loss counts only after trajectory trouble
         decision.snapshot = True
         decision.save = True
         decision.actions.append(Action(
@@ -234,7 +236,7 @@ class RecoveryPolicy:
     def _watch_relapse(self, step: int, snapshots: Sequence[int], decision: Decision) -> None:
         cfg = self.config
         gain = self.trigger_level - self.restore_level
-        if not (math.isfinite(gain) and gain > 0) or len(self._window) < cfg.smooth_window:
+        if not (self.watch_level and math.isfinite(gain) and gain > 0) or len(self._window) < cfg.smooth_window:
             return
         level = self.smoothed()
         limit = self.restore_level + cfg.relapse_fraction * gain
@@ -284,7 +286,7 @@ class RecoveryPolicy:
     # --- state ---------------------------------------------------------------------------------
     _FIELDS = ("rollbacks", "factor", "ceiling", "cooldown_until", "trigger_level", "trigger_reason",
                "detected_step", "target_step", "low_until_min", "low_deadline", "ramp_start",
-               "restore_step", "restore_level", "watch_until")
+               "restore_step", "restore_level", "watch_until", "watch_level")
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: getattr(self, name) for name in self._FIELDS}

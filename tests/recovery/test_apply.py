@@ -110,6 +110,7 @@ def test_step_hooks_make_the_used_lr_exactly_factor_times_schedule(setup, name):
         if name == "reduce_lr_on_plateau":
             reference.step(10.0)
         else:
+            reference_opt.step()
             reference.step()
         assert used[-1] == expected
         assert opt.param_groups[0]["lr"] == reference_opt.param_groups[0]["lr"]  # scheduler never sees it

@@ -135,7 +135,7 @@ def test_a_spike_right_after_restore_counts_as_relapse():
     assert d.rollback_to == 60 and d.findings[0].reason is Reason.RELAPSE and pol.ceiling < 1.0
 
 
-def test_events_end_the_low_lr_phase_at_the_pre_event_level_and_are_not_watched_for_relapse():
+def test_events_end_the_low_lr_phase_at_the_pre_event_level():
     pol = RecoveryPolicy(RecoveryConfig(smooth_window=5, max_low_lr_steps=300, relapse_watch_steps=100))
     for step in range(1, 200):
         pol.step(step, 1.0, [], [0, 100])
@@ -147,7 +147,11 @@ def test_events_end_the_low_lr_phase_at_the_pre_event_level_and_are_not_watched_
     first = next(i for i, acts in enumerate(restored) if acts)
     assert first + 205 == 208  # mean of the last 5 (1.2, 0.9, 0.9, 0.9, 0.9) = 0.96 < 1.0; no 100-step replay
     assert [a.action.value for a in restored[first]] == ["lr_restore", "save"]
-    assert pol.watch_until == -1
+    assert not pol.watch_level  # a higher loss after an event is not read as a relapse...
+    for step in range(209, 230):
+        assert pol.step(step, 1.5, [], [0, 208]).actions == []
+    d = pol.step(230, 9.0, [_finding(Reason.DIVERGENCE, 230, 215)], [0, 208])
+    assert d.rollback_to == 208 and d.findings[0].reason is Reason.RELAPSE  # ...but new trouble soon after is
 
 
 def test_state_dict_round_trip_mid_recovery():
