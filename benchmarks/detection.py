@@ -98,12 +98,24 @@ def throughput(n: int) -> None:
         t_read = time.perf_counter() - t0
         print(f"  read only (open_run, baseline):        {t_read:6.2f} s  ({1e6 * t_read / n:.2f} us/sample)")
 
+        samples = log.samples[:50_000]
         t0 = time.perf_counter()
         suite = DetectorSuite(max_steps=n)
-        for s in log.samples:
+        for s in samples:
             suite.observe(s)
         t_det = time.perf_counter() - t0
-        print(f"  detectors only (DetectorSuite.observe): {t_det:6.2f} s  ({1e6 * t_det / n:.2f} us/sample)")
+        print(f"  online path (observe, first 50k):      {t_det:6.2f} s  ({1e6 * t_det / len(samples):.2f} us/step)")
+
+        t0 = time.perf_counter()
+        cols = open_run(run, columns=True).columns
+        t_cols = time.perf_counter() - t0
+        print(f"  columnar read (open_run columns=True): {t_cols:6.2f} s")
+        t0 = time.perf_counter()
+        suite = DetectorSuite(max_steps=n)
+        suite.observe_many(cols.steps, cols.loss, cols.grad_norm, cols.lr, cols.epoch,
+                           has_loss=cols.has_loss, has_grad_norm=cols.has_grad_norm)
+        t_many = time.perf_counter() - t0
+        print(f"  batch path (observe_many, all):        {t_many:6.2f} s  ({1e6 * t_many / n:.2f} us/sample)")
 
         t0 = time.perf_counter()
         analyze(log)

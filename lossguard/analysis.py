@@ -17,7 +17,7 @@ from typing import Any
 from lossguard.config import DetectionConfig
 from lossguard.records import Action, Finding, worst_severity
 from lossguard.signals.suite import DetectorSuite
-from lossguard.telemetry.runlog import RunLog
+from lossguard.telemetry.runlog import RunLog, SampleColumns
 
 STATUSES = ("healthy", "warning", "critical")
 
@@ -68,19 +68,19 @@ def analyze(log: RunLog, config: DetectionConfig | None = None) -> Analysis:
     if config is None and log.run and isinstance(log.run.get("config"), dict):
         config = _config_from_run(log.run["config"])
     suite = DetectorSuite(config, max_steps=log.max_steps, num_train_epochs=log.num_train_epochs)
-    observe = suite.observe
-    found: list[Finding] = []
-    for sample in log.samples:
-        new = observe(sample)
-        if new:
-            found.extend(new)
+    cols = log.columns if log.columns is not None else SampleColumns.from_samples(log.samples)
+    # the batch path of the same detectors: the findings ``observe`` would give, sample by sample
+    found: list[Finding] = suite.observe_many(
+        cols.steps, cols.loss, cols.grad_norm, cols.lr, cols.epoch,
+        has_loss=cols.has_loss, has_grad_norm=cols.has_grad_norm,
+    )
     seen = {(f.reason, f.onset_step) for f in log.findings}
     merged = list(log.findings) + [f for f in found if (f.reason, f.onset_step) not in seen]
     merged.sort(key=lambda f: (f.step, f.onset_step))
     return Analysis(
         source=log.source,
-        steps=len(log.samples),
-        last_step=log.last_step,
+        steps=len(cols),
+        last_step=cols.last_step,
         findings=merged,
         actions=list(log.actions),
     )

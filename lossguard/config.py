@@ -41,6 +41,7 @@ class DetectionConfig:
     vanishing_grad_norm: float = 1e-8
     vanishing_window: int = 20
     spike_min_rise: float = 0.2
+    spike_tail_factor: float = 3.0
     grad_spike_ratio: float = 4.0
     divergence_min_rise: float = 0.1
     plateau_z: float = 3.0
@@ -60,6 +61,7 @@ class DetectionConfig:
         _check_range("vanishing_grad_norm", self.vanishing_grad_norm, 0.0, 1.0)
         _check_int("vanishing_window", self.vanishing_window, 2)
         _check_range("spike_min_rise", self.spike_min_rise, 0.0, 100.0)
+        _check_range("spike_tail_factor", self.spike_tail_factor, 0.0, 100.0)
         _check_range("grad_spike_ratio", self.grad_spike_ratio, 1.0, 1e6)
         _check_range("divergence_min_rise", self.divergence_min_rise, 0.0, 100.0, lo_open=True)
         _check_range("plateau_z", self.plateau_z, 0.5, 100.0)

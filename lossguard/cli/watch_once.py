@@ -19,7 +19,7 @@ def once(run_dir: str, as_json: bool, fail_on: str | None) -> int:
     """
     if fail_on is not None and fail_on not in STATUSES[1:]:
         raise LossguardError(f"--fail-on {fail_on!r}: expected 'warning' or 'critical'")
-    log = open_run(run_dir)
+    log = open_run(run_dir, columns=True)
     result = analyze(log)
     if as_json:
         print(json.dumps(result.to_json(run_dir), allow_nan=False))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from lossguard.config import DetectionConfig
 from lossguard.records import Finding, Reason, Sample, Severity
 from lossguard.signals.base import fmt
@@ -60,6 +62,25 @@ class DegenerateLossDetector:
             evidence={"loss": loss},
             detector=self.name,
         )
+
+    def update_many(self, steps: np.ndarray, losses: np.ndarray) -> list[tuple[int, Finding]]:
+        """``update`` over arrays (NaN for a missing loss); (index, finding) pairs, same results."""
+        idx = np.flatnonzero(np.isfinite(losses))
+        k = 0
+        while k < len(idx) and not self.active and len(self.first) < self.config.min_history:
+            i = int(idx[k])
+            f = self.update(Sample(step=int(steps[i]), loss=float(losses[i])))
+            k += 1
+            if f is not None:
+                return [(i, f)]
+        if self.active:
+            return []
+        neg = idx[k:][losses[idx[k:]] < -1e-6]
+        if len(neg) == 0:
+            return []
+        i = int(neg[0])
+        f = self.update(Sample(step=int(steps[i]), loss=float(losses[i])))
+        return [] if f is None else [(i, f)]
 
     def reset_after_rollback(self, step: int) -> None:
         pass

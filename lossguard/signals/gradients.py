@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from lossguard.config import DetectionConfig
 from lossguard.records import Finding, Reason, Sample, Severity
 from lossguard.signals.base import fmt
+from lossguard.signals.stats import streak_counts
 
 _ZERO = 1e-12
 
@@ -41,19 +44,7 @@ class GradientDetector:
                 self.zero_start = step
             self.zero_count += 1
             if self.zero_count == c.vanishing_window:
-                gn_text = "grad norm 0" if gn is not None else "grad norm not logged"
-                finding = Finding(
-                    reason=Reason.ZERO_LOSS,
-                    severity=Severity.WARNING,
-                    step=step,
-                    onset_step=self.zero_start,
-                    message=(
-                        f"Loss exactly 0 ({gn_text}) for {self.zero_count} samples since step "
-                        f"{self.zero_start}: labels may be fully masked (-100), nothing is being learned."
-                    ),
-                    evidence={"samples": self.zero_count, "grad_norm": gn},
-                    detector=self.name,
-                )
+                finding = self._zero(step, self.zero_start, gn)
         elif loss is not None or gn is not None:
             self.zero_start = None
             self.zero_count = 0
@@ -64,23 +55,73 @@ class GradientDetector:
                 self.vanish_start = step
             self.vanish_count += 1
             if self.vanish_count == c.vanishing_window:
-                finding = Finding(
-                    reason=Reason.GRAD_VANISHING,
-                    severity=Severity.WARNING,
-                    step=step,
-                    onset_step=self.vanish_start,
-                    message=(
-                        f"Gradient norm {fmt(gn)} <= {fmt(c.vanishing_grad_norm)} for "
-                        f"{self.vanish_count} samples since step {self.vanish_start}: the weights are "
-                        f"not moving (loss {fmt(loss) if loss is not None else 'not logged'})."
-                    ),
-                    evidence={"grad_norm": gn, "samples": self.vanish_count},
-                    detector=self.name,
-                )
+                finding = self._vanish(step, self.vanish_start, gn, loss)
         else:
             self.vanish_start = None
             self.vanish_count = 0
         return finding
+
+    def _zero(self, step: int, start: int, gn: float | None) -> Finding:
+        n = self.config.vanishing_window
+        gn_text = "grad norm 0" if gn is not None else "grad norm not logged"
+        return Finding(
+            reason=Reason.ZERO_LOSS,
+            severity=Severity.WARNING,
+            step=step,
+            onset_step=start,
+            message=(
+                f"Loss exactly 0 ({gn_text}) for {n} samples since step "
+                f"{start}: labels may be fully masked (-100), nothing is being learned."
+            ),
+            evidence={"samples": n, "grad_norm": gn},
+            detector=self.name,
+        )
+
+    def _vanish(self, step: int, start: int, gn: float, loss: float | None) -> Finding:
+        c = self.config
+        return Finding(
+            reason=Reason.GRAD_VANISHING,
+            severity=Severity.WARNING,
+            step=step,
+            onset_step=start,
+            message=(
+                f"Gradient norm {fmt(gn)} <= {fmt(c.vanishing_grad_norm)} for "
+                f"{c.vanishing_window} samples since step {start}: the weights are "
+                f"not moving (loss {fmt(loss) if loss is not None else 'not logged'})."
+            ),
+            evidence={"grad_norm": gn, "samples": c.vanishing_window},
+            detector=self.name,
+        )
+
+    def update_many(self, steps: np.ndarray, losses: np.ndarray, grad_norms: np.ndarray,
+                    has_loss: np.ndarray, has_gn: np.ndarray) -> list[tuple[int, Finding]]:
+        """``update`` over arrays (``has_*`` say which values were logged); same findings."""
+        c = self.config
+        with np.errstate(invalid="ignore"):
+            loss_zero = has_loss & (np.abs(losses) <= _ZERO)
+            gn_zero = has_gn & np.isfinite(grad_norms) & (np.abs(grad_norms) <= c.vanishing_grad_norm)
+        z = loss_zero & (~has_gn | gn_zero)
+        z_reset = ~z & (has_loss | has_gn)
+        out: list[tuple[int, Finding]] = []
+        zc = streak_counts(z, z_reset, self.zero_count)
+        zs = _starts(steps, z, z_reset, self.zero_start)
+        for i in np.flatnonzero(z & (zc == c.vanishing_window)).tolist():
+            out.append((i, self._zero(int(steps[i]), int(zs[i]), float(grad_norms[i]) if has_gn[i] else None)))
+        part = has_gn & ~loss_zero
+        v_inc = part & gn_zero
+        v_reset = part & ~gn_zero
+        vc = streak_counts(v_inc, v_reset, self.vanish_count)
+        vs = _starts(steps, v_inc, v_reset, self.vanish_start)
+        for i in np.flatnonzero(v_inc & (vc == c.vanishing_window)).tolist():
+            loss = float(losses[i]) if has_loss[i] else None
+            out.append((i, self._vanish(int(steps[i]), int(vs[i]), float(grad_norms[i]), loss)))
+        if len(steps):
+            self.zero_count = int(zc[-1])
+            self.zero_start = None if self.zero_count == 0 else int(zs[-1])
+            self.vanish_count = int(vc[-1])
+            self.vanish_start = None if self.vanish_count == 0 else int(vs[-1])
+        out.sort(key=lambda p: p[0])
+        return out
 
     def reset_after_rollback(self, step: int) -> None:
         self.vanish_start = self.zero_start = None
@@ -99,3 +140,23 @@ class GradientDetector:
         self.vanish_count = int(state["vanish_count"])
         self.zero_start = state["zero_start"]
         self.zero_count = int(state["zero_count"])
+
+
+def _starts(steps: np.ndarray, inc: np.ndarray, reset: np.ndarray, start0: int | None) -> np.ndarray:
+    """Step where the current streak began, after each position (-1 while there is none)."""
+    n = len(inc)
+    first = inc & ~np.concatenate([[start0 is not None], _alive(inc, reset, start0 is not None)[:-1]])
+    pos = np.where(first, np.arange(n), -1)
+    np.maximum.accumulate(pos, out=pos)
+    s0 = -1 if start0 is None else start0
+    return np.where(pos >= 0, steps[np.maximum(pos, 0)], s0)
+
+
+def _alive(inc: np.ndarray, reset: np.ndarray, alive0: bool) -> np.ndarray:
+    """Whether a streak is running after each position (an inc after the last reset)."""
+    n = len(inc)
+    last_inc = np.where(inc, np.arange(n), -1)
+    np.maximum.accumulate(last_inc, out=last_inc)
+    last_reset = np.where(reset, np.arange(n), -1)
+    np.maximum.accumulate(last_reset, out=last_reset)
+    return np.where(last_inc > last_reset, True, (last_reset < 0) & alive0)

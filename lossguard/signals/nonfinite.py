@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from lossguard.records import Finding, Reason, Sample, Severity
 from lossguard.signals.base import fmt
 
@@ -34,6 +36,9 @@ class NonfiniteDetector:
         if self.streak_start is not None:
             return None
         self.streak_start = sample.step
+        return self._finding(sample.step, loss, gn, bad_loss, bad_gn)
+
+    def _finding(self, step: int, loss: float | None, gn: float | None, bad_loss: bool, bad_gn: bool) -> Finding:
         parts = []
         if bad_loss:
             parts.append(f"loss {loss}")
@@ -44,12 +49,36 @@ class NonfiniteDetector:
         return Finding(
             reason=Reason.NONFINITE,
             severity=Severity.CRITICAL,
-            step=sample.step,
-            onset_step=sample.step,
-            message=f"Non-finite values at step {sample.step}: {', '.join(parts)}.",
+            step=step,
+            onset_step=step,
+            message=f"Non-finite values at step {step}: {', '.join(parts)}.",
             evidence={"loss": loss, "grad_norm": gn},
             detector=self.name,
         )
+
+    def update_many(self, steps: np.ndarray, losses: np.ndarray, grad_norms: np.ndarray,
+                    has_loss: np.ndarray, has_gn: np.ndarray) -> list[tuple[int, Finding]]:
+        """``update`` over arrays (``has_*`` say which values were logged); same findings."""
+        fl, fg = np.isfinite(losses), np.isfinite(grad_norms)
+        bl, bg = has_loss & ~fl, has_gn & ~fg
+        bad = bl | bg
+        ev = np.flatnonzero(bad | has_loss | has_gn)
+        self.count += int(bad.sum())
+        if len(ev) == 0:
+            return []
+        evbad = bad[ev]
+        prev = np.concatenate([[self.streak_start is not None], evbad[:-1]])
+        out = []
+        starts = ev[evbad & ~prev]
+        for i in starts.tolist():
+            loss = float(losses[i]) if has_loss[i] else None
+            gn = float(grad_norms[i]) if has_gn[i] else None
+            out.append((i, self._finding(int(steps[i]), loss, gn, bool(bl[i]), bool(bg[i]))))
+        if not evbad[-1]:
+            self.streak_start = None
+        elif len(starts):
+            self.streak_start = int(steps[starts[-1]])
+        return out
 
     def reset_after_rollback(self, step: int) -> None:
         self.streak_start = None

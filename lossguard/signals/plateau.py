@@ -100,21 +100,54 @@ class PlateauDetector:
         loss = sample.loss
         if loss is None or not math.isfinite(loss):
             return None
-        step = sample.step
+        return self._update(sample.step, loss, sample.lr, sample.epoch)
+
+    def _track(self, step: int, lr: float | None, epoch: float | None) -> None:
+        """The bookkeeping every finite sample gets, early in the run or not."""
         if self.last_step is not None and step > self.last_step:
             self.gap = step - self.last_step
         self.last_step = step
-        if sample.epoch is not None and sample.epoch > 0:
-            self.epoch = sample.epoch
+        if epoch is not None and epoch > 0:
+            self.epoch = epoch
             if step > 0:
-                self.steps_per_epoch = step / sample.epoch
-        lr = sample.lr
+                self.steps_per_epoch = step / epoch
         if lr is not None:
             if self.last_lr is not None and lr > self.last_lr * (1.0 + 1e-9):
                 self._restart(step)
             self.last_lr = lr
         if self.seg_start is None:
             self._restart(step)
+
+    def update_many(self, steps: np.ndarray, losses: np.ndarray, lrs: np.ndarray,
+                    epochs: np.ndarray) -> list[tuple[int, Finding]]:
+        """``update`` over arrays (NaN for a missing value); (index, finding) pairs, same results.
+
+        Past ``early_fraction`` of a run of known length nothing can fire any more, so the rest
+        only gets the bookkeeping.
+        """
+        out: list[tuple[int, Finding]] = []
+        st, lo, lr, ep = steps.tolist(), losses.tolist(), lrs.tolist(), epochs.tolist()
+        ef = self.config.early_fraction
+        late = False
+        for i in range(len(st)):
+            loss = lo[i]
+            if not math.isfinite(loss):
+                continue
+            r, e = lr[i], ep[i]
+            r = None if r != r else r
+            e = None if e != e else e
+            if late:
+                self._track(st[i], r, e)
+                continue
+            f = self._update(st[i], loss, r, e)
+            if f is not None:
+                out.append((i, f))
+            if self.max_steps and not self.active and st[i] / self.max_steps > ef:
+                late = True
+        return out
+
+    def _update(self, step: int, loss: float, lr: float | None, epoch: float | None) -> Finding | None:
+        self._track(step, lr, epoch)
         progress = self.progress(step)
         if progress is not None and progress > self.config.early_fraction and not self.active:
             return None

@@ -264,3 +264,62 @@ class StepBins:
         self.width = int(state["width"])
         self.origin = None if state["origin"] is None else int(state["origin"])
         self.bins = [[int(b[0]), float(b[1]), float(b[2]), int(b[3])] for b in state["bins"]]
+
+
+# Baselines over long windows are refreshed on a schedule instead of after every value: the
+# threshold in force between refreshes is a constant, so the streaming path does a comparison
+# per value and the offline path can compute every refresh at once with the same picks.
+def level_due(m: int) -> bool:
+    """Whether the short-window level is recomputed after the ``m``-th value (1-based)."""
+    return m <= 32 or m % 4 == 0
+
+
+def scale_due(m: int) -> bool:
+    """Whether the long-window spread is recomputed after the ``m``-th value (a subset of level_due)."""
+    return m <= 32 or (m <= 128 and m % 4 == 0) or m % 16 == 0
+
+
+def median_sorted(s: list[float]) -> float:
+    """Median of a sorted, non-empty list (the same picks as ``median_rows``)."""
+    n = len(s)
+    mid = n // 2
+    return s[mid] if n % 2 else 0.5 * (s[mid - 1] + s[mid])
+
+
+def iqr_sigma_sorted(s: list[float]) -> float:
+    """Robust sigma (IQR / 1.349) of a sorted list with at least 2 values (same picks as ``iqr_sigma_rows``)."""
+    n = len(s) - 1
+    return (s[int(0.75 * n + 0.5)] - s[int(0.25 * n + 0.5)]) * _IQR_TO_SIGMA
+
+
+def median_rows(rows: Any) -> Any:
+    """Row-wise median of a 2-D numpy array of equal-length rows, exactly as ``median_sorted``."""
+    import numpy as np
+
+    return median_sorted_rows(np.sort(rows, axis=1))
+
+
+def median_sorted_rows(s: Any) -> Any:
+    """Row-wise median of row-sorted values, exactly as ``median_sorted``."""
+    n = s.shape[1]
+    mid = n // 2
+    return s[:, mid] if n % 2 else 0.5 * (s[:, mid - 1] + s[:, mid])
+
+
+def iqr_sigma_rows(sorted_rows: Any) -> Any:
+    """Row-wise robust sigma of row-sorted values, exactly as ``iqr_sigma_sorted``."""
+    n = sorted_rows.shape[1] - 1
+    return (sorted_rows[:, int(0.75 * n + 0.5)] - sorted_rows[:, int(0.25 * n + 0.5)]) * _IQR_TO_SIGMA
+
+
+def streak_counts(inc: Any, reset: Any, count0: int) -> Any:
+    """Length of the current streak after each position: +1 where ``inc``, 0 where ``reset``,
+    unchanged elsewhere, starting from ``count0`` (the vectorised form of a streak counter)."""
+    import numpy as np
+
+    n = len(inc)
+    c = np.cumsum(inc.astype(np.int64))
+    base_pos = np.where(reset, np.arange(n), -1)
+    np.maximum.accumulate(base_pos, out=base_pos)
+    at_reset = np.where(base_pos >= 0, c[np.maximum(base_pos, 0)], -count0)
+    return c - at_reset

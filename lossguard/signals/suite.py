@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+
 from lossguard.config import DetectionConfig
 from lossguard.records import Finding, Reason, Sample
 from lossguard.signals.degenerate import DegenerateLossDetector
@@ -90,6 +92,67 @@ class DetectorSuite:
             return out
         return self._gate(out, sample.step)
 
+    def observe_many(
+        self,
+        steps: Any,
+        losses: Any,
+        grad_norms: Any = None,
+        lrs: Any = None,
+        epochs: Any = None,
+        *,
+        has_loss: Any = None,
+        has_grad_norm: Any = None,
+    ) -> list[Finding]:
+        """``observe`` over a whole stretch of samples at once, for offline analysis.
+
+        Returns exactly the findings that feeding the samples one by one through ``observe``
+        would, and leaves the suite in the state that would leave (each detector's vectorised
+        path shares its thresholds and decisions with its streaming one). Arrays are in step
+        order; a missing value is NaN, and ``has_loss`` / ``has_grad_norm`` tell a missing value
+        from a logged NaN (by default every loss is logged, and a grad norm is logged where it
+        is not NaN).
+        """
+        st = np.asarray(steps, dtype=np.int64)
+        n = len(st)
+        if n == 0:
+            return []
+
+        def col(a: Any) -> np.ndarray:
+            return np.full(n, np.nan) if a is None else np.asarray(a, dtype=float)
+
+        loss, gn, lr, ep = col(losses), col(grad_norms), col(lrs), col(epochs)
+        hl = np.ones(n, dtype=bool) if has_loss is None else np.asarray(has_loss, dtype=bool)
+        hg = ~np.isnan(gn) if has_grad_norm is None else np.asarray(has_grad_norm, dtype=bool)
+        found: list[tuple[int, int, Finding]] = []
+
+        def add(order: int, pairs: list[tuple[int, Finding]]) -> None:
+            found.extend((i, order, f) for i, f in pairs)
+
+        add(0, self.nonfinite.update_many(st, loss, gn, hl, hg))
+        was_active = self.degenerate.active
+        deg = self.degenerate.update_many(st, loss)
+        add(1, deg)
+        add(2, self.gradients.update_many(st, loss, gn, hl, hg))
+        add(3, self.spike.update_many(st, loss))
+        add(4, self.grad_explosion.update_many(st, gn, loss))
+        cut = 0 if was_active else (deg[0][0] if deg and self.degenerate.active else n)
+        if cut > 0:
+            add(5, self.divergence.update_many(st[:cut], loss[:cut], lr[:cut]))
+            add(6, self.plateau.update_many(st[:cut], loss[:cut], lr[:cut], ep[:cut]))
+        found.sort(key=lambda t: (t[0], t[1]))
+        out: list[Finding] = []
+        k = 0
+        while k < len(found):
+            i = found[k][0]
+            group = []
+            while k < len(found) and found[k][0] == i:
+                group.append(found[k][2])
+                k += 1
+            out.extend(self._gate(group, int(st[i])))
+        self.samples_seen += n
+        self.last_step = int(st[-1])
+        return out
+
     def _gate(self, findings: list[Finding], step: int) -> list[Finding]:
         kept = []
         cooldown = self.config.cooldown_steps
@@ -98,9 +161,10 @@ class DetectorSuite:
                 continue
             key = f.reason.value
             last = self.last_reported.get(key)
-            if f.reason not in _EPISODIC and last is not None and 0 <= step - last < cooldown:
-                continue
             self.last_reported[key] = step
+            # a cluster (spikes every few dozen steps) is one episode: the cooldown runs from the last one
+            if f.reason not in _EPISODIC and last is not None and 0 <= step - last <= cooldown:
+                continue
             kept.append(f)
         return kept
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from lossguard.errors import LogReadError
 from lossguard.telemetry.foreign import read_lightning_csv, read_llamafactory, read_trainer_state
-from lossguard.telemetry.reader import iter_events
-from lossguard.telemetry.runlog import RunLog
+from lossguard.telemetry.reader import read_events
+from lossguard.telemetry.runlog import RunLog, SampleColumns
 from lossguard.telemetry.schema import EVENTS_FILE
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -102,10 +102,25 @@ def find_source(run_dir: str | os.PathLike[str], subdir: str = "lossguard") -> L
     return None
 
 
-def read_lossguard_events(path: str | os.PathLike[str]) -> RunLog:
+def read_lossguard_events(path: str | os.PathLike[str], *, columns: bool = False) -> RunLog:
+    """A lossguard telemetry log as a ``RunLog``.
+
+    With ``columns`` the samples are kept as arrays in ``log.columns`` (``log.samples`` stays
+    empty): what offline analysis of a million-sample log needs, without a million objects.
+    """
     log = RunLog(source="lossguard", path=Path(path))
-    for rec in iter_events(path):
-        log.add_record(rec)
+    recs = read_events(path)
+    if not columns:
+        for rec in recs:
+            log.add_record(rec)
+        return log
+    samples = []
+    for rec in recs:
+        if rec.get("kind") == "sample":
+            samples.append(rec)
+        else:
+            log.add_record(rec)
+    log.columns = SampleColumns.from_records(samples)
     return log
 
 
@@ -121,8 +136,11 @@ def read_source(source: LogSource) -> RunLog:
     raise LogReadError(f"{source.path}: unknown log kind {source.kind!r}")
 
 
-def open_run(run_dir: str | os.PathLike[str], subdir: str = "lossguard") -> RunLog:
+def open_run(run_dir: str | os.PathLike[str], subdir: str = "lossguard", *, columns: bool = False) -> RunLog:
     """Read a run directory's best log.
+
+    ``columns``: read lossguard telemetry samples into ``log.columns`` (arrays) instead of
+    ``log.samples`` (see ``read_lossguard_events``); other log kinds are read as usual.
 
     A corrupt newest ``trainer_state.json`` (say, caught mid-write) falls back to the previous
     checkpoint's; if none is readable, the error names the newest file.
@@ -137,6 +155,8 @@ def open_run(run_dir: str | os.PathLike[str], subdir: str = "lossguard") -> RunL
             f"{p}: no training log found (looked for {subdir}/{EVENTS_FILE}, "
             "checkpoint-*/trainer_state.json, trainer_log.jsonl, metrics.csv)"
         )
+    if source.kind == "lossguard" and columns:
+        return read_lossguard_events(source.path, columns=True)
     if source.kind != "trainer_state":
         return read_source(source)
     first_error: LogReadError | None = None
