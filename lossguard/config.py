@@ -102,6 +102,7 @@ class RecoveryConfig:
     relapse_fraction: float = 0.5
     relapse_lr_scale: float = 0.3
     reset_optimizer_moments: bool = False
+    plateau_needs_saddle: bool = False
 
     def __post_init__(self) -> None:
         self.triggers = tuple(Reason(t) for t in self.triggers)
@@ -136,9 +137,11 @@ class ProbeConfig:
     tol: float = 1e-3
     hvp: str = "auto"
     groups: int = 2
+    max_time_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         _check_int("every_n_steps", self.every_n_steps, 0)
+        _check_range("max_time_fraction", self.max_time_fraction, 0.0, 1.0)
         _check_int("max_iter", self.max_iter, 2, 1000)
         _check_range("max_seconds", self.max_seconds, 0.0, 1e6, lo_open=True)
         _check_int("batch_size", self.batch_size, 1)

@@ -7,11 +7,11 @@ and hand it here; the engine decides, they act. Nothing here imports torch.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lossguard.config import GuardConfig
-from lossguard.records import Finding, Sample
+from lossguard.records import Finding, Reason, Sample
 from lossguard.recovery.policy import Decision, RecoveryPolicy
 
 
@@ -51,13 +51,24 @@ class Guard:
         self.findings.extend(found)
         return found
 
-    def decide(self, sample: Sample, snapshots: Sequence[int] = ()) -> Decision:
+    def decide(self, sample: Sample, snapshots: Sequence[int] = (),
+               probe: Callable[[Finding], dict[str, Any] | None] | None = None) -> Decision:
         """Detection and recovery for one step; ``snapshots`` are the steps a rollback can return to.
 
+        ``probe``, when given, is asked for a Hessian verdict on each premature plateau before
+        the policy sees it; the verdict is added to the finding, and with
+        ``recovery.plateau_needs_saddle`` a plateau the probe calls a minimum triggers nothing.
         The decision's ``findings`` hold the detectors' and the policy's own (relapse, gave up).
         """
         found = self.observe(sample)
-        decision = self.policy.step(sample.step, sample.loss, found, snapshots)
+        triggers = list(found)
+        if probe is not None and self.config.probe.on_plateau:
+            for finding in found:
+                if finding.reason is Reason.EARLY_CONVERGENCE:
+                    verdict = _attach_verdict(finding, probe(finding))
+                    if self.config.recovery.plateau_needs_saddle and verdict in ("minimum", "degenerate"):
+                        triggers.remove(finding)
+        decision = self.policy.step(sample.step, sample.loss, triggers, snapshots)
         self.findings.extend(decision.findings)
         decision.findings = found + decision.findings
         return decision
@@ -81,3 +92,17 @@ class Guard:
         self.detectors.load_state_dict(state["detectors"])
         if "policy" in state:
             self.policy.load_state_dict(state["policy"])
+
+
+def _attach_verdict(finding: Finding, record: dict[str, Any] | None) -> str | None:
+    """Put a probe's verdict into the plateau finding's evidence and message; the verdict."""
+    if not record or record.get("skipped"):
+        if record:
+            finding.evidence["probe"] = {"skipped": record.get("reason")}
+        return None
+    verdict = record.get("verdict")
+    finding.evidence["probe"] = {k: record.get(k) for k in ("verdict", "ratio", "lambda_max", "lambda_min")}
+    ratio = record.get("ratio")
+    ratio_text = f"{ratio:.3g}" if isinstance(ratio, (int, float)) else "n/a"
+    finding.message += f" Hessian probe: {verdict} (lambda_min/lambda_max = {ratio_text})."
+    return verdict

@@ -11,8 +11,6 @@ import functools
 import logging
 import math
 import os
-import platform
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +20,9 @@ from transformers import TrainerCallback
 
 from lossguard.config import GuardConfig
 from lossguard.integrations import dist
+from lossguard.integrations.hf_probe import TrainerProbe
 from lossguard.integrations.hf_recovery import TrainerRecovery
+from lossguard.integrations.run_info import run_record, world_size
 from lossguard.integrations.step_capture import StepCapture, find_trainer
 from lossguard.records import Action, Finding, Sample
 from lossguard.telemetry.schema import EVENTS_FILE
@@ -52,29 +52,6 @@ def _guarded(hook: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("lossguard", "torch", "transformers", "peft", "accelerate"):
-        mod = sys.modules.get(name)
-        if mod is None:
-            try:
-                mod = __import__(name)
-            except ImportError:
-                continue
-        out[name] = str(getattr(mod, "__version__", "?"))
-    return out
-
-
-def _param_counts(model: Any) -> tuple[int, int]:
-    total = trainable = 0
-    for p in model.parameters():
-        n = p.numel()
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return total, trainable
-
-
 class LossGuard(TrainerCallback):
     """Records, diagnoses and (with recovery enabled) repairs a Trainer run.
 
@@ -82,10 +59,12 @@ class LossGuard(TrainerCallback):
         config: a ``GuardConfig``; keyword sections (``detection={...}``, ``recovery={...}``)
             build one. Invalid values raise ``ValueError`` here, before training starts.
         log_dir: where ``events.jsonl`` goes; default ``<output_dir>/lossguard``.
+        gpu_backend: the NVML backend for the GPU sampler (default: the real NVML when CUDA is
+            in use; a ``probes.gpu.ReplayBackend`` replays a recorded timeline).
     """
 
     def __init__(self, config: GuardConfig | None = None, *, log_dir: str | os.PathLike[str] | None = None,
-                 **sections: Any) -> None:
+                 gpu_backend: Any = None, **sections: Any) -> None:
         self.config = config if config is not None else GuardConfig(**sections)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.writer: EventWriter | None = None
@@ -97,6 +76,9 @@ class LossGuard(TrainerCallback):
         self._is_main = True
         self._interval: list[Sample] = []
         self.recovery: TrainerRecovery | None = None
+        self.probe = TrainerProbe(self.config.probe)
+        self.gpu: Any = None
+        self._gpu_backend = gpu_backend
         self.hook_seconds = 0.0  # time spent inside lossguard's hooks, for overhead figures
 
     # --- events --------------------------------------------------------------------------------
@@ -137,31 +119,14 @@ class LossGuard(TrainerCallback):
             if self in handler.callbacks:  # run first, so our on_log keys reach the reporters
                 handler.callbacks.remove(self)
                 handler.callbacks.insert(0, self)
+        self.capture.keep_rows = self.probe.rows_wanted
         mode = self.capture.install(trainer, model)
-        total, trainable = _param_counts(model) if model is not None else (None, None)
-        world = max(int(getattr(args, "world_size", 1) or 1), dist.world_size())
-        self._write(
-            "run",
-            versions=_versions(),
-            world_size=world,
-            parallel_mode=str(getattr(getattr(args, "parallel_mode", None), "value", "unknown")),
-            hf_device_map=_device_map(model),
-            total_params=total,
-            trainable_params=trainable,
-            max_steps=int(state.max_steps),
-            num_train_epochs=float(args.num_train_epochs),
-            start_step=int(state.global_step),
-            effective_batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
-            per_device_train_batch_size=args.per_device_train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            logging_steps=args.logging_steps,
-            save_steps=args.save_steps,
-            learning_rate=args.learning_rate,
-            lr_scheduler_type=str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-            output_dir=str(args.output_dir),
-            capture=mode,
-            config=self.config.to_dict(),
-        )
+        self._write("run", **run_record(args, state, model, self.config, mode))
+        self._preflight(args, model, kwargs.get("train_dataloader"), trainer)
+        try:
+            self._start_gpu(args, model, log_dir)
+        except Exception as err:
+            logger.warning("lossguard: GPU sampler not started (%s)", err)
         try:
             from lossguard.guard import Guard
 
@@ -177,6 +142,44 @@ class LossGuard(TrainerCallback):
             if resumed is not None:
                 self._write("resume", step=int(state.global_step), checkpoint=str(resumed),
                             rollbacks=self.engine.policy.rollbacks, phase=self.engine.policy.phase.value)
+        self.probe.begin(model, int(args.get_warmup_steps(int(state.max_steps))))
+        self.probe.batches = self.capture.kept
+
+    def _preflight(self, args: Any, model: Any, loader: Any, trainer: Any) -> None:
+        if not self._is_main:
+            return
+        try:
+            from lossguard.preflight import preflight
+
+            report = preflight(args, model, loader if loader is not None else getattr(trainer, "train_dataset", None),
+                               world_size=world_size(args), rollback_steps=self.config.recovery.rollback_steps,
+                               data_collator=None if loader is not None else getattr(trainer, "data_collator", None))
+        except Exception as err:
+            logger.warning("lossguard: preflight skipped (%s)", err)
+            return
+        if self.writer is not None:
+            self.writer.write_record(report.to_record())
+        if self.config.console:
+            from lossguard.presentation.console import console
+            from lossguard.presentation.preflight_table import preflight_table
+
+            console().print(preflight_table(report))
+
+    def _start_gpu(self, args: Any, model: Any, log_dir: Path) -> None:
+        import torch
+
+        from lossguard.probes.gpu_sampler import GpuSampler, infer_parallel_context, is_local_rank_zero
+
+        on_gpu = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
+        if not self.config.gpu.enabled or not is_local_rank_zero() or not (on_gpu or self._gpu_backend):
+            return
+        if self._is_main and self.writer is not None:
+            emit = self.writer.write_record
+        else:  # local rank 0 of another node: its own file
+            emit = EventWriter(log_dir / f"gpu.rank{args.process_index}.jsonl").write_record
+        self.gpu = GpuSampler(emit, backend=self._gpu_backend, interval_s=self.config.gpu.interval_s,
+                              context=infer_parallel_context(args, model))
+        self.gpu.start()
 
     @_guarded
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -208,13 +211,26 @@ class LossGuard(TrainerCallback):
             self.writer.write_record(sample.to_record())
         if self.engine is None:
             return
-        decision = self.engine.decide(sample, self.recovery.steps() if self.recovery is not None else [])
+        step = int(state.global_step)
+        if self.probe.due(step):
+            self._write_probe(self.probe.run(step, lr, "every_n_steps"))
+        decision = self.engine.decide(sample, self.recovery.steps() if self.recovery is not None else [],
+                                      probe=self._probe_plateau if self.config.probe.enabled else None)
         for finding in decision.findings:
             self._emit_finding(finding)
         if self.recovery is not None:
             self.recovery.apply(decision, self.engine, int(state.global_step), control)
         for action in decision.actions:
             self._emit_action(action)
+
+    def _probe_plateau(self, finding: Finding) -> dict[str, Any] | None:
+        record = self.probe.run(finding.step, self.capture.lr, finding.reason.value)
+        self._write_probe(record)
+        return record
+
+    def _write_probe(self, record: dict[str, Any] | None) -> None:
+        if record is not None and self._is_main and self.writer is not None:
+            self.writer.write_record(record)
 
     @_guarded
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -235,24 +251,18 @@ class LossGuard(TrainerCallback):
         logs["lossguard/findings"] = float(len(self.findings))
         logs["lossguard/rollbacks"] = float(sum(1 for a in self.actions if a.action.value == "rollback"))
         self._interval = []
+        if self.gpu is not None:
+            self.gpu.flush(step=int(state.global_step))
 
     @_guarded
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.capture.uninstall()
+        if self.gpu is not None:
+            self.gpu.stop(step=int(state.global_step))
+            self.gpu = None
         self._write("end", step=int(state.global_step), findings=len(self.findings),
                     actions=len(self.actions))
         if self.writer is not None:
             self.writer.close()
             self.writer = None
 
-
-def _device_map(model: Any) -> dict[str, Any] | None:
-    seen = model
-    for _ in range(4):
-        dm = getattr(seen, "hf_device_map", None)
-        if isinstance(dm, dict):
-            return {str(k): str(v) for k, v in dm.items()}
-        seen = getattr(seen, "base_model", None) or getattr(seen, "model", None)
-        if seen is None:
-            return None
-    return None

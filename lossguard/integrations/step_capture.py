@@ -62,7 +62,7 @@ def _count_tokens(inputs: Any) -> torch.Tensor | None:
 class StepCapture:
     """Accumulates loss, tokens and gradient norm over the micro-batches of one optimizer step."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.perf_counter, keep_batches: int = 0) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.perf_counter, keep_rows: int = 0) -> None:
         self._clock = clock
         self._loss: torch.Tensor | None = None
         self._tokens: torch.Tensor | None = None
@@ -73,8 +73,9 @@ class StepCapture:
         self.lr: float | None = None
         self._t0: float | None = None
         self._restore: list[Callable[[], None]] = []
-        self.keep_batches = keep_batches
+        self.keep_rows = keep_rows  # training sequences kept (on CPU) for the Hessian probe
         self.kept: list[dict[str, Any]] = []
+        self._kept_rows = 0
         self.mode = "none"
 
     # --- installing -------------------------------------------------------------------------
@@ -134,8 +135,12 @@ class StepCapture:
         n = _count_tokens(inputs)
         if n is not None:
             self._tokens = n if self._tokens is None else self._tokens + n
-        if self.keep_batches and isinstance(inputs, dict) and len(self.kept) < self.keep_batches:
-            self.kept.append({k: v.detach().cpu() for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+        if self._kept_rows < self.keep_rows and isinstance(inputs, dict):
+            batch = {k: v.detach().cpu() for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+            rows = next((v.shape[0] for v in batch.values() if v.dim() > 0), 0)
+            if rows:
+                self.kept.append(batch)
+                self._kept_rows += rows
 
     def _after_training_step(self, result: Any, *args: Any, **kwargs: Any) -> None:
         if self._t0 is None:

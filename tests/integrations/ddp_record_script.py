@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import torch
+
 from lossguard import GuardConfig, LossGuard
 from lossguard.integrations import dist
 from lossguard.testing.tiny import make_trainer, tiny_setup
@@ -31,3 +33,6 @@ trainer.train()
 rank = int(os.environ["RANK"])
 with open(os.path.join(out, f"seen.rank{rank}.json"), "w") as fh:
     json.dump({"world": dist.world_size(), "seen": seen}, fh)
+# an orderly shutdown: gloo aborts at interpreter exit now and then without it
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()

@@ -51,3 +51,6 @@ with open(os.path.join(out, f"recovery.rank{rank}.json"), "w") as fh:
         "finite": all(bool(torch.isfinite(p).all()) for p in params.values()),
         "checksum": [float(p.double().sum()) for p in params.values()],
     }, fh)
+# an orderly shutdown: gloo aborts at interpreter exit now and then without it
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
