@@ -1,6 +1,7 @@
 """lossguard: training-dynamics diagnostics and recovery for fine-tuning language models.
 
-``from lossguard import LossGuard`` gives the Hugging Face ``TrainerCallback``. Heavy
+``from lossguard import LossGuard`` gives the Hugging Face ``TrainerCallback``;
+``LoopGuard`` the same detection and recovery for hand-written loops. Heavy
 dependencies (torch, transformers) load only when the callback is first used, so the pure core
 (detectors, telemetry, policy) imports without them.
 """
@@ -21,6 +22,7 @@ __all__ = [
     "Finding",
     "GpuConfig",
     "GuardConfig",
+    "LoopGuard",
     "LossGuard",
     "ProbeConfig",
     "Reason",
@@ -37,6 +39,10 @@ def __getattr__(name: str) -> Any:
         from lossguard.integrations.hf import LossGuard
 
         return LossGuard
+    if name == "LoopGuard":
+        from lossguard.integrations.loop import LoopGuard
+
+        return LoopGuard
     if name == "load_run":
         from lossguard.presentation.frames import load_run
 
