@@ -11,9 +11,9 @@ import pytest
 
 from lossguard.errors import LogReadError
 from lossguard.records import Reason
-from lossguard.telemetry import EventWriter
-from lossguard.watch import follow
-from lossguard.watch.follow import JsonlTail, RunFollower, pick_source
+from lossguard.telemetry import EventWriter, reader
+from lossguard.telemetry.reader import LogTail
+from lossguard.watch.follow import RunFollower, pick_source
 from lossguard.watch.live import LiveRun, read_run
 
 
@@ -121,12 +121,12 @@ def test_missing_directory_and_file_instead_of_directory(tmp_path: Path) -> None
 
 
 def test_binary_garbage_is_skipped_with_bounded_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(follow, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(reader, "MAX_LINE_BYTES", 1000)
     p = _events(tmp_path)
     p.parent.mkdir(parents=True)
     p.write_bytes(os.urandom(5000).replace(b"\n", b"x") + b"\n" + b"\x00\xff\xfe garbage\n")
     _write_samples(tmp_path, range(1, 3))
-    tail = JsonlTail(p, chunk=700)
+    tail = LogTail(p, chunk=700)
     recs: list[dict] = []
     polls = 0
     while True:

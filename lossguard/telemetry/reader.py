@@ -101,21 +101,35 @@ def _loads(data: bytes) -> Any:
         return json.loads(data)
 
 
-class LogTail:
-    """Follows a growing JSONL file, reading only the bytes added since the last poll.
+# A log line longer than this is not telemetry (binary garbage, a runaway write): it is skipped
+# rather than held in memory waiting for a newline that may never come.
+MAX_LINE_BYTES = 1 << 20
+# Bytes read per poll: a multi-GB log is caught up in bounded steps, never slurped whole.
+READ_CHUNK_BYTES = 16 << 20
 
-    A partial last line is held back until its newline arrives. If the file shrinks or is
-    replaced (truncated, rewritten, rotated), the tail starts again from the beginning and
-    ``reset`` is set for that poll so the caller can drop what it derived from the old content.
+class LogTail:
+    """Follows one growing JSON-lines file, reading only the bytes added since the last poll.
+
+    Unlike a plain ``readline`` loop it never holds more than ``MAX_LINE_BYTES`` of an unfinished
+    line, reads at most ``chunk`` bytes per poll (``behind`` says more is waiting), counts lines it
+    could not read (``bad_lines``) and notices truncation, rewriting and rotation (``reset``).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, max_read_bytes: int = 64 * 1024 * 1024):
+    def __init__(self, path: str | os.PathLike[str], *, chunk: int = READ_CHUNK_BYTES) -> None:
         self.path = Path(path)
         self.offset = 0
+        self.size = 0
         self.reset = False
-        self._inode: tuple[int, int] | None = None
+        self.behind = False
+        self.bad_lines = 0
+        self.good_lines = 0
+        self._ident: tuple[int, int] | None = None
         self._partial = b""
-        self._max_read = max_read_bytes
+        self._skipping = False
+        self._chunk = chunk
+
+    def exists(self) -> bool:
+        return self.path.is_file()
 
     def poll(self) -> list[dict[str, Any]]:
         """Records completed since the previous poll; [] when the file is absent or unchanged."""
@@ -125,27 +139,51 @@ class LogTail:
         except OSError:
             return []
         ident = (st.st_dev, st.st_ino)
-        if self._inode is not None and (ident != self._inode or st.st_size < self.offset):
+        if self._ident is not None and (ident != self._ident or st.st_size < self.offset):
             self.offset = 0
             self._partial = b""
+            self._skipping = False
+            self.bad_lines = self.good_lines = 0
             self.reset = True
-        self._inode = ident
+        self._ident = ident
+        self.size = st.st_size
         if st.st_size == self.offset:
+            self.behind = False
             return []
         try:
             with open(self.path, "rb") as fh:
                 fh.seek(self.offset)
-                chunk = fh.read(self._max_read)
+                chunk = fh.read(self._chunk)
         except OSError:
             return []
         self.offset += len(chunk)
-        data = self._partial + chunk
-        lines = data.split(b"\n")
-        self._partial = lines.pop()
-        out = []
-        for raw in lines:
-            if raw.strip():
-                rec = parse_line(raw)
-                if rec is not None:
-                    out.append(rec)
+        self.behind = self.offset < st.st_size
+        return self._lines(chunk)
+
+    def _lines(self, chunk: bytes) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            if nl < 0:
+                break
+            if self._skipping:
+                self._skipping = False
+            else:
+                raw = self._partial + chunk[start:nl] if self._partial else chunk[start:nl]
+                if raw.strip():
+                    rec = parse_line(raw)
+                    if rec is None:
+                        self.bad_lines += 1
+                    else:
+                        self.good_lines += 1
+                        out.append(rec)
+            self._partial = b""
+            start = nl + 1
+        if not self._skipping:
+            self._partial += chunk[start:]
+            if len(self._partial) > MAX_LINE_BYTES:
+                self._partial = b""
+                self._skipping = True
+                self.bad_lines += 1
         return out

@@ -19,102 +19,15 @@ from typing import Any
 from lossguard.errors import LogReadError
 from lossguard.records import Sample
 from lossguard.telemetry.foreign import read_lightning_csv, read_trainer_state
-from lossguard.telemetry.reader import parse_line
+from lossguard.telemetry.reader import READ_CHUNK_BYTES, LogTail
 from lossguard.telemetry.schema import EVENTS_FILE, as_float
 from lossguard.telemetry.source import LogSource, _lightning_csvs, check_run_dir, find_source, trainer_states
 
-# A log line longer than this is not telemetry (binary garbage, a runaway write): it is skipped
-# rather than held in memory waiting for a newline that may never come.
-MAX_LINE_BYTES = 1 << 20
-# Bytes read per poll: a multi-GB log is caught up in bounded steps, never slurped whole.
-READ_CHUNK_BYTES = 16 << 20
 # Lightning rewrites metrics.csv whole; beyond this size re-reading it per change is refused.
 MAX_CSV_BYTES = 512 << 20
 
 LOOKED_FOR = f"lossguard/{EVENTS_FILE}, checkpoint-*/trainer_state.json, trainer_log.jsonl, metrics.csv"
 _OWN_FILES = {"alerts.jsonl", "report.html", "watch.log", "watch.pid"}
-
-
-class JsonlTail:
-    """Follows one growing JSON-lines file, reading only the bytes added since the last poll.
-
-    Unlike a plain ``readline`` loop it never holds more than ``MAX_LINE_BYTES`` of an unfinished
-    line, reads at most ``chunk`` bytes per poll (``behind`` says more is waiting), counts lines it
-    could not read (``bad_lines``) and notices truncation, rewriting and rotation (``reset``).
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, chunk: int = READ_CHUNK_BYTES) -> None:
-        self.path = Path(path)
-        self.offset = 0
-        self.size = 0
-        self.reset = False
-        self.behind = False
-        self.bad_lines = 0
-        self.good_lines = 0
-        self._ident: tuple[int, int] | None = None
-        self._partial = b""
-        self._skipping = False
-        self._chunk = chunk
-
-    def exists(self) -> bool:
-        return self.path.is_file()
-
-    def poll(self) -> list[dict[str, Any]]:
-        """Records completed since the previous poll; [] when the file is absent or unchanged."""
-        self.reset = False
-        try:
-            st = self.path.stat()
-        except OSError:
-            return []
-        ident = (st.st_dev, st.st_ino)
-        if self._ident is not None and (ident != self._ident or st.st_size < self.offset):
-            self.offset = 0
-            self._partial = b""
-            self._skipping = False
-            self.bad_lines = self.good_lines = 0
-            self.reset = True
-        self._ident = ident
-        self.size = st.st_size
-        if st.st_size == self.offset:
-            self.behind = False
-            return []
-        try:
-            with open(self.path, "rb") as fh:
-                fh.seek(self.offset)
-                chunk = fh.read(self._chunk)
-        except OSError:
-            return []
-        self.offset += len(chunk)
-        self.behind = self.offset < st.st_size
-        return self._lines(chunk)
-
-    def _lines(self, chunk: bytes) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        start = 0
-        while True:
-            nl = chunk.find(b"\n", start)
-            if nl < 0:
-                break
-            if self._skipping:
-                self._skipping = False
-            else:
-                raw = self._partial + chunk[start:nl] if self._partial else chunk[start:nl]
-                if raw.strip():
-                    rec = parse_line(raw)
-                    if rec is None:
-                        self.bad_lines += 1
-                    else:
-                        self.good_lines += 1
-                        out.append(rec)
-            self._partial = b""
-            start = nl + 1
-        if not self._skipping:
-            self._partial += chunk[start:]
-            if len(self._partial) > MAX_LINE_BYTES:
-                self._partial = b""
-                self._skipping = True
-                self.bad_lines += 1
-        return out
 
 
 @dataclass
@@ -224,7 +137,7 @@ class RunFollower:
         self.subdir = subdir
         self.source: LogSource | None = None
         self._chunk = chunk
-        self._tail: JsonlTail | None = None
+        self._tail: LogTail | None = None
         self._file_key: tuple[int, int, int] | None = None
         self._last_step: int | None = None
         self._last_eval_step: int | None = None
@@ -262,7 +175,7 @@ class RunFollower:
 
     def _start(self, src: LogSource, notes: list[str]) -> Batch:
         self.source = src
-        self._tail = JsonlTail(src.path, chunk=self._chunk) if src.kind in ("lossguard", "llamafactory") else None
+        self._tail = LogTail(src.path, chunk=self._chunk) if src.kind in ("lossguard", "llamafactory") else None
         self._file_key = None
         self._last_step = self._last_eval_step = None
         self._reported_bad = 0
