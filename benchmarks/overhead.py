@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--recording-only", action="store_true", help="recovery and probes off")
     ns = ap.parse_args(argv)
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
     extra = {"recovery": {"enabled": False}, "probe": {"enabled": False}} if ns.recording_only else {}
     run_once(True, 20, ns.hidden, extra)  # warm-up: imports, pretrained base cache, allocator
     base, guarded = [], []

@@ -199,11 +199,13 @@ def training_args(output_dir: str, **overrides: Any) -> Any:
     return TrainingArguments(**kw)
 
 
-def make_trainer(setup: TinySetup, output_dir: str, *, callbacks: Sequence[Any] = (), **arg_overrides: Any) -> Any:
-    """A real ``Trainer`` over the tiny setup."""
+def make_trainer(setup: TinySetup, output_dir: str, *, callbacks: Sequence[Any] = (), quiet: bool = True,
+                 **arg_overrides: Any) -> Any:
+    """A real ``Trainer`` over the tiny setup (``quiet``: without the Trainer printing its log dicts)."""
     from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback
 
-    return Trainer(
+    trainer = Trainer(
         model=setup.model,
         args=training_args(output_dir, **arg_overrides),
         train_dataset=setup.train,
@@ -211,6 +213,9 @@ def make_trainer(setup: TinySetup, output_dir: str, *, callbacks: Sequence[Any] 
         data_collator=setup.collator,
         callbacks=list(callbacks),
     )
+    if quiet:
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 @torch.no_grad()

@@ -166,3 +166,28 @@ def test_bad_configuration_fails_loudly_before_training():
         LossGuard(recovery={"lr_factor": 0.0})
     with pytest.raises(ValueError, match="spike_window"):
         LossGuard(detection={"spike_window": 2})
+
+
+class _ReporterSpy(TrainerCallback):
+    """Stands in for TensorBoard/W&B: a reporting callback registered before LossGuard."""
+
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.logs.append(dict(logs))
+
+
+def test_lossguard_figures_reach_the_reporting_callbacks(tiny, tmp_path):
+    spy = _ReporterSpy()
+    trainer = make_trainer(tiny, str(tmp_path), callbacks=[spy, _guard(), _PoisonAt(3)], max_steps=10,
+                           logging_steps=5, learning_rate=1e-3, max_grad_norm=0.0)
+    trainer.train()
+    assert [round(log["epoch"], 4) for log in spy.logs] == [round(5 / 64, 4), round(10 / 64, 4)]
+    losses = {r["step"]: Sample.from_record(r).loss for r in _records(tmp_path, "sample")}
+    for log, steps in zip(spy.logs, (range(1, 6), range(6, 11))):
+        assert log["lossguard/nonfinite_steps"] == sum(1.0 for k in steps if not math.isfinite(losses[k]))
+    assert not math.isfinite(losses[3]) and spy.logs[0]["lossguard/nonfinite_steps"] >= 1.0
+    assert spy.logs[0]["lossguard/findings"] >= 1.0  # the NaN at step 3 was reported
+    assert spy.logs[0]["lossguard/grad_norm_max"] > 0
