@@ -47,6 +47,8 @@ class DetectionConfig:
     plateau_z: float = 3.0
     plateau_min_drop: float = 0.03
     stall_min_improvement: float = 0.05
+    stall_rate: float = 2e-4
+    stall_z: float = 2.0
     degenerate_level: float = 0.05
     cooldown_steps: int = 50
 
@@ -67,6 +69,8 @@ class DetectionConfig:
         _check_range("plateau_z", self.plateau_z, 0.5, 100.0)
         _check_range("plateau_min_drop", self.plateau_min_drop, 0.0, 1.0)
         _check_range("stall_min_improvement", self.stall_min_improvement, 0.0, 1.0)
+        _check_range("stall_rate", self.stall_rate, 0.0, 1.0)
+        _check_range("stall_z", self.stall_z, 0.5, 100.0)
         _check_range("degenerate_level", self.degenerate_level, 0.0, 1e6)
         _check_int("cooldown_steps", self.cooldown_steps, 0)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -11,11 +12,22 @@ import numpy as np
 from lossguard.config import DetectionConfig
 from lossguard.records import Finding, Reason, Sample, Severity
 from lossguard.signals.base import fmt
-from lossguard.signals.decay import fit_decay
+from lossguard.signals.decay import DecayFit, fit_decay
 from lossguard.signals.stats import StepBins
 
 _MAX_RECENT = 50_000
 _MIN_WINDOW_SAMPLES = 5
+_STALL_BURN = 0.1
+
+
+def _median(a: np.ndarray) -> float:
+    """``np.median`` of a non-empty 1-d array, without its overhead (called many times per check)."""
+    n = len(a)
+    k = n // 2
+    if n % 2:
+        return float(np.partition(a, k)[k])
+    p = np.partition(a, (k - 1, k))
+    return 0.5 * (float(p[k - 1]) + float(p[k]))
 
 
 class PlateauDetector:
@@ -23,23 +35,27 @@ class PlateauDetector:
 
     "No improvement for N steps" fires on epoch staircases, on long slow decays and on noise.
     This detector instead, every few steps while the run is in its first ``early_fraction``
-    (progress from ``max_steps``, or epochs), looks at the last ``plateau_min_steps`` steps
-    (the window; at least one epoch once past the first, so a staircase's drop is always inside
-    it) and fires on either of:
+    (progress from ``max_steps``, or epochs), fires on either of:
 
-    - **model**: a decay model (exponential or power law with a free asymptote, see
-      ``decay.py``) fitted to the curve before the window predicts a drop over the window that
-      matters (>= ``plateau_min_drop`` of the loss) and the observed slope falls short of the
-      predicted one by ``plateau_z`` standard errors and by more than two thirds. Where the two
-      families disagree the gentler prediction is used, so slow decays and curves that are
-      genuinely converging do not fire.
-    - **stall**: the loss is within ``stall_min_improvement`` of where the segment started and is
-      not falling: the run never got going (a too-high learning rate stuck at the
-      uniform-prediction loss looks like this).
+    - **stall**: the run never got going. A weighted line through the binned curve since the
+      segment began (and, failing that, since its first tenth, so a wild first few steps do not
+      pass for a fall; after an early rise, from where it first reached its top) shows, with
+      ``stall_z`` standard errors of confidence, less fall than a slow healthy decay's
+      ``stall_rate`` of the loss per step (at most ``stall_min_improvement``). A too-high
+      learning rate stuck at the uniform-prediction loss looks like this.
+    - **model**: for candidate onsets 50, 100, 200 ... steps back (at least one epoch once past
+      the first, so a staircase's drop is inside the window), a decay model (exponential or
+      power law with a free asymptote, see ``decay.py``) fitted to the curve before the onset
+      predicts a drop that matters (>= ``plateau_min_drop`` of the loss); the values since sit
+      ``plateau_z`` standard errors above the prediction, more than half-way to the level at
+      the onset, and fell less than a third of the predicted drop. Where the two families
+      disagree the gentler prediction is used. A backtest (the same fit one window earlier)
+      rules out curves that merely slow down more than the model expects.
 
-    Two consecutive positive checks are needed. The onset is where the smoothed curve first came
-    within noise of the plateau level. A segment restarts when the learning rate rises (warmup,
-    restarts) and after a rollback. One finding per plateau; it re-arms when the loss drops again.
+    The noise is taken from successive differences. Two consecutive positive checks are needed.
+    The onset is where the smoothed curve first came within noise of the plateau level. A
+    segment restarts when the learning rate rises (restarts; a warmup keeps the stall rule's
+    start) and after a rollback. One finding per plateau; it re-arms when the loss drops again.
     """
 
     name = "plateau"
@@ -55,11 +71,12 @@ class PlateauDetector:
         self.max_steps = max_steps
         self.num_train_epochs = num_train_epochs
         self.bins = StepBins(64)
+        self._fits: dict[tuple[Any, ...], dict[str, DecayFit]] = {}
+        self.stall_bins = StepBins(64)
+        self.stall_start: int | None = None
+        self.lr_fell = False
         self.recent: deque[tuple[int, float]] = deque(maxlen=_MAX_RECENT)
         self.seg_start: int | None = None
-        self.first: list[float] = []
-        self.start_level: float | None = None
-        self.start_noise = 0.0
         self.last_lr: float | None = None
         self.last_step: int | None = None
         self.gap = 1
@@ -84,14 +101,18 @@ class PlateauDetector:
         w = self.config.plateau_min_steps
         if self.epoch is not None and self.epoch >= 1.0 and self.steps_per_epoch:
             w = max(w, int(1.2 * self.steps_per_epoch))
-        return max(w, 2 * _MIN_WINDOW_SAMPLES * self.gap + 1)
+        return w
 
-    def _restart(self, step: int) -> None:
+    def _restart(self, step: int, *, warmup: bool = False) -> None:
+        # a warmup ramp restarts the decay fit, but a run that has been flat since before the
+        # warmup ended has been flat all along: the stall rule keeps its start
+        if not warmup or self.stall_start is None:
+            self.stall_start = step
+            self.stall_bins.clear()
+        self.lr_fell = False
         self.seg_start = step
         self.bins.clear()
         self.recent.clear()
-        self.first = []
-        self.start_level = None
         self.hits = 0
         self.next_eval = step
 
@@ -113,7 +134,9 @@ class PlateauDetector:
                 self.steps_per_epoch = step / epoch
         if lr is not None:
             if self.last_lr is not None and lr > self.last_lr * (1.0 + 1e-9):
-                self._restart(step)
+                self._restart(step, warmup=not self.lr_fell)
+            elif self.last_lr is not None and lr < self.last_lr * (1.0 - 1e-9):
+                self.lr_fell = True
             self.last_lr = lr
         if self.seg_start is None:
             self._restart(step)
@@ -152,16 +175,8 @@ class PlateauDetector:
         if progress is not None and progress > self.config.early_fraction and not self.active:
             return None
         self.bins.push(step, loss)
+        self.stall_bins.push(step, loss)
         self.recent.append((step, loss))
-        if self.start_level is None:
-            self.first.append(loss)
-            half = self.config.plateau_min_steps // 2
-            if step - self.seg_start >= half and len(self.first) >= _MIN_WINDOW_SAMPLES:
-                first = np.array(self.first)
-                self.start_level = float(np.median(first))
-                mad = float(np.median(np.abs(first - self.start_level))) * 1.4826
-                self.start_noise = 1.25 * mad / math.sqrt(len(first))
-                self.first = []
         if step < self.next_eval or progress is None:
             return None
         elapsed = step - self.seg_start
@@ -170,90 +185,80 @@ class PlateauDetector:
 
     # the decision -------------------------------------------------------------------------
     def _recent(self, since: int) -> tuple[np.ndarray, np.ndarray]:
-        xs: list[int] = []
-        ys: list[float] = []
-        for s, v in reversed(self.recent):
-            if s < since:
-                break
-            xs.append(s)
-            ys.append(v)
-        return np.array(xs[::-1], dtype=float), np.array(ys[::-1], dtype=float)
+        if not self.recent:
+            return np.zeros(0), np.zeros(0)
+        arr = np.fromiter(chain.from_iterable(self.recent), dtype=float, count=2 * len(self.recent)).reshape(-1, 2)
+        k = int(np.searchsorted(arr[:, 0], since))
+        return arr[k:, 0], arr[k:, 1]
+
+    def _min_window(self) -> int:
+        """The shortest stretch a plateau is judged on: 50 steps, and at least 3 logged values."""
+        return max(self.config.plateau_min_steps // 2, 3 * self.gap)
+
+    @staticmethod
+    def _noise(ys: np.ndarray) -> float:
+        """Per-value noise of the loss, from successive differences (a trend barely moves them).
+
+        Differences beyond 4 robust sigmas are clipped so spikes do not widen the band, but the
+        tails of heavy-tailed noise still count (a pure MAD would understate them).
+        """
+        d = np.diff(ys)
+        if len(d) < 2:
+            return 0.0
+        med = _median(d)
+        s0 = 1.4826 * _median(np.abs(d - med))
+        if s0 > 0:
+            d = np.clip(d, med - 4 * s0, med + 4 * s0)
+        return float(np.std(d)) / math.sqrt(2.0)
 
     def _evaluate(self, step: int, progress: float) -> Finding | None:
         c = self.config
         seg = self.seg_start if self.seg_start is not None else step
+        w_min = self._min_window()
         window = self._window()
-        if step - seg < window + c.plateau_min_steps // 2:
-            return None
         recent = self.recent
-        while recent and recent[0][0] < step - 2 * window:
+        while recent and recent[0][0] < step - 4 * window:
             recent.popleft()
-        xs, ys = self._recent(step - window)
-        if len(xs) < _MIN_WINDOW_SAMPLES:
+        xs, ys = self._recent(max(step - 4 * window, seg))
+        if len(xs) < _MIN_WINDOW_SAMPLES or step - seg < w_min:
             return None
-        med = float(np.median(ys))
-        mad = float(np.median(np.abs(ys - med))) * 1.4826
-        if mad > 0:
-            ys = np.clip(ys, med - 4 * mad, med + 4 * mad)
-        xc = xs - xs.mean()
-        sxx = float((xc * xc).sum())
-        if sxx <= 0:
-            return None
-        level = float(ys.mean())
-        slope = float((xc * (ys - level)).sum()) / sxx
-        resid = ys - level - slope * xc
-        sigma = math.sqrt(max(float((resid * resid).sum()) / max(len(ys) - 2, 1), 1e-24))
-        se = sigma / math.sqrt(sxx)
+        sigma = max(self._noise(ys), 1e-12)
+        tail = xs >= step - w_min
+        level = float(np.mean(ys[tail]))
         scale = max(abs(level), 1e-6)
-        observed_drop = -slope * window
 
         if self.active:
-            if level < self.episode_level - max(2 * c.stall_min_improvement * scale, 3 * sigma / math.sqrt(len(ys))):
+            n_tail = int(tail.sum())
+            if level < self.episode_level - max(2 * c.stall_min_improvement * scale, 3 * sigma / math.sqrt(n_tail)):
                 self.active = False
                 self.hits = 0
             return None
 
-        rule = None
-        predicted_drop = 0.0
-        rising = slope > 2.0 * se
-        if self.start_level is not None and not rising:
-            improvement = self.start_level - level
-            se_improvement = math.sqrt(self.start_noise**2 + sigma * sigma / len(ys))
-            if (
-                step - seg >= 0.1 * (self.max_steps or 0)
-                and improvement < c.stall_min_improvement * max(abs(self.start_level), 1e-6)
-                and improvement < 3.0 * se_improvement
-                and observed_drop < 0.5 * c.stall_min_improvement * scale
-            ):
-                rule = "stall"
-        if rule is None and not rising:
-            predicted_drop = self._predicted_drop(step, window)
-            if predicted_drop >= c.plateau_min_drop * scale:
-                pred_slope = -predicted_drop / window
-                if slope - pred_slope >= c.plateau_z * se and observed_drop < predicted_drop / 3.0:
-                    rule = "model"
-        self.last_eval = {"step": step, "level": level, "slope": slope, "se": se,
-                          "predicted_drop": predicted_drop, "rule": rule}
-        if rule is None:
+        hit = self._stall(step, self.stall_start if self.stall_start is not None else seg, sigma)
+        if hit is None:
+            hit = self._model(step, seg, xs, ys, sigma, window, w_min)
+        self.last_eval = {"step": step, "level": level, "sigma": sigma, "rule": hit["rule"] if hit else None}
+        if hit is None:
             self.hits = 0
             return None
         self.hits += 1
         if self.hits < 2:
             return None
         self.active = True
-        self.episode_level = level
-        onset = self._onset(level, sigma, scale, step - window)
+        self.episode_level = hit["level"]
+        onset = self._onset(hit["level"], sigma, scale, hit["start"], seg)
         total = self.max_steps
         where = f"{100 * progress:.0f}% of {total} steps" if total else f"{100 * progress:.0f}% of training"
-        if rule == "model":
+        if hit["rule"] == "model":
             why = (
-                f"the decay fitted to steps {seg}-{step - window} predicts a further drop of "
-                f"{fmt(predicted_drop)} over the last {window} steps, but it fell {fmt(observed_drop)}"
+                f"the decay fitted to steps {seg}-{hit['start']} predicts a further drop of "
+                f"{fmt(hit['predicted_drop'])} over the last {step - hit['start']} steps, but it fell "
+                f"{fmt(hit['observed_drop'])} (z {hit['z']:.1f})"
             )
         else:
             why = (
-                f"it has not improved beyond {100 * c.stall_min_improvement:g}% of its starting level "
-                f"{fmt(self.start_level or 0.0)} (now {fmt(level)}, {fmt(observed_drop)} in the last {window} steps)"
+                f"it fell only {fmt(hit['observed_drop'])} in the {step - hit['start']} steps since step {hit['start']} "
+                f"(noise {fmt(sigma)} per value, less than {fmt(hit['needed'])} with confidence)"
             )
         return Finding(
             reason=Reason.EARLY_CONVERGENCE,
@@ -261,38 +266,188 @@ class PlateauDetector:
             step=step,
             onset_step=onset,
             message=(
-                f"Early convergence at step {step} ({where}): loss flat at {fmt(level)}; {why}; onset {onset}."
+                f"Early convergence at step {step} ({where}): loss flat at {fmt(hit['level'])}; {why}; onset {onset}."
             ),
             evidence={
-                "rule": rule, "level": level, "slope": slope, "slope_se": se, "window": window,
-                "predicted_drop": predicted_drop, "observed_drop": observed_drop,
-                "start_level": self.start_level, "progress": progress,
+                "rule": hit["rule"], "level": hit["level"], "window": step - hit["start"],
+                "predicted_drop": hit["predicted_drop"], "observed_drop": hit["observed_drop"],
+                "z": hit["z"], "noise": sigma, "progress": progress,
             },
             detector=self.name,
         )
 
-    def _predicted_drop(self, step: int, window: int) -> float:
-        """How much the curve before the window says the loss should fall across it."""
-        seg = self.seg_start or 0
-        end = step - window
-        rows = [b for b in self.bins.bins if b[1] / b[3] < end]
-        if len(rows) < 6 or end - seg < self.config.plateau_min_steps // 2:
-            return 0.0
-        arr = np.array(rows, dtype=float)
-        x = arr[:, 1] / arr[:, 3] - seg
-        y = arr[:, 2] / arr[:, 3]
-        fits = fit_decay(x, y, arr[:, 3])
-        if not fits:
-            return 0.0
-        best = min(f.sse for f in fits.values())
-        drops = [
-            float(f.predict(end - seg)) - float(f.predict(step - seg))
-            for f in fits.values()
-            if f.sse <= 1.5 * best + 1e-18
-        ]
-        return max(min(drops), 0.0)
+    def _stall(self, step: int, seg: int, sigma: float) -> dict[str, Any] | None:
+        """The run never got going: since the segment began the loss has not fallen by even a
+        slow healthy decay's share, with confidence (a linear fit over the whole segment).
 
-    def _onset(self, level: float, sigma: float, scale: float, window_start: int) -> int:
+        Judged on the whole segment and, failing that, without its first tenth: a few wild
+        first steps (a spike at step 3, an early bump) would otherwise pass for a fall.
+        """
+        span = step - seg
+        bins = self.stall_bins.bins
+        if span < self.config.plateau_min_steps // 2 or len(bins) < 4:
+            return None
+        arr = np.array(bins, dtype=float)
+        hit = self._stall_from(step, seg, arr, sigma)
+        if hit is None:
+            start = seg + int(_STALL_BURN * span)
+            later = arr[arr[:, 1] / arr[:, 3] >= start]
+            if len(later) < len(arr):
+                hit = self._stall_from(step, start, later, sigma)
+        return hit
+
+    def _stall_from(self, step: int, start: int, arr: np.ndarray, sigma: float) -> dict[str, Any] | None:
+        c = self.config
+        if len(arr) < 4:
+            return None
+        n = arr[:, 3]
+        x = arr[:, 1] / n
+        span = step - start
+        y = arr[:, 2] / n
+        if sigma > 0:
+            # clip bin means to 4 sigma of their own precision, so a spike does not tilt the line
+            med = _median(y)
+            lim = 4 * sigma / np.sqrt(n) + 4 * sigma
+            y = np.clip(y, med - lim, med + lim)
+        line = self._line(x, y, n, sigma)
+        if line is None:
+            return None
+        if line[0] > 2.0 * line[1]:
+            # it rose first (a too-high learning rate knocks the loss up, then it sits there):
+            # judge the stretch from where it first came within noise of its highest point
+            near = y >= float(y.max()) - 3.0 * sigma / np.sqrt(n)
+            top = int(np.argmax(near))
+            if len(y) - top < 4 or step - x[top] < c.plateau_min_steps // 2:
+                return None
+            x, y, n = x[top:], y[top:], n[top:]
+            span = step - int(x[0])
+            line = self._line(x, y, n, sigma)
+            if line is None or line[0] > 2.0 * line[1]:
+                return None
+        slope, se, ym = line
+        scale = max(abs(ym), 1e-6)
+        needed = min(c.stall_rate * span, c.stall_min_improvement) * scale
+        drop = -slope * span
+        if drop + c.stall_z * se * span >= needed:
+            return None
+        return {"rule": "stall", "level": ym, "start": step - span, "predicted_drop": 0.0, "observed_drop": drop,
+                "z": (needed - drop) / max(se * span, 1e-24), "needed": needed}
+
+    @staticmethod
+    def _line(x: np.ndarray, y: np.ndarray, n: np.ndarray, sigma: float) -> tuple[float, float, float] | None:
+        """Weighted least-squares line through bin means: (slope, its standard error, mean)."""
+        xm = float((n * x).sum() / n.sum())
+        ym = float((n * y).sum() / n.sum())
+        sxx = float((n * (x - xm) ** 2).sum())
+        if sxx <= 0:
+            return None
+        slope = float((n * (x - xm) * (y - ym)).sum()) / sxx
+        return slope, sigma / math.sqrt(sxx), ym
+
+    def _model(self, step: int, seg: int, xs: np.ndarray, ys: np.ndarray, sigma: float, window: int,
+               w_min: int) -> dict[str, Any] | None:
+        """The decay fitted before a candidate onset says the loss should have kept falling after
+        it, and the values since sit well above that prediction and fall much less."""
+        c = self.config
+        best: dict[str, Any] | None = None
+        w = max(w_min, window if self.epoch is not None and self.epoch >= 1.0 and self.steps_per_epoch else w_min)
+        while step - w - seg >= max(c.plateau_min_steps // 2, w):
+            hit = self._model_at(step, seg, step - w, xs, ys, sigma)
+            if hit is not None and (best is None or hit["z"] > best["z"]):
+                best = hit
+            w *= 2
+            if w > 4 * window:
+                break
+        return best
+
+    def _model_at(self, step: int, seg: int, start: int, xs: np.ndarray, ys: np.ndarray,
+                  sigma: float) -> dict[str, Any] | None:
+        c = self.config
+        post = xs >= start
+        n_post = int(post.sum())
+        if n_post < 3:
+            return None
+        px = xs[post] - seg
+        py = ys[post]
+        med = _median(py)
+        py = np.clip(py, med - 4 * sigma, med + 4 * sigma)
+        level = float(py.sum()) / len(py)
+        scale = max(abs(level), 1e-6)
+        shortfall = self._shortfall(seg, start, px, py, sigma)
+        if shortfall is None:
+            return None
+        resid, expected, predicted_drop = shortfall
+        if predicted_drop < c.plateau_min_drop * scale or expected <= 0:
+            return None
+        z = resid / (sigma / math.sqrt(n_post))
+        xc = px - float(px.sum()) / len(px)
+        sxx = float((xc * xc).sum())
+        observed_drop = -float((xc * (py - level)).sum()) / sxx * (step - start) if sxx > 0 else 0.0
+        if z < c.plateau_z * math.sqrt(1.0 + 4.0 / n_post) or resid < 0.5 * expected:
+            return None
+        if observed_drop > predicted_drop / 3.0:
+            return None
+        if self.epoch is not None and self.epoch >= 1.0 and observed_drop > c.plateau_min_drop * scale:
+            return None  # an epoch boundary's drop inside the window: a staircase, not a plateau
+        # backtest: the same fit one window earlier, judged on the window before this one; a
+        # healthy curve that merely slows down more than the model expects shows the same
+        # shortfall there, a plateau that began at ``start`` does not
+        w = step - start
+        before = (xs >= start - w) & (xs < start)
+        back = None
+        if before.sum() >= 3:
+            bx = xs[before] - seg
+            bmed = _median(ys[before])
+            by = np.clip(ys[before], bmed - 4 * sigma, bmed + 4 * sigma)
+            back = self._shortfall(seg, start - w, bx, by, sigma)
+        if back is None:
+            # too early for a backtest: only a clear-cut case counts
+            if resid < 0.8 * expected or z < 3 * c.plateau_z:
+                return None
+        elif resid / expected - max(back[0], 0.0) / max(back[1], 1e-12) < 0.5:
+            return None
+        return {"rule": "model", "level": level, "start": start, "predicted_drop": predicted_drop,
+                "observed_drop": observed_drop, "z": z, "needed": 0.0}
+
+    def _shortfall(self, seg: int, start: int, px: np.ndarray, py: np.ndarray,
+                   sigma: float) -> tuple[float, float, float] | None:
+        """Fit the decay to the curve before ``start`` and compare the values after it (px, py)
+        with its gentlest prediction: (mean excess over the prediction, mean predicted fall below
+        the level at ``start``, predicted fall from ``start`` to the last value)."""
+        # complete bins only: the one still filling would change the fit at every check
+        rows = [b for b in self.bins.bins[:-1] if b[1] / b[3] < start]
+        if len(rows) < 6 or start - seg < self.config.plateau_min_steps // 2:
+            return None
+        last = rows[-1]
+        # complete bins never change until the next merge, so this key names the fit exactly
+        key = (seg, self.bins.width, self.bins.origin, len(rows), last[1], last[2], last[3])
+        fits = self._fits.get(key)
+        if fits is None:
+            arr = np.array(rows, dtype=float)
+            fx = arr[:, 1] / arr[:, 3] - seg
+            fits = fit_decay(fx, arr[:, 2] / arr[:, 3], arr[:, 3])
+            if len(self._fits) >= 16:
+                self._fits.clear()
+            self._fits[key] = fits
+        if not fits:
+            return None
+        best_sse = min(f.sse for f in fits.values())
+        gentlest: tuple[float, np.ndarray, float] | None = None
+        for f in fits.values():
+            if f.sse > 1.5 * best_sse + 1e-18:
+                continue
+            pred = np.asarray(f.predict(px), dtype=float)
+            at_start = float(f.predict(start - seg))
+            expected = at_start - float(pred.sum()) / len(pred)
+            if gentlest is None or expected < gentlest[0]:
+                gentlest = (expected, pred, at_start - float(f.predict(float(px[-1]))))
+        if gentlest is None:
+            return None
+        expected, pred, predicted_drop = gentlest
+        return float((py - pred).sum()) / len(py), expected, predicted_drop
+
+    def _onset(self, level: float, sigma: float, scale: float, window_start: int, seg: int) -> int:
+        """Where the smoothed curve first came within noise of the plateau level."""
         onset = window_start
         tol_floor = 0.01 * scale
         for _, s, v, n in reversed(self.bins.bins):
@@ -300,7 +455,7 @@ class PlateauDetector:
             if mean > level + max(3 * sigma / math.sqrt(n), tol_floor):
                 break
             onset = int(s / n)
-        return min(onset, window_start)
+        return max(min(onset, window_start), seg)
 
     # rollback and persistence -------------------------------------------------------------
     def reset_after_rollback(self, step: int) -> None:
@@ -314,11 +469,11 @@ class PlateauDetector:
             "max_steps": self.max_steps,
             "num_train_epochs": self.num_train_epochs,
             "bins": self.bins.state_dict(),
+            "stall_bins": self.stall_bins.state_dict(),
+            "stall_start": self.stall_start,
+            "lr_fell": self.lr_fell,
             "recent": [list(p) for p in self.recent],
             "seg_start": self.seg_start,
-            "first": list(self.first),
-            "start_level": self.start_level,
-            "start_noise": self.start_noise,
             "last_lr": self.last_lr,
             "last_step": self.last_step,
             "gap": self.gap,
@@ -334,11 +489,12 @@ class PlateauDetector:
         self.max_steps = state["max_steps"]
         self.num_train_epochs = state["num_train_epochs"]
         self.bins.load_state_dict(state["bins"])
+        self._fits = {}
+        self.stall_bins.load_state_dict(state["stall_bins"])
+        self.stall_start = state["stall_start"]
+        self.lr_fell = bool(state["lr_fell"])
         self.recent = deque(((int(s), float(v)) for s, v in state["recent"]), maxlen=_MAX_RECENT)
         self.seg_start = state["seg_start"]
-        self.first = [float(v) for v in state["first"]]
-        self.start_level = state["start_level"]
-        self.start_noise = float(state["start_noise"])
         self.last_lr = state["last_lr"]
         self.last_step = state["last_step"]
         self.gap = int(state["gap"])

@@ -58,6 +58,18 @@ def test_a_run_that_never_got_going_stalls():
     assert len(found) == 1 and found[0].evidence["rule"] == "stall" and found[0].step <= 200
 
 
+
+def test_a_stall_after_a_few_wild_first_steps_is_still_a_stall():
+    # the shape of the tiny model at lr 3e-2: a spike at step 3 and ten steps near 3.1 before it
+    # settles at 2.93 for good; those first steps must not pass for a fall
+    rng = np.random.default_rng(1)
+    level = [4.1 if i == 3 else 3.15 if i <= 10 else 2.93 for i in range(1, 401)]
+    samples = [Sample(step=i, loss=float(v + 0.07 * rng.standard_normal()), lr=0.03 * (1 - i / 600))
+               for i, v in enumerate(level, start=1)]
+    found = _feed(PlateauDetector(max_steps=600), samples)
+    assert len(found) == 1 and found[0].evidence["rule"] == "stall"
+    assert found[0].step <= 160 and 5 <= found[0].onset_step <= 40
+
 def test_state_dict_round_trip_gives_the_same_future():
     samples = _premature()
     a = PlateauDetector(max_steps=2000)

@@ -16,7 +16,8 @@ def _run(suite, samples):
 def test_every_finding_names_its_detector_and_a_streak_is_reported_once():
     samples = [Sample(step=i, loss=2.0 + 0.01 * math.sin(i), grad_norm=1.0) for i in range(1, 100)]
     samples += [Sample(step=i, loss=math.nan, grad_norm=math.nan) for i in range(100, 140)]
-    found = _run(DetectorSuite(max_steps=1000), samples)
+    # run length unknown: a loss flat from the first step would (rightly) be an early convergence
+    found = _run(DetectorSuite(), samples)
     assert [(f.reason, f.step) for f in found] == [(Reason.NONFINITE, 100)]
     assert found[0].detector == "nonfinite"
 
