@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--recording-only", action="store_true", help="recovery and probes off")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: stable timings on a shared machine; OpenMP spin-waits badly under load)")
     ns = ap.parse_args(argv)
     import warnings
 
@@ -45,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(ns.threads)
     extra = {"recovery": {"enabled": False}, "probe": {"enabled": False}} if ns.recording_only else {}
     run_once(True, 20, ns.hidden, extra)  # warm-up: imports, pretrained base cache, allocator
     base, guarded = [], []
@@ -53,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         for arm in order:
             (guarded if arm else base).append(run_once(arm, ns.steps, ns.hidden, extra))
     b, g = statistics.median(base), statistics.median(guarded)
-    print(f"steps={ns.steps} repeats={ns.repeats} hidden={ns.hidden} recording_only={ns.recording_only}")
+    print(f"steps={ns.steps} repeats={ns.repeats} hidden={ns.hidden} threads={ns.threads} "
+          f"recording_only={ns.recording_only}")
     print(f"baseline median {b:.3f} s ({1000 * b / ns.steps:.2f} ms/step)  runs: {[round(x, 3) for x in base]}")
     print(f"lossguard median {g:.3f} s ({1000 * g / ns.steps:.2f} ms/step)  runs: {[round(x, 3) for x in guarded]}")
     print(f"overhead ratio (median lossguard / median baseline): {g / b:.4f}  target <= 1.02")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -94,8 +94,12 @@ class Sample:
     t: float | None = None
 
     def to_record(self) -> dict[str, Any]:
-        rec: dict[str, Any] = {"kind": "sample"}
-        rec.update({k: v for k, v in asdict(self).items() if v is not None or k == "loss"})
+        # built by hand: dataclasses.asdict costs ~15 us, and this runs every training step
+        rec: dict[str, Any] = {"kind": "sample", "step": self.step, "loss": self.loss}
+        for key in ("grad_norm", "lr", "epoch", "step_time_s", "tokens", "t"):
+            value = getattr(self, key)
+            if value is not None:
+                rec[key] = value
         return rec
 
     @classmethod

@@ -17,6 +17,9 @@ EVENTS_FILE = "events.jsonl"
 _NONFINITE_NAMES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
+_INF = math.inf
+
+
 def _finite_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         if math.isnan(value):
@@ -38,9 +41,24 @@ def _fallback(value: Any) -> Any:
     return str(value)
 
 
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), default=_fallback)
+
+
+def _needs_cleaning(record: dict[str, Any]) -> bool:
+    for v in record.values():
+        if type(v) is float:
+            if v != v or v == _INF or v == -_INF:
+                return True
+        elif not (v is None or type(v) in (int, str, bool)):
+            return True
+    return False
+
+
 def encode(record: dict[str, Any]) -> str:
     """One record as a single strict-JSON line (no trailing newline)."""
-    return json.dumps(_finite_safe(record), allow_nan=False, separators=(",", ":"), default=_fallback)
+    # flat records of finite numbers (a sample, every step) skip the recursive clean-up
+    clean = _finite_safe(record) if _needs_cleaning(record) else record
+    return _ENCODER.encode(clean)
 
 
 def as_float(value: Any) -> float | None:
