@@ -72,7 +72,10 @@ class PlateauDetector:
         self.num_train_epochs = num_train_epochs
         self.bins = StepBins(64)
         self._fits: dict[tuple[Any, ...], dict[str, DecayFit]] = {}
+        # the stall rule's curve: the same as ``bins`` (shared, not kept twice) until a warmup
+        # restart clears ``bins`` but keeps the stall rule's start
         self.stall_bins = StepBins(64)
+        self.stall_shared = True
         self.stall_start: int | None = None
         self.lr_fell = False
         self.recent: deque[tuple[int, float]] = deque(maxlen=_MAX_RECENT)
@@ -109,6 +112,10 @@ class PlateauDetector:
         if not warmup or self.stall_start is None:
             self.stall_start = step
             self.stall_bins.clear()
+            self.stall_shared = True
+        elif self.stall_shared:
+            self.stall_bins.load_state_dict(self.bins.state_dict())
+            self.stall_shared = False
         self.lr_fell = False
         self.seg_start = step
         self.bins.clear()
@@ -175,7 +182,8 @@ class PlateauDetector:
         if progress is not None and progress > self.config.early_fraction and not self.active:
             return None
         self.bins.push(step, loss)
-        self.stall_bins.push(step, loss)
+        if not self.stall_shared:
+            self.stall_bins.push(step, loss)
         self.recent.append((step, loss))
         if step < self.next_eval or progress is None:
             return None
@@ -284,7 +292,7 @@ class PlateauDetector:
         first steps (a spike at step 3, an early bump) would otherwise pass for a fall.
         """
         span = step - seg
-        bins = self.stall_bins.bins
+        bins = self.bins.bins if self.stall_shared else self.stall_bins.bins
         if span < self.config.plateau_min_steps // 2 or len(bins) < 4:
             return None
         arr = np.array(bins, dtype=float)
@@ -470,6 +478,7 @@ class PlateauDetector:
             "num_train_epochs": self.num_train_epochs,
             "bins": self.bins.state_dict(),
             "stall_bins": self.stall_bins.state_dict(),
+            "stall_shared": self.stall_shared,
             "stall_start": self.stall_start,
             "lr_fell": self.lr_fell,
             "recent": [list(p) for p in self.recent],
@@ -491,6 +500,7 @@ class PlateauDetector:
         self.bins.load_state_dict(state["bins"])
         self._fits = {}
         self.stall_bins.load_state_dict(state["stall_bins"])
+        self.stall_shared = bool(state["stall_shared"])
         self.stall_start = state["stall_start"]
         self.lr_fell = bool(state["lr_fell"])
         self.recent = deque(((int(s), float(v)) for s, v in state["recent"]), maxlen=_MAX_RECENT)
