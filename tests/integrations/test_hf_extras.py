@@ -1,0 +1,73 @@
+"""The callback's companions on a real Trainer run: preflight, the GPU sampler, the saddle probe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lossguard import GuardConfig, LossGuard
+from lossguard.probes.gpu import ReplayBackend
+from lossguard.telemetry import read_events
+from lossguard.testing.tiny import make_trainer
+
+pytestmark = pytest.mark.slow
+
+GPU_DATA = Path(__file__).resolve().parent.parent / "data" / "gpu"
+
+
+def test_a_stalled_run_gets_preflight_gpu_records_and_a_probed_plateau(tiny, tmp_path):
+    backend = ReplayBackend.from_file(GPU_DATA / "placement_two_gpus.json")
+    config = GuardConfig(console=False, recovery={"enabled": False},
+                         gpu={"interval_s": 0.02}, probe={"batch_size": 16, "max_iter": 24})
+    guard = LossGuard(config, gpu_backend=backend)
+    trainer = make_trainer(tiny, str(tmp_path), callbacks=[guard], max_steps=500, learning_rate=3e-2,
+                           logging_steps=50)
+    trainer.train()
+    records = read_events(tmp_path / "lossguard" / "events.jsonl")
+    kinds = [r["kind"] for r in records]
+
+    preflight = next(r for r in records if r["kind"] == "preflight")
+    rows = {row["name"]: row for row in preflight["rows"]}
+    assert any("batch" in name.lower() for name in rows)
+    assert kinds.index("preflight") < kinds.index("sample")
+
+    gpu = [r for r in records if r["kind"] == "gpu"]
+    assert len(gpu) >= 5  # one per logging interval (10 logs) and a last one at the end
+    assert {g["index"] for g in gpu[0]["gpus"]} == {0, 1}
+    assert any(d["kind"] == "placement_model_parallel" for r in gpu for d in r.get("diagnoses", []))
+
+    plateau = [r for r in records if r["kind"] == "finding" and r["reason"] == "early_convergence"]
+    assert len(plateau) == 1
+    probes = [r for r in records if r["kind"] == "probe"]
+    assert len(probes) == 1 and probes[0]["step"] == plateau[0]["step"]
+    probe = probes[0]
+    assert probe["trigger"] == "early_convergence" and not probe.get("skipped")
+    assert probe["verdict"] in ("saddle", "inconclusive", "minimum", "degenerate")
+    assert probe["lambda_max"] > 0 and probe["n_hvp"] <= 2 * 24 + 2
+    assert probe["ratio"] == pytest.approx(probe["lambda_min"] / probe["lambda_max"])
+    assert plateau[0]["evidence"]["probe"]["verdict"] == probe["verdict"]
+    assert f"Hessian probe: {probe['verdict']}" in plateau[0]["message"]
+    eos = probe["edge_of_stability"]
+    assert eos["sharpness"] == pytest.approx(probe["lambda_max"]) and eos["optimizer"] == "adam"
+    assert eos["sharpness_x_lr"] == pytest.approx(probe["lambda_max"] * eos["lr"])
+    assert guard.probe.seconds < 0.05 * sum(r.get("step_time_s", 0) for r in records if r["kind"] == "sample") * 20
+
+
+def test_probe_verdict_can_gate_recovery(tiny, tmp_path):
+    """With plateau_needs_saddle, a plateau rolls back only when the probe finds negative curvature."""
+    config = GuardConfig(console=False, gpu={"enabled": False},
+                         recovery={"plateau_needs_saddle": True}, probe={"batch_size": 16, "max_iter": 24})
+    guard = LossGuard(config)
+    trainer = make_trainer(tiny, str(tmp_path), callbacks=[guard], max_steps=500, learning_rate=3e-2,
+                           logging_steps=50)
+    trainer.train()
+    records = read_events(tmp_path / "lossguard" / "events.jsonl")
+    plateau = next(r for r in records if r["kind"] == "finding" and r["reason"] == "early_convergence")
+    verdict = plateau["evidence"]["probe"]["verdict"]
+    rollbacks = [r for r in records if r["kind"] == "action" and r["action"] == "rollback"
+                 and r["reason"] == "early_convergence"]
+    if verdict in ("minimum", "degenerate"):
+        assert rollbacks == []
+    else:
+        assert rollbacks and rollbacks[0]["step"] == plateau["step"]
