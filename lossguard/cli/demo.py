@@ -37,7 +37,10 @@ def command(output_dir: str = "demo-run", steps: int = 600) -> int:
               "(high enough to stall it early), with LossGuard attached.")
     setup = tiny_setup()
     before = eval_loss(setup.model, setup.eval, setup.collator)
-    trainer = make_trainer(setup, str(out), callbacks=[LossGuard()], max_steps=steps,
+    # Its steps take ~8 ms, so one Hessian probe costs more than the default 5% of this short
+    # run; the demo allows half, to show the probe's verdict.
+    guard = LossGuard(probe={"max_time_fraction": 0.5})
+    trainer = make_trainer(setup, str(out), callbacks=[guard], max_steps=steps,
                            learning_rate=DEMO_LR, logging_steps=50, save_strategy="steps", save_steps=200,
                            save_total_limit=2)
     t0 = time.perf_counter()

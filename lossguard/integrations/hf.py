@@ -142,7 +142,7 @@ class LossGuard(TrainerCallback):
             if resumed is not None:
                 self._write("resume", step=int(state.global_step), checkpoint=str(resumed),
                             rollbacks=self.engine.policy.rollbacks, phase=self.engine.policy.phase.value)
-        self.probe.begin(model, int(args.get_warmup_steps(int(state.max_steps))))
+        self.probe.begin(model, int(args.get_warmup_steps(int(state.max_steps))), int(state.max_steps))
         self.probe.batches = self.capture.kept
 
     def _preflight(self, args: Any, model: Any, loader: Any, trainer: Any) -> None:
@@ -212,6 +212,7 @@ class LossGuard(TrainerCallback):
         if self.engine is None:
             return
         step = int(state.global_step)
+        self.probe.observe_step(seconds)
         if self.probe.due(step):
             self._write_probe(self.probe.run(step, lr, "every_n_steps"))
         decision = self.engine.decide(sample, self.recovery.steps() if self.recovery is not None else [],

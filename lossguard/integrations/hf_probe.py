@@ -2,9 +2,13 @@
 
 The probe runs when the plateau detector fires (``ProbeConfig.on_plateau``) and every
 ``every_n_steps`` if asked, on training batches kept at the start of the run (the same batches
-every time, so probes compare). Its cost is bounded twice: ``max_seconds`` per probe, and a probe
-is skipped while probing has already used more than ``max_time_fraction`` of the training time.
-In DDP, rank 0 probes and broadcasts the record, so every rank sees the same verdict.
+every time, so probes compare). Its cost is bounded twice: ``max_seconds`` per probe, and all
+probes together get at most ``max_time_fraction`` of the run's expected training time
+(``max_steps`` x the mean step time so far): each probe's time limit is what is left of that
+budget, and a probe with nothing left is skipped. On a real model one Hessian-vector product
+costs a few training steps' worth of compute on the probe batch, so the budget, not the
+iteration count, is what keeps probing cheap. In DDP, rank 0 probes and broadcasts the record,
+so every rank sees the same verdict.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from lossguard.config import ProbeConfig
@@ -28,17 +33,32 @@ class TrainerProbe:
         self.config = config
         self.optimizer_kind = optimizer_kind
         self._clock = clock
-        self._t_start = clock()
         self.seconds = 0.0
         self.count = 0
         self.warmup_steps = 0
         self.model: Any = None
         self.batches: list[dict[str, Any]] = []
+        self.max_steps = 0
+        self._step_seconds = 0.0
+        self._steps_timed = 0
 
-    def begin(self, model: Any, warmup_steps: int) -> None:
+    def begin(self, model: Any, warmup_steps: int, max_steps: int) -> None:
         self.model = model
         self.warmup_steps = warmup_steps
-        self._t_start = self._clock()
+        self.max_steps = max_steps
+
+    def observe_step(self, seconds: float | None) -> None:
+        """One training step's duration, for the budget."""
+        if seconds is not None and seconds > 0:
+            self._step_seconds += seconds
+            self._steps_timed += 1
+
+    def budget_left(self) -> float:
+        """Seconds of probing still allowed in this run."""
+        if not self._steps_timed or self.max_steps <= 0:
+            return 0.0
+        expected_run = self.max_steps * self._step_seconds / self._steps_timed
+        return self.config.max_time_fraction * expected_run - self.seconds
 
     @property
     def rows_wanted(self) -> int:
@@ -48,11 +68,6 @@ class TrainerProbe:
     def due(self, step: int) -> bool:
         n = self.config.every_n_steps
         return self.config.enabled and n > 0 and step > 0 and step % n == 0
-
-    def _over_budget(self) -> float | None:
-        elapsed = max(self._clock() - self._t_start, 1e-9)
-        share = self.seconds / elapsed
-        return share if share > self.config.max_time_fraction else None
 
     def run(self, step: int, lr: float | None, why: str) -> dict[str, Any] | None:
         """Probe now; the ``probe`` record (skips included), identical on every rank."""
@@ -72,14 +87,15 @@ class TrainerProbe:
     def _probe(self, step: int, lr: float | None, why: str) -> dict[str, Any]:
         from lossguard.probes.hessian import CurvatureResult, ProbeSkipped, probe_model, sharpness_report
 
-        share = self._over_budget()
-        if share is not None:
+        left = self.budget_left()
+        if left <= 0:
             result: Any = ProbeSkipped(
-                "budget", f"probing has used {share:.1%} of training time, over the "
-                f"{self.config.max_time_fraction:.0%} budget; probe skipped", step)
+                "budget", f"probing may use {self.config.max_time_fraction:.0%} of the run's expected training "
+                f"time and {self.seconds:.2f} s of it is spent ({max(left, 0.0):.2f} s left); probe skipped", step)
         else:
             t0 = self._clock()
-            result = probe_model(self.model, self.batches, config=self.config, seed=step, step=step,
+            config = replace(self.config, max_seconds=min(self.config.max_seconds, left))
+            result = probe_model(self.model, self.batches, config=config, seed=step, step=step,
                                  warmup_steps=self.warmup_steps)
             self.seconds += self._clock() - t0
             self.count += 1
@@ -87,5 +103,6 @@ class TrainerProbe:
         record["trigger"] = why
         if isinstance(result, CurvatureResult) and lr:
             record["edge_of_stability"] = sharpness_report(result.lambda_max, lr, self.optimizer_kind)
-        record["probe_time_share"] = round(self.seconds / max(self._clock() - self._t_start, 1e-9), 4)
+        record["probe_seconds_total"] = round(self.seconds, 4)
+        record["probe_budget_left_s"] = round(self.budget_left(), 4)
         return record
