@@ -17,6 +17,7 @@ from lossguard.signals.stats import (
     median_sorted,
     median_sorted_rows,
     normal_cdf,
+    raw_sums,
 )
 
 _LEVEL_WINDOW = 16
@@ -27,15 +28,7 @@ def prob_increasing(points: list[tuple[int, float]]) -> float:
     n = len(points)
     if n < 3:
         return 0.5
-    x0 = points[0][0]
-    sx = sy = sxx = sxy = syy = 0.0
-    for x, y in points:
-        dx = x - x0
-        sx += dx
-        sy += y
-        sxx += dx * dx
-        sxy += dx * y
-        syy += y * y
+    sx, sy, sxx, sxy, syy = raw_sums(points, points[0][0])
     sxx -= sx * sx / n
     syy -= sy * sy / n
     sxy -= sx * sy / n

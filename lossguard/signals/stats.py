@@ -21,6 +21,19 @@ def normal_cdf(z: float) -> float:
     return 0.5 * math.erfc(-z / math.sqrt(2.0))
 
 
+
+def raw_sums(points: Any, x0: float) -> tuple[float, float, float, float, float]:
+    """(sum dx, sum y, sum dx^2, sum dx*y, sum y^2) with dx = x - x0: a least-squares fit's inputs."""
+    sx = sy = sxx = sxy = syy = 0.0
+    for x, y in points:
+        dx = x - x0
+        sx += dx
+        sy += y
+        sxx += dx * dx
+        sxy += dx * y
+        syy += y * y
+    return sx, sy, sxx, sxy, syy
+
 class RollingRobust:
     """Median and robust sigma (IQR / 1.349) of the last ``size`` values.
 
@@ -96,16 +109,7 @@ class RollingRegression:
     def _rebuild(self) -> None:
         pts = self._pts
         self._x0 = pts[0][0] if pts else 0.0
-        x0 = self._x0
-        sx = sy = sxx = sxy = syy = 0.0
-        for x, y in pts:
-            dx = x - x0
-            sx += dx
-            sy += y
-            sxx += dx * dx
-            sxy += dx * y
-            syy += y * y
-        self._sx, self._sy, self._sxx, self._sxy, self._syy = sx, sy, sxx, sxy, syy
+        self._sx, self._sy, self._sxx, self._sxy, self._syy = raw_sums(pts, self._x0)
         self._since_rebuild = 0
 
     def push(self, x: float, y: float) -> None:
