@@ -312,12 +312,15 @@ class PlateauDetector:
         x = arr[:, 1] / n
         span = step - start
         y = arr[:, 2] / n
-        if sigma > 0:
-            # clip bin means to 4 sigma of their own precision, so a spike does not tilt the line
-            med = _median(y)
-            lim = 4 * sigma / np.sqrt(n) + 4 * sigma
-            y = np.clip(y, med - lim, med + lim)
         line = self._line(x, y, n, sigma)
+        if sigma > 0 and line is not None:
+            # clip bin means to 4 sigma of their own precision around the line, so a spike does
+            # not tilt it (clipping around the median instead would flatten any clean trend)
+            xm = float((n * x).sum() / n.sum())
+            fit = line[2] + line[0] * (x - xm)
+            lim = 4 * sigma / np.sqrt(n) + 4 * sigma
+            y = fit + np.clip(y - fit, -lim, lim)
+            line = self._line(x, y, n, sigma)
         if line is None:
             return None
         if line[0] > 2.0 * line[1]:

@@ -78,3 +78,16 @@ def test_state_dict_round_trip_gives_the_same_future():
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     fa, fb = _feed(a, samples[450:]), _feed(b, samples[450:])
     assert len(fa) == 1 and [f.message for f in fa] == [f.message for f in fb]
+
+
+def test_a_clean_linear_decline_is_not_a_stall_but_a_clean_flat_line_is():
+    """Noise-free logs (averaged or synthetic) must not let the spike clipping flatten a trend."""
+    from lossguard.signals.suite import DetectorSuite
+
+    falling, flat = DetectorSuite(max_steps=400), DetectorSuite(max_steps=400)
+    found_falling, found_flat = [], []
+    for i in range(1, 201):
+        found_falling += falling.observe(Sample(step=i, loss=3.0 - i / 100, grad_norm=1.0, lr=1e-3))
+        found_flat += flat.observe(Sample(step=i, loss=2.9, grad_norm=1.0, lr=1e-3))
+    assert found_falling == []
+    assert [f.reason.value for f in found_flat] == ["early_convergence"]
