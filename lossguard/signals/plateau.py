@@ -264,9 +264,11 @@ class PlateauDetector:
                 f"{fmt(hit['observed_drop'])} (z {hit['z']:.1f})"
             )
         else:
+            drop = hit["observed_drop"]
+            moved = f"fell only {fmt(drop)}" if drop >= 0 else f"rose {fmt(-drop)}"
             why = (
-                f"it fell only {fmt(hit['observed_drop'])} in the {step - hit['start']} steps since step {hit['start']} "
-                f"(noise {fmt(sigma)} per value, less than {fmt(hit['needed'])} with confidence)"
+                f"it {moved} in the {step - hit['start']} steps since step {hit['start']} "
+                f"(noise {fmt(sigma)} per value; even allowing for it, less than the {fmt(hit['needed'])} a slow healthy decay falls)"
             )
         return Finding(
             reason=Reason.EARLY_CONVERGENCE,
