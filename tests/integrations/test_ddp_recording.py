@@ -1,9 +1,6 @@
 """Real torch.distributed (gloo, 2 processes): one log, the same all-reduced loss on both ranks."""
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,18 +10,8 @@ from lossguard.telemetry import read_events
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_ranks_one_log_identical_losses(tmp_path):
-    script = Path(__file__).with_name("ddp_record_script.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_two_ranks_one_log_identical_losses(tmp_path, torchrun):
+    torchrun(Path(__file__).with_name("ddp_record_script.py"), str(tmp_path))
     ranks = [json.loads((tmp_path / f"seen.rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     seen0, seen1 = ranks[0]["seen"], ranks[1]["seen"]

@@ -1,9 +1,6 @@
 """Real torch.distributed (gloo, 2 processes): a NaN on one rank only; both roll back in lockstep."""
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,19 +8,8 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_nan_on_one_rank_every_rank_rolls_back_to_the_same_step(tmp_path):
-    script = Path(__file__).with_name("ddp_recovery_script.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={
-        **__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_nan_on_one_rank_every_rank_rolls_back_to_the_same_step(tmp_path, torchrun):
+    torchrun(Path(__file__).with_name("ddp_recovery_script.py"), str(tmp_path))
     ranks = [json.loads((tmp_path / f"recovery.rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     for r in ranks:

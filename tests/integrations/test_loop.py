@@ -14,15 +14,7 @@ from lossguard.recovery.snapshot import trainable_parameters
 from lossguard.telemetry import read_events
 from lossguard.testing.tiny import eval_loss, tiny_setup
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def _config(**recovery) -> GuardConfig:
