@@ -383,7 +383,7 @@ def read_trainer_state_summary(path: Path) -> TrainerStateInfo:
 
 _RESUME_FILES = re.compile(
     r"^(optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|training_args\.bin|"
-    r"trainer_state\.json|optimizer_\d+|pytorch_model_fsdp_\d+|latest|zero_to_fp32\.py)$"
+    r"trainer_state\.json|lossguard_state\.json|optimizer_\d+|pytorch_model_fsdp_\d+|latest|zero_to_fp32\.py)$"
 )
 _MODEL_FILES = re.compile(
     r"^(model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|pytorch_model(-\d+-of-\d+)?\.bin|"

@@ -201,3 +201,10 @@ def test_to_dict_is_plain_json(run):
     assert back["kind"] == "run"
     assert back["checkpoints"][1]["swap_files"] == ["adapter_config.json", "adapter_model.safetensors"]
     assert "optimizer.pt" in back["checkpoints"][1]["resume_only_files"]
+
+
+def test_lossguard_state_is_classified_as_resume_only():
+    from lossguard.checkpoint import FileRole, _classify
+
+    assert _classify("lossguard_state.json") is FileRole.RESUME
+    assert _classify("adapter_model.safetensors") is FileRole.ADAPTER
