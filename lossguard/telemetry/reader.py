@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lossguard.errors import LogReadError
 
 
@@ -62,43 +64,131 @@ def iter_events(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
 
 
 def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All readable records of a JSONL file (see ``iter_events``).
+    """All readable records of a JSONL file (see ``iter_events``), read in batches.
 
-    The whole file is parsed in one call when every line is a JSON object (the usual case:
-    several times faster than line by line); otherwise the lines are parsed one at a time and
-    the unreadable ones skipped, as ``iter_events`` does.
+    Same records, same skipped lines and same errors as ``iter_events``, several times faster
+    (see ``iter_event_batches``).
     """
-    p = Path(path)
-    try:
-        with open(p, "rb") as fh:
-            data = fh.read()
-    except OSError as err:
-        raise _open_error(p, err) from None
-    lines = [ln for ln in data.split(b"\n") if ln.strip()]
-    if not lines:
-        return []
-    try:
-        recs = _loads(b"[" + b",".join(lines) + b"]")
-        if len(recs) == len(lines) and all(type(r) is dict for r in recs):
-            return recs
-    except (ValueError, UnicodeDecodeError):
-        pass
-    out = [r for r in map(parse_line, lines) if r is not None]
-    if not out:
-        raise LogReadError(f"{p}: not a JSON-lines log ({len(lines)} unreadable line(s), no record)")
+    out: list[dict[str, Any]] = []
+    for batch in iter_event_batches(path):
+        out.extend(batch)
     return out
 
 
-def _loads(data: bytes) -> Any:
+# Bytes of whole lines parsed per call: small enough to stay in the CPU cache (a 4 MB batch
+# parses ~2x slower per byte than a 256 KB one) and to free each batch's dicts early.
+BATCH_BYTES = 256 << 10
+_READ_BLOCK = 8 << 20
+
+
+def iter_event_batches(path: str | os.PathLike[str], *, batch_bytes: int = BATCH_BYTES) -> Iterator[list[dict[str, Any]]]:
+    """The readable records of a JSONL file in file order, as lists of up to ``batch_bytes`` of lines.
+
+    Exactly the records ``iter_events`` yields: each batch is parsed in one call as a JSON array
+    when every line in it is one object; a batch with a blank, truncated or corrupt line is
+    parsed line by line and its unreadable lines skipped. If the file has content but not one
+    readable record, ``LogReadError`` says so (after the last batch).
+    """
+    p = Path(path)
+    try:
+        fh = open(p, "rb")
+    except OSError as err:
+        raise _open_error(p, err) from None
+    good = bad = 0
+    with fh:
+        rest = b""
+        while True:
+            try:
+                block = fh.read(_READ_BLOCK)
+            except OSError as err:
+                raise _open_error(p, err) from None
+            if not block:
+                break
+            buf = rest + block if rest else block
+            cut = buf.rfind(b"\n") + 1
+            rest = buf[cut:]
+            pos = 0
+            while pos < cut:
+                end = buf.rfind(b"\n", pos, pos + batch_bytes) + 1
+                if end <= pos:  # one line longer than a batch
+                    end = buf.find(b"\n", pos) + 1
+                recs, nbad = _parse_batch(buf[pos:end])
+                pos = end
+                good += len(recs)
+                bad += nbad
+                if recs:
+                    yield recs
+        if rest:
+            recs, nbad = _parse_batch(rest)
+            good += len(recs)
+            bad += nbad
+            if recs:
+                yield recs
+    if good == 0 and bad > 0:
+        raise LogReadError(f"{p}: not a JSON-lines log ({bad} unreadable line(s), no record)")
+
+
+def _parse_batch(chunk: bytes) -> tuple[list[dict[str, Any]], int]:
+    """Records of whole lines (each ending in a newline, but for a file's last), and the count of bad ones."""
+    body = chunk[:-1] if chunk.endswith(b"\n") else chunk
+    doc = _as_array(body)
+    if doc is not None:
+        n, array = doc
+        try:
+            recs = _loads(memoryview(array))
+        except (ValueError, UnicodeDecodeError):
+            recs = None
+        if type(recs) is list and len(recs) == n and set(map(type, recs)) == {dict}:
+            return recs, 0
+    out: list[dict[str, Any]] = []
+    bad = 0
+    for raw in body.split(b"\n"):
+        if not raw.strip():
+            continue
+        rec = parse_line(raw)
+        if rec is None:
+            bad += 1
+        else:
+            out.append(rec)
+    return out, bad
+
+
+def _as_array(body: bytes) -> tuple[int, Any] | None:
+    """``body``'s lines as one JSON array ("[", lines joined by ",", "]") with its line count,
+    or None unless every line break sits between a "}" and a "{" (so the array's elements are
+    exactly the lines: no blank line, nothing before or after an object)."""
+    if not (body.startswith(b"{") and body.rstrip(b"\r").endswith(b"}")):
+        return None
+    a = np.frombuffer(body, dtype=np.uint8)
+    nl = np.flatnonzero(a == 10)
+    if len(nl):
+        before = a[nl - 1]
+        cr = before == 13  # "\r\n" line ends; "\r" is JSON whitespace
+        if not (a[nl + 1] == 123).all():
+            return None
+        if cr.any():
+            if not ((before[~cr] == 125).all() and (a[nl[cr] - 2] == 125).all()):
+                return None
+        elif not (before == 125).all():
+            return None
+    buf = np.empty(len(body) + 2, dtype=np.uint8)
+    buf[0] = 91
+    buf[1:-1] = a
+    buf[1 + nl] = 44
+    buf[-1] = 93
+    return len(nl) + 1, buf
+
+
+def _loads(data: memoryview) -> Any:
     try:
         import orjson
     except ImportError:
-        return json.loads(data)
+        return json.loads(bytes(data))
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         # orjson is stricter (NaN literals, huge ints): let json decide
-        return json.loads(data)
+        return json.loads(bytes(data))
 
 
 # A log line longer than this is not telemetry (binary garbage, a runaway write): it is skipped

@@ -7,7 +7,9 @@ LLaMA-Factory, Lightning).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +59,46 @@ class SampleColumns:
     @classmethod
     def from_records(cls, recs: list[dict[str, Any]]) -> SampleColumns:
         """Columns of ``kind == "sample"`` records, read as ``Sample.from_record`` reads them."""
+        return cls.from_record_batches([recs])
+
+    @classmethod
+    def from_record_batches(cls, batches: Iterable[list[dict[str, Any]]]) -> SampleColumns:
+        """``from_records`` over the concatenation of ``batches``, without building one big list."""
         import numpy as np
 
-        steps: list[int] = []
-        keep: list[dict[str, Any]] = []
-        for r in recs:
-            st = r.get("step")
+        parts = [_batch_columns(recs) for recs in batches if recs]
+        if parts:
+            st_arr = np.concatenate([p[0] for p in parts])
+            cols = {name: (np.concatenate([p[1][name][0] for p in parts]),
+                           np.concatenate([p[1][name][1] for p in parts])) for name in _COLUMNS}
+        else:
+            st_arr = np.zeros(0, dtype=np.int64)
+            cols = {name: (np.zeros(0, dtype=float), np.zeros(0, dtype=bool)) for name in _COLUMNS}
+        if len(st_arr) and bool(np.all(st_arr[1:] > st_arr[:-1])):
+            last = slice(None)  # the usual log: steps strictly increasing, nothing to sort or drop
+        else:
+            order = np.argsort(st_arr, kind="stable")
+            s = st_arr[order]
+            last = order[np.concatenate([s[1:] != s[:-1], [True]])] if len(s) else order
+        return cls(
+            steps=st_arr[last], loss=cols["loss"][0][last], grad_norm=cols["grad_norm"][0][last],
+            lr=cols["lr"][0][last], epoch=cols["epoch"][0][last],
+            has_loss=cols["loss"][1][last], has_grad_norm=cols["grad_norm"][1][last],
+        )
+
+
+def _batch_columns(recs: list[dict[str, Any]]) -> tuple[Any, dict[str, tuple[Any, Any]]]:
+    """Steps and (values, logged) per column of one batch of sample records, unsorted."""
+    import numpy as np
+
+    raw_steps = list(map(dict.get, recs, repeat("step")))
+    if set(map(type, raw_steps)) == {int}:
+        steps = raw_steps
+        keep = recs
+    else:
+        steps = []
+        keep = []
+        for r, st in zip(recs, raw_steps):
             if type(st) is not int:
                 try:
                     st = int(st)  # type: ignore[arg-type]
@@ -70,26 +106,25 @@ class SampleColumns:
                     continue
             steps.append(st)
             keep.append(r)
-        cols = {}
-        for name in _COLUMNS:
-            vals = [r.get(name) for r in keep]
-            try:
-                arr = np.array(vals, dtype=float)
-                has = np.array([v is not None for v in vals], dtype=bool)
-            except (TypeError, ValueError):
-                conv = [_opt_float(v) for v in vals]
-                arr = np.array([_nan(v) for v in conv], dtype=float)
-                has = np.array([v is not None for v in conv], dtype=bool)
-            cols[name] = (arr, has)
-        st_arr = np.array(steps, dtype=np.int64)
-        order = np.argsort(st_arr, kind="stable")
-        s = st_arr[order]
-        last = order[np.concatenate([s[1:] != s[:-1], [True]])] if len(s) else order
-        return cls(
-            steps=st_arr[last], loss=cols["loss"][0][last], grad_norm=cols["grad_norm"][0][last],
-            lr=cols["lr"][0][last], epoch=cols["epoch"][0][last],
-            has_loss=cols["loss"][1][last], has_grad_norm=cols["grad_norm"][1][last],
-        )
+    cols = {}
+    for name in _COLUMNS:
+        vals = list(map(dict.get, keep, repeat(name)))
+        try:
+            arr = np.array(vals, dtype=float)
+            if arr.ndim != 1:
+                raise ValueError(name)
+        except (TypeError, ValueError):
+            conv = [_opt_float(v) for v in vals]
+            arr = np.array([_nan(v) for v in conv], dtype=float)
+            has = np.array([v is not None for v in conv], dtype=bool)
+        else:
+            # NaN is a missing value (None) or a logged NaN: only those need a look
+            has = ~np.isnan(arr)
+            missing = np.flatnonzero(~has)
+            if len(missing):
+                has[missing] = [vals[i] is not None for i in missing.tolist()]
+        cols[name] = (arr, has)
+    return np.array(steps, dtype=np.int64), cols
 
 
 def _nan(v: float | None) -> float:

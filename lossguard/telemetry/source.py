@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
+from typing import Any
 
 from lossguard.errors import LogReadError
 from lossguard.telemetry.foreign import read_lightning_csv, read_llamafactory, read_trainer_state
-from lossguard.telemetry.reader import read_events
+from lossguard.telemetry.reader import iter_event_batches
 from lossguard.telemetry.runlog import RunLog, SampleColumns
 from lossguard.telemetry.schema import EVENTS_FILE
 
@@ -109,18 +112,27 @@ def read_lossguard_events(path: str | os.PathLike[str], *, columns: bool = False
     empty): what offline analysis of a million-sample log needs, without a million objects.
     """
     log = RunLog(source="lossguard", path=Path(path))
-    recs = read_events(path)
     if not columns:
-        for rec in recs:
-            log.add_record(rec)
+        for batch in iter_event_batches(path):
+            for rec in batch:
+                log.add_record(rec)
         return log
-    samples = []
-    for rec in recs:
-        if rec.get("kind") == "sample":
-            samples.append(rec)
-        else:
-            log.add_record(rec)
-    log.columns = SampleColumns.from_records(samples)
+
+    def sample_batches() -> Iterator[list[dict[str, Any]]]:
+        for batch in iter_event_batches(path):
+            kinds = list(map(dict.get, batch, repeat("kind")))
+            if kinds.count("sample") == len(batch):
+                yield batch
+                continue
+            samples = []
+            for rec, kind in zip(batch, kinds):
+                if kind == "sample":
+                    samples.append(rec)
+                else:
+                    log.add_record(rec)
+            yield samples
+
+    log.columns = SampleColumns.from_record_batches(sample_batches())
     return log
 
 
