@@ -7,6 +7,7 @@ and hand it here; the engine decides, they act. Nothing here imports torch.
 from __future__ import annotations
 
 import copy
+import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,10 +80,21 @@ class Guard:
 
     def detector_state(self) -> dict[str, Any]:
         """A copy of the detectors' memory, to be snapshotted with the weights."""
-        return copy.deepcopy(self.detectors.state_dict())
+        frozen = self.frozen_detector_state()
+        return _unfreeze(frozen) if isinstance(frozen, bytes) else frozen
 
-    def load_detector_state(self, state: dict[str, Any]) -> None:
-        self.detectors.load_state_dict(copy.deepcopy(state))
+    def frozen_detector_state(self) -> bytes | dict[str, Any]:
+        """A private copy of the detectors' memory, taken with every snapshot: pickled (~20 us,
+        where ``deepcopy`` takes ~400 us), or deep-copied for state that pickle refuses."""
+        state = self.detectors.state_dict()
+        try:
+            return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            return copy.deepcopy(state)
+
+    def load_detector_state(self, state: dict[str, Any] | bytes) -> None:
+        """Put back detector memory from ``detector_state`` or ``frozen_detector_state``."""
+        self.detectors.load_state_dict(_unfreeze(state) if isinstance(state, bytes) else copy.deepcopy(state))
 
     def state_dict(self) -> dict[str, Any]:
         return {"detectors": self.detectors.state_dict(), "policy": self.policy.state_dict(),
@@ -92,6 +104,11 @@ class Guard:
         self.detectors.load_state_dict(state["detectors"])
         if "policy" in state:
             self.policy.load_state_dict(state["policy"])
+
+
+def _unfreeze(blob: bytes) -> dict[str, Any]:
+    # only ever bytes that frozen_detector_state pickled in this process or a snapshot it wrote
+    return pickle.loads(blob)  # noqa: S301
 
 
 def _attach_verdict(finding: Finding, record: dict[str, Any] | None) -> str | None:

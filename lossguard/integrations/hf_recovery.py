@@ -70,7 +70,7 @@ class TrainerRecovery:
 
     def first_snapshot(self, step: int, engine: Any) -> None:
         if self.recoverer is not None and not len(self.recoverer.ring):
-            self.recoverer.snapshot(step, engine.detector_state() if engine is not None else None)
+            self.recoverer.snapshot(step, engine.frozen_detector_state() if engine is not None else None)
 
     def pre_optimizer_step(self, engine: Any, next_step: int) -> None:
         if self.recoverer is not None and engine is not None:
@@ -92,8 +92,8 @@ class TrainerRecovery:
             if decision.actions and decision.actions[0].action is ActionKind.ROLLBACK:
                 decision.actions[0].details["restore_seconds"] = round(rec.last_rollback_seconds or 0.0, 6)
             self.pin_target = decision.rollback_to
-        elif (decision.snapshot or rec.due(step)) and rec.params_finite():
-            rec.snapshot(step, engine.detector_state() if engine is not None else None)
+        elif decision.snapshot or rec.due(step):
+            rec.snapshot(step, engine.frozen_detector_state() if engine is not None else None, require_finite=True)
         if decision.save:
             control.should_save = True
         if decision.stop:

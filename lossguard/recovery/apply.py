@@ -25,9 +25,9 @@ import torch
 
 from lossguard.config import RecoveryConfig
 from lossguard.recovery.snapshot import (
+    Capturer,
     Snapshot,
     SnapshotRing,
-    capture,
     clone_tree,
     set_rng_state,
     trainable_parameters,
@@ -56,6 +56,8 @@ class Recoverer:
         self._clock = clock
         spill = self.config.snapshot_dir or spill_dir
         self.ring = SnapshotRing(self.config.snapshot_memory_mb, spill, self.config.snapshot_disk_keep)
+        self.capturer = Capturer(model, optimizer)
+        self._opt = unwrap(optimizer) if optimizer is not None else None
         self._scheduled: list[float] | None = None
         self.snapshot_seconds = 0.0
         self.n_snapshots = 0
@@ -65,16 +67,20 @@ class Recoverer:
     def due(self, step: int) -> bool:
         return step % self.config.snapshot_every == 0 or not len(self.ring)
 
-    def snapshot(self, step: int, engine_state: dict[str, Any] | None = None) -> Snapshot:
+    def snapshot(self, step: int, engine_state: dict[str, Any] | bytes | None = None, *,
+                 require_finite: bool = False) -> Snapshot | None:
+        """Add a snapshot of ``step`` to the ring; with ``require_finite``, none (None) while a
+        parameter is NaN or infinite: a damaged state is no rollback target."""
         t0 = self._clock()
-        snap = capture(step, self.model, self.optimizer, self.scheduler, engine_state)
-        self.ring.add(snap)
+        snap = self.capturer.capture(step, self.scheduler, engine_state, require_finite=require_finite)
+        if snap is not None:
+            self.ring.add(snap)
+            self.n_snapshots += 1
         self.snapshot_seconds += self._clock() - t0
-        self.n_snapshots += 1
         return snap
 
     def params_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in trainable_parameters(self.model).values())
+        return self.capturer.params_finite()
 
     # --- restore -------------------------------------------------------------------------------
     def restore(self, step: int) -> Snapshot:
@@ -82,6 +88,7 @@ class Recoverer:
         t0 = self._clock()
         snap = self.ring.get(step)
         assert snap.params is not None
+        self.capturer.refresh()
         params = trainable_parameters(self.model)
         missing = set(snap.params) ^ set(params)
         if missing:
@@ -114,26 +121,27 @@ class Recoverer:
                 group["lr"] = lr
 
     # --- LR override ---------------------------------------------------------------------------
-    def scale_lr(self, multiplier: float) -> list[float]:
-        """Before ``optimizer.step()``: LR = multiplier x the scheduled LR; returns the LRs to be used."""
-        groups = unwrap(self.optimizer).param_groups
+    def scale_lr(self, multiplier: float) -> None:
+        """Before ``optimizer.step()``: LR = multiplier x the scheduled LR (nothing to do at 1)."""
+        if multiplier == 1.0:
+            self._scheduled = None
+            return
+        groups = self._opt.param_groups
         self._scheduled = [g["lr"] for g in groups]
-        if multiplier != 1.0:
-            for g, lr in zip(groups, self._scheduled):
-                g["lr"] = lr * multiplier
-        return [g["lr"] for g in groups]
+        for g, lr in zip(groups, self._scheduled):
+            g["lr"] = lr * multiplier
 
     def unscale_lr(self) -> None:
         """After ``optimizer.step()``: put the scheduled LR back, so the scheduler never sees the override."""
         if self._scheduled is None:
             return
-        for g, lr in zip(unwrap(self.optimizer).param_groups, self._scheduled):
+        for g, lr in zip(self._opt.param_groups, self._scheduled):
             g["lr"] = lr
         self._scheduled = None
 
     def install_step_hooks(self, multiplier: Callable[[], float]) -> Callable[[], None]:
         """Apply the override around every ``optimizer.step()`` via torch's step hooks; returns an undo."""
-        opt = unwrap(self.optimizer)
+        opt = self._opt
 
         def before(*_: Any) -> None:
             self.scale_lr(multiplier())

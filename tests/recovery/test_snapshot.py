@@ -93,3 +93,53 @@ def test_without_a_spill_dir_the_oldest_but_first_are_dropped(trained):
     for step in range(0, 200, 25):
         ring.add(capture(step, model, opt, sched))
     assert ring.steps() == [0, 150, 175]
+
+
+def test_capturer_follows_replaced_optimizer_state_and_never_aliases(trained):
+    from lossguard.recovery.snapshot import Capturer
+
+    model, opt, sched = trained
+    cap = Capturer(model, opt)
+    first = cap.capture(1, sched)
+    before = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in opt.state_dict()["state"].items()}
+    opt.load_state_dict(opt.state_dict())  # new state tensors: the cached layout must be found again
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.add_(1.0)
+        for st in opt.state.values():
+            st["exp_avg"].add_(1.0)
+    second = cap.capture(2, sched)
+    assert _equal_trees(first.optimizer["state"], before)  # later training never reaches an old snapshot
+    assert _equal_trees(second.optimizer["state"], opt.state_dict()["state"])
+    assert all(torch.equal(second.params[n], p.detach()) for n, p in trainable_parameters(model).items())
+    assert not any(torch.equal(first.params[n], p.detach()) for n, p in trainable_parameters(model).items())
+    with torch.no_grad():
+        for p in trainable_parameters(model).values():
+            p.sub_(1.0)
+        for st in opt.state.values():
+            st["exp_avg"].sub_(1.0)
+
+
+def test_capturer_refuses_a_non_finite_state_and_freezes_engine_state(trained):
+    from lossguard.recovery.snapshot import Capturer
+
+    model, opt, sched = trained
+    cap = Capturer(model, opt)
+    engine = {"spike": {"values": [1.0, float("nan")]}}
+    snap = cap.capture(3, sched, engine)
+    engine["spike"]["values"].append(9.0)  # the detectors move on; the snapshot keeps its copy
+    got = snap.engine
+    assert got["spike"]["values"][0] == 1.0 and len(got["spike"]["values"]) == 2
+    got["spike"]["values"].clear()
+    assert len(snap.engine["spike"]["values"]) == 2  # each read is a fresh copy
+    p = next(iter(trainable_parameters(model).values()))
+    keep = p.detach().clone()
+    with torch.no_grad():
+        p.view(-1)[0] = float("inf")
+    try:
+        assert cap.capture(4, sched, require_finite=True) is None
+        assert cap.capture(4, sched) is not None
+    finally:
+        with torch.no_grad():
+            p.copy_(keep)
+    assert cap.capture(5, sched, require_finite=True) is not None
