@@ -15,9 +15,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from lossguard.records import Sample
 from lossguard.telemetry.schema import SCHEMA_VERSION, encode
 
 logger = logging.getLogger("lossguard")
+
+
+def _json_number(value: Any) -> str | None:
+    """``value`` as the strict-JSON text ``encode`` writes (non-finite as a string); None if not a plain number."""
+    kind = type(value)
+    if kind is float:
+        if value - value == 0.0:  # finite
+            return float.__repr__(value)
+        return '"nan"' if value != value else ('"inf"' if value > 0 else '"-inf"')
+    if kind is int:
+        return int.__repr__(value)
+    return "null" if value is None else None
 
 
 class EventWriter:
@@ -57,6 +70,47 @@ class EventWriter:
         except (TypeError, ValueError) as err:
             logger.warning("lossguard: dropped an unserialisable %s record (%s)", record.get("kind"), err)
             return
+        self._append(line)
+
+    def write_sample(self, sample: Sample) -> None:
+        """Append ``sample`` exactly as ``write_record(sample.to_record())`` would, for a third of the cost.
+
+        This runs after every optimizer step, so the line is formatted directly instead of
+        through a dict and ``json``; a field of any other type than int/float/None takes the
+        general path.
+        """
+        if self._fh is None:
+            return
+        t = sample.t if sample.t is not None else round(self._clock(), 3)
+        step, loss, grad_norm, lr = sample.step, sample.loss, sample.grad_norm, sample.lr
+        epoch, seconds, tokens = sample.epoch, sample.step_time_s, sample.tokens
+        if (type(loss) is float and type(grad_norm) is float and type(lr) is float and type(epoch) is float
+                and type(seconds) is float and type(tokens) is int and type(step) is int and type(t) is float
+                and loss - loss == 0.0 and grad_norm - grad_norm == 0.0 and lr - lr == 0.0
+                and epoch - epoch == 0.0 and seconds - seconds == 0.0 and t - t == 0.0):
+            # the usual step: every field present and finite
+            self._append(f'{{"v":{SCHEMA_VERSION},"t":{t!r},"kind":"sample","step":{step},"loss":{loss!r},'
+                         f'"grad_norm":{grad_norm!r},"lr":{lr!r},"epoch":{epoch!r},"step_time_s":{seconds!r},'
+                         f'"tokens":{tokens}}}\n')
+            return
+        head = _json_number(t), _json_number(step), _json_number(loss)
+        if None in head:
+            self.write_record(sample.to_record())
+            return
+        parts = [f'{{"v":{SCHEMA_VERSION},"t":{head[0]},"kind":"sample","step":{head[1]},"loss":{head[2]}']
+        for key, value in ((',"grad_norm":', grad_norm), (',"lr":', lr), (',"epoch":', epoch),
+                           (',"step_time_s":', seconds), (',"tokens":', tokens)):
+            if value is not None:
+                text = _json_number(value)
+                if text is None:
+                    self.write_record(sample.to_record())
+                    return
+                parts.append(key)
+                parts.append(text)
+        parts.append("}\n")
+        self._append("".join(parts))
+
+    def _append(self, line: str) -> None:
         with self._lock:
             if self._fh is None:
                 return

@@ -108,3 +108,27 @@ def test_writer_on_unwritable_path_warns_and_drops(tmp_path, caplog):
     assert w.failed and "telemetry disabled" in caplog.text
     w.write("sample", step=1, loss=1.0)  # no exception, nothing written
     assert w.written == 0
+
+
+def test_write_sample_writes_the_same_line_as_write_record(tmp_path):
+    import numpy as np
+
+    samples = [
+        Sample(step=7, loss=2.3456789012345, grad_norm=0.98765, lr=9.876e-3, epoch=1.25, step_time_s=0.010234, tokens=312),
+        Sample(step=8, loss=math.nan, grad_norm=math.inf, lr=-math.inf, epoch=None, step_time_s=None, tokens=None),
+        Sample(step=9, loss=None),
+        Sample(step=10, loss=1.0, grad_norm=0.5, lr=1e-3, epoch=0.5, step_time_s=0.01, tokens=3, t=99.5),
+        Sample(step=11, loss=np.float64(2.5), grad_norm=np.float32(1.5), tokens=np.int64(3)),
+        Sample(step=12, loss=1e300, grad_norm=5e-324, lr=1e-300, epoch=3, step_time_s=0.0, tokens=0),
+    ]
+    fast, general = tmp_path / "fast.jsonl", tmp_path / "general.jsonl"
+    with EventWriter(fast, clock=lambda: 1700000000.12345) as a, EventWriter(general, clock=lambda: 1700000000.12345) as b:
+        for s in samples:
+            a.write_sample(s)
+            b.write_record(s.to_record())
+    assert fast.read_text() == general.read_text()
+    rows = [json.loads(line) for line in fast.read_text().splitlines()]  # strict: no NaN/Infinity literals
+    assert rows[1]["loss"] == "nan" and rows[1]["grad_norm"] == "inf" and rows[1]["lr"] == "-inf"
+    assert rows[0] == {"v": 1, "t": 1700000000.123, "kind": "sample", "step": 7, "loss": 2.3456789012345,
+                       "grad_norm": 0.98765, "lr": 9.876e-3, "epoch": 1.25, "step_time_s": 0.010234, "tokens": 312}
+    assert rows[3]["t"] == 99.5 and rows[4]["loss"] == 2.5 and rows[4]["tokens"] == 3
