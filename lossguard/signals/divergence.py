@@ -173,7 +173,7 @@ class DivergenceDetector:
         n = len(y)
         L, T = self.level_size, self.trend_size
         lvl = np.concatenate([np.array(self.level, dtype=float), y])
-        s = np.sort(lvl[np.arange(n)[:, None] + np.arange(1, L + 1)], axis=1)
+        s = np.sort(np.lib.stride_tricks.sliding_window_view(lvl, L)[1:], axis=1)  # row j: the level after value j
         med = median_sorted_rows(s)
         sig = iqr_sigma_rows(s)
         # warming up: the LR rose against the last logged LR; samples without an LR keep the flag

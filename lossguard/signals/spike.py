@@ -15,7 +15,6 @@ from lossguard.signals.stats import (
     iqr_sigma_rows,
     iqr_sigma_sorted,
     level_due,
-    median_rows,
     median_sorted,
     median_sorted_rows,
     scale_due,
@@ -25,6 +24,8 @@ _BASELINE = 16
 # the noise of one value, from the spread of differences of neighbours (trend cancels out)
 _DIFF_TO_SIGMA = 1.0 / 1.4142135623730951
 _MIN_WARM = 6
+# from this many values on, level_due is every 4th count and scale_due every 16th (stats.py)
+_FIXED_SCHEDULE = 128
 
 
 def warm_samples(config: DetectionConfig, gap: int) -> int:
@@ -85,7 +86,9 @@ class SpikeDetector:
 
     @property
     def steady(self) -> bool:
-        return self.m > self.config.spike_window
+        """Whether the batch path applies: window full, warm, refreshes on the fixed schedule."""
+        m = self.m
+        return m > self.config.spike_window and m >= _FIXED_SCHEDULE and m >= warm_samples(self.config, self.gap)
 
     def _threshold(self, med: float, sigma: float, tail: float) -> float:
         c = self.config
@@ -180,16 +183,20 @@ class SpikeDetector:
         ext = np.concatenate([prefix, y])
         m0 = self.m
         counts = np.arange(m0 + 1, m0 + n_new + 1)
-        ref = counts[counts % 4 == 0]  # steady: level_due is every 4th
-        pos = len(prefix) + (ref - m0 - 1)
-        med = median_rows(ext[pos[:, None] + np.arange(-_BASELINE + 1, 1)])
+        # steady: level_due is every 4th count, scale_due every 16th; value number ``count`` sits
+        # at ext[len(prefix) + count - m0 - 1], so both refresh schedules are strided windows
+        k0 = -(-(m0 + 1) // 4)
+        ref = np.arange(4 * k0, m0 + n_new + 1, 4)
+        pos0 = len(prefix) + 4 * k0 - m0 - 1
+        base = min(_BASELINE, len(prefix))  # the streaming median sees at most the values it holds
+        med = median_sorted_rows(np.sort(_windows(ext, base, pos0, 4, len(ref)), axis=1))
         sig = np.full(len(ref), self.sigma)
         tail = np.full(len(ref), self.tail)
         sc = (ref % 16) == 0
         if sc.any():
-            w = self.config.spike_window
-            rows = ext[pos[sc][:, None] + np.arange(-w, 1)]
-            d = np.sort(np.diff(rows, axis=1), axis=1)
+            w = len(prefix) - 1
+            first = int(np.argmax(sc))
+            d = np.sort(_windows(np.diff(ext), w, pos0 + 4 * first - 1, 16, int(sc.sum())), axis=1)
             sig_s = iqr_sigma_rows(d) * _DIFF_TO_SIGMA
             tail_s = np.maximum(median_sorted_rows(d) - d[:, _tail_pick(d.shape[1])], 0.0)
             # carry each scale refresh forward to the level refreshes that follow it
@@ -202,7 +209,7 @@ class SpikeDetector:
         thr = med + np.maximum(np.maximum(c.spike_sigmas * np.maximum(sig, 1e-3 * scale), c.spike_min_rise * scale),
                                self._tail_factor() * tail)
         # threshold in force for value j: the last refresh at a count <= m0 + j
-        r = np.searchsorted(ref, counts - 1, side="right") - 1
+        r = (counts - 1) // 4 - k0
         have = r >= 0
         cur = self.threshold if self.threshold is not None else math.inf
         thr_j = np.where(have, thr[np.maximum(r, 0)], cur)
@@ -276,7 +283,9 @@ class GradExplosionDetector:
 
     @property
     def steady(self) -> bool:
-        return self.m >= self.config.spike_window
+        """Whether the batch path applies: window full, warm, refreshes on the fixed schedule."""
+        m = self.m
+        return m >= self.config.spike_window and m >= _FIXED_SCHEDULE and m >= warm_samples(self.config, self.gap)
 
     def _threshold(self, med: float, sigma: float) -> float:
         c = self.config
@@ -346,20 +355,21 @@ class GradExplosionDetector:
         if len(idx) == 0:
             return out
         # math.log, not np.log: the two may differ in the last bit, and the streaming path is the reference
-        lg = np.array([math.log(v) for v in grad_norms[idx].tolist()])
-        n_new = len(lg)
+        n_new = len(idx)
+        lg = np.fromiter(map(math.log, grad_norms[idx].tolist()), dtype=float, count=n_new)
         prefix = np.array(self.values, dtype=float)
         ext = np.concatenate([prefix, lg])
         m0 = self.m
         counts = np.arange(m0 + 1, m0 + n_new + 1)
-        ref = counts[counts % 16 == 0]
-        pos = len(prefix) + (ref - m0 - 1)
+        # steady: scale_due is every 16th count; value number ``count`` is ext[len(prefix) + count - m0 - 1]
+        k0 = -(-(m0 + 1) // 16)
+        ref = np.arange(16 * k0, m0 + n_new + 1, 16)
         w = self.config.spike_window
-        s = np.sort(ext[pos[:, None] + np.arange(-w + 1, 1)], axis=1)
-        med = median_rows(s) if len(ref) else np.zeros(0)
+        s = np.sort(_windows(ext, w, len(prefix) + 16 * k0 - m0 - 1, 16, len(ref)), axis=1)
+        med = median_sorted_rows(s) if len(ref) else np.zeros(0)
         c = self.config
         thr = med + np.maximum(c.spike_sigmas * np.maximum(iqr_sigma_rows(s), 0.05), math.log(c.grad_spike_ratio))
-        r = np.searchsorted(ref, counts - 1, side="right") - 1
+        r = (counts - 1) // 16 - k0
         cur = self.threshold if self.threshold is not None else math.inf
         thr_j = np.where(r >= 0, thr[np.maximum(r, 0)] if len(ref) else cur, cur)
         exceed = lg > thr_j
@@ -390,6 +400,13 @@ class GradExplosionDetector:
         self.median = float(state["median"])
         self.threshold = None if state["threshold"] is None else float(state["threshold"])
         self.in_grad_spike = bool(state["in_grad_spike"])
+
+
+def _windows(values: np.ndarray, size: int, last: int, stride: int, count: int) -> np.ndarray:
+    """Rows of ``size`` values ending at positions ``last``, ``last + stride``, ... (``count`` rows), as a view."""
+    view = np.lib.stride_tricks.sliding_window_view(values, size)
+    start = last - size + 1
+    return view[start:start + stride * (count - 1) + 1:stride] if count else view[:0]
 
 
 def _opt(v: float) -> float | None:
