@@ -202,7 +202,7 @@ class DivergenceDetector:
         cand = np.flatnonzero(~newbest & (rise >= 0.5 * needed))
         tr_steps = np.concatenate([np.array([p[0] for p in self.trend], dtype=np.int64), st])
         tr_y = np.concatenate([np.array([p[1] for p in self.trend], dtype=float), y])
-        step_list = st.tolist()
+        step_list = st.tolist() if len(cand) else []
         best_step0 = self.best_step
         last = -1
         for j in cand.tolist():
@@ -229,7 +229,7 @@ class DivergenceDetector:
             self.streak = 0
         if newbest.any():
             b = int(nb_pos[-1])
-            self.best, self.best_step = float(med[b]), step_list[b]
+            self.best, self.best_step = float(med[b]), int(st[b])
         else:
             self.best, self.best_step = best0, best_step0
         self.level = deque(lvl[-L:].tolist(), maxlen=L)
@@ -237,7 +237,7 @@ class DivergenceDetector:
         if has.any():
             self.last_lr = float(lr[np.flatnonzero(has)[-1]])
         self.warming_up = bool(warming[-1])
-        self.last_step = step_list[-1]
+        self.last_step = int(st[-1])
         return out
 
     def reset_after_rollback(self, step: int) -> None:

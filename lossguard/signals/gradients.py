@@ -103,23 +103,28 @@ class GradientDetector:
         z = loss_zero & (~has_gn | gn_zero)
         z_reset = ~z & (has_loss | has_gn)
         out: list[tuple[int, Finding]] = []
-        zc = streak_counts(z, z_reset, self.zero_count)
-        zs = _starts(steps, z, z_reset, self.zero_start)
-        for i in np.flatnonzero(z & (zc == c.vanishing_window)).tolist():
-            out.append((i, self._zero(int(steps[i]), int(zs[i]), float(grad_norms[i]) if has_gn[i] else None)))
+        if z.any():
+            zc = streak_counts(z, z_reset, self.zero_count)
+            zs = _starts(steps, z, z_reset, self.zero_start)
+            for i in np.flatnonzero(z & (zc == c.vanishing_window)).tolist():
+                out.append((i, self._zero(int(steps[i]), int(zs[i]), float(grad_norms[i]) if has_gn[i] else None)))
+            self.zero_count = int(zc[-1])
+            self.zero_start = None if self.zero_count == 0 else int(zs[-1])
+        else:
+            self.zero_count, self.zero_start = _no_streak(z_reset, self.zero_count, self.zero_start)
         part = has_gn & ~loss_zero
         v_inc = part & gn_zero
         v_reset = part & ~gn_zero
-        vc = streak_counts(v_inc, v_reset, self.vanish_count)
-        vs = _starts(steps, v_inc, v_reset, self.vanish_start)
-        for i in np.flatnonzero(v_inc & (vc == c.vanishing_window)).tolist():
-            loss = float(losses[i]) if has_loss[i] else None
-            out.append((i, self._vanish(int(steps[i]), int(vs[i]), float(grad_norms[i]), loss)))
-        if len(steps):
-            self.zero_count = int(zc[-1])
-            self.zero_start = None if self.zero_count == 0 else int(zs[-1])
+        if v_inc.any():
+            vc = streak_counts(v_inc, v_reset, self.vanish_count)
+            vs = _starts(steps, v_inc, v_reset, self.vanish_start)
+            for i in np.flatnonzero(v_inc & (vc == c.vanishing_window)).tolist():
+                loss = float(losses[i]) if has_loss[i] else None
+                out.append((i, self._vanish(int(steps[i]), int(vs[i]), float(grad_norms[i]), loss)))
             self.vanish_count = int(vc[-1])
             self.vanish_start = None if self.vanish_count == 0 else int(vs[-1])
+        else:
+            self.vanish_count, self.vanish_start = _no_streak(v_reset, self.vanish_count, self.vanish_start)
         out.sort(key=lambda p: p[0])
         return out
 
@@ -140,6 +145,13 @@ class GradientDetector:
         self.vanish_count = int(state["vanish_count"])
         self.zero_start = state["zero_start"]
         self.zero_count = int(state["zero_count"])
+
+
+def _no_streak(reset: np.ndarray, count0: int, start0: int | None) -> tuple[int, int | None]:
+    """(count, start) after a stretch with no streak value: what ``streak_counts``/``_starts`` end at."""
+    if reset.any():
+        return 0, None
+    return count0, (None if count0 == 0 else (-1 if start0 is None else int(start0)))
 
 
 def _starts(steps: np.ndarray, inc: np.ndarray, reset: np.ndarray, start0: int | None) -> np.ndarray:

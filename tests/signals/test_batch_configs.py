@@ -45,6 +45,7 @@ def _arrays(samples):
 
 
 def _check(make, samples, split):
+    splits = [split] if isinstance(split, int) else list(split)
     one, many = make(), make()
     expected = []
     for i, s in enumerate(samples):
@@ -53,7 +54,8 @@ def _check(make, samples, split):
             expected.append((i, f.step, f.onset_step, f.message))
     st, lo, gn, lr, hl, hg = _arrays(samples)
     got = []
-    for a, b in ((0, split), (split, len(samples))):
+    cuts = [0, *splits, len(samples)]
+    for a, b in zip(cuts[:-1], cuts[1:]):
         got += [(a + i, f.step, f.onset_step, f.message)
                 for i, f in _batch(many, st[a:b], lo[a:b], gn[a:b], lr[a:b], hl[a:b], hg[a:b])]
     assert got == expected
@@ -101,3 +103,21 @@ def test_batch_equals_streaming_under_other_windows(cfg):
         for cls in (SpikeDetector, GradExplosionDetector, DivergenceDetector):
             found += _check(lambda cls=cls: cls(config), samples, split=len(samples) // 2)
     assert found >= 20  # the comparison covered real findings, not only silence
+
+
+def test_gradient_streaks_carry_across_batches():
+    # zero loss and zero grad norm (labels masked), vanishing grad norms, and stretches with
+    # nothing logged in between, cut so that a streak is open at every cut
+    samples = []
+    for i in range(1, 400):
+        loss, gn = 2.0, 1.0
+        if 50 <= i < 120:
+            loss, gn = 0.0, 0.0
+        elif 200 <= i < 300:
+            gn = 1e-9
+        if i in range(100, 106) or i in range(250, 256) or i in range(320, 330):
+            loss = gn = None
+        samples.append(Sample(step=i, loss=loss, grad_norm=gn))
+    for cfg in (DetectionConfig(), DetectionConfig(vanishing_window=10)):
+        found = _check(lambda cfg=cfg: GradientDetector(cfg), samples, split=(100, 103, 250, 252, 320, 325))
+        assert found == 2
