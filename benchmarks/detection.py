@@ -18,6 +18,7 @@ import tempfile
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -116,6 +117,8 @@ def throughput(n: int) -> None:
                            has_loss=cols.has_loss, has_grad_norm=cols.has_grad_norm)
         t_many = time.perf_counter() - t0
         print(f"  batch path (observe_many, all):        {t_many:6.2f} s  ({1e6 * t_many / n:.2f} us/sample)")
+        parts = _per_detector(DetectorSuite(max_steps=n), cols)
+        print("    per detector (update_many): " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
 
         t0 = time.perf_counter()
         analyze(log)
@@ -131,6 +134,27 @@ def throughput(n: int) -> None:
         print(f"  once(run, --json) end to end:           {t_once:6.2f} s  (target < 5 s; "
               f"{t_once / t_read:.2f}x the read alone); exit {code}, status {out['status']}, "
               f"{len(out['findings'])} findings")
+
+
+def _per_detector(suite: Any, cols: Any) -> dict[str, float]:
+    """Seconds in each detector's batch path over the whole log (the suite's order and inputs)."""
+    st, loss, gn, lr, ep = cols.steps, cols.loss, cols.grad_norm, cols.lr, cols.epoch
+    hl, hg = cols.has_loss, cols.has_grad_norm
+    calls = {
+        "nonfinite": lambda: suite.nonfinite.update_many(st, loss, gn, hl, hg),
+        "degenerate": lambda: suite.degenerate.update_many(st, loss),
+        "gradients": lambda: suite.gradients.update_many(st, loss, gn, hl, hg),
+        "spike": lambda: suite.spike.update_many(st, loss),
+        "grad_explosion": lambda: suite.grad_explosion.update_many(st, gn, loss),
+        "divergence": lambda: suite.divergence.update_many(st, loss, lr),
+        "plateau": lambda: suite.plateau.update_many(st, loss, lr, ep),
+    }
+    out = {}
+    for name, call in calls.items():
+        t0 = time.perf_counter()
+        call()
+        out[name] = time.perf_counter() - t0
+    return out
 
 
 def main() -> int:
