@@ -21,6 +21,7 @@ from lossguard.signals.stats import (
 )
 
 _LEVEL_WINDOW = 16
+_SORT_BLOCK_VALUES = 1 << 18
 
 
 def prob_increasing(points: list[tuple[int, float]]) -> float:
@@ -173,9 +174,14 @@ class DivergenceDetector:
         n = len(y)
         L, T = self.level_size, self.trend_size
         lvl = np.concatenate([np.array(self.level, dtype=float), y])
-        s = np.sort(np.lib.stride_tricks.sliding_window_view(lvl, L)[1:], axis=1)  # row j: the level after value j
-        med = median_sorted_rows(s)
-        sig = iqr_sigma_rows(s)
+        windows = np.lib.stride_tricks.sliding_window_view(lvl, L)[1:]  # row j: the level after value j
+        med = np.empty(n)
+        sig = np.empty(n)
+        block = _SORT_BLOCK_VALUES // L  # sorted in cache-sized blocks, not one n x L copy
+        for a in range(0, n, block):
+            s = np.sort(windows[a:a + block], axis=1)
+            med[a:a + block] = median_sorted_rows(s)
+            sig[a:a + block] = iqr_sigma_rows(s)
         # warming up: the LR rose against the last logged LR; samples without an LR keep the flag
         has = ~np.isnan(lr)
         prev_lr = np.concatenate([[np.nan if self.last_lr is None else self.last_lr], lr])
