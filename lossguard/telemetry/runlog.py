@@ -118,10 +118,11 @@ def _batch_columns(recs: list[dict[str, Any]]) -> tuple[Any, dict[str, tuple[Any
             arr = np.array([_nan(v) for v in conv], dtype=float)
             has = np.array([v is not None for v in conv], dtype=bool)
         else:
-            # NaN is a missing value (None) or a logged NaN: only those need a look
+            # NaN is a missing value (None) or a logged NaN: only those need a look, unless
+            # every NaN is a None
             has = ~np.isnan(arr)
             missing = np.flatnonzero(~has)
-            if len(missing):
+            if len(missing) and vals.count(None) != len(missing):
                 has[missing] = [vals[i] is not None for i in missing.tolist()]
         cols[name] = (arr, has)
     return np.array(steps, dtype=np.int64), cols
