@@ -12,7 +12,7 @@ import numpy as np
 from lossguard.config import DetectionConfig
 from lossguard.records import Finding, Reason, Sample, Severity
 from lossguard.signals.base import fmt
-from lossguard.signals.decay import DecayFit, fit_decay
+from lossguard.signals.decay import fit_kink, phi_of
 from lossguard.signals.stats import StepBins
 
 _MAX_RECENT = 50_000
@@ -43,19 +43,21 @@ class PlateauDetector:
       ``stall_z`` standard errors of confidence, less fall than a slow healthy decay's
       ``stall_rate`` of the loss per step (at most ``stall_min_improvement``). A too-high
       learning rate stuck at the uniform-prediction loss looks like this.
-    - **model**: for candidate onsets 50, 100, 200 ... steps back (at least one epoch once past
-      the first, so a staircase's drop is inside the window), a decay model (exponential or
-      power law with a free asymptote, see ``decay.py``) fitted to the curve before the onset
-      predicts a drop that matters (>= ``plateau_min_drop`` of the loss); the values since sit
-      ``plateau_z`` standard errors above the prediction, more than half-way to the level at
-      the onset, and fell less than a third of the predicted drop. Where the two families
-      disagree the gentler prediction is used. A backtest (the same fit one window earlier)
-      rules out curves that merely slow down more than the model expects.
+    - **model** (a change-point test): the curve since the segment began is fitted twice, by
+      the best decay (exponential or power law with a free asymptote, see ``decay.py``) and by
+      the best "decay until an onset, flat since" over every onset that leaves at least 50
+      steps after it (at least one epoch once past the first, so a staircase's drop falls
+      inside the flat stretch). The flat-since fit must explain the data better by
+      ``plateau_z`` standard errors (noise from successive differences, or the fit's own
+      scatter where the model fits worse than that), its decay must predict a drop that
+      matters (>= ``plateau_min_drop`` of the loss) since the onset, and the values since must
+      have fallen less than a third of it. Because the no-plateau fit sees all the data, a
+      healthy curve that merely slows down more than its early part suggested is explained by
+      it and does not fire.
 
-    The noise is taken from successive differences. Two consecutive positive checks are needed.
-    The onset is where the smoothed curve first came within noise of the plateau level. A
-    segment restarts when the learning rate rises (restarts; a warmup keeps the stall rule's
-    start) and after a rollback. One finding per plateau; it re-arms when the loss drops again.
+    Two consecutive positive checks are needed. The onset is where the smoothed curve first
+    came within noise of the plateau level. A segment restarts when the learning rate rises
+    (restarts; a warmup keeps the stall rule's start) and after a rollback. One finding per plateau; it re-arms when the loss drops again.
     """
 
     name = "plateau"
@@ -71,7 +73,6 @@ class PlateauDetector:
         self.max_steps = max_steps
         self.num_train_epochs = num_train_epochs
         self.bins = StepBins(64)
-        self._fits: dict[tuple[Any, ...], dict[str, DecayFit]] = {}
         # the stall rule's curve: the same as ``bins`` (shared, not kept twice) until a warmup
         # restart clears ``bins`` but keeps the stall rule's start
         self.stall_bins = StepBins(64)
@@ -244,7 +245,7 @@ class PlateauDetector:
 
         hit = self._stall(step, self.stall_start if self.stall_start is not None else seg, sigma)
         if hit is None:
-            hit = self._model(step, seg, xs, ys, sigma, window, w_min)
+            hit = self._kink(step, seg, xs, ys, sigma, window, w_min)
         self.last_eval = {"step": step, "level": level, "sigma": sigma, "rule": hit["rule"] if hit else None}
         if hit is None:
             self.hits = 0
@@ -357,107 +358,68 @@ class PlateauDetector:
         slope = float((n * (x - xm) * (y - ym)).sum()) / sxx
         return slope, sigma / math.sqrt(sxx), ym
 
-    def _model(self, step: int, seg: int, xs: np.ndarray, ys: np.ndarray, sigma: float, window: int,
-               w_min: int) -> dict[str, Any] | None:
-        """The decay fitted before a candidate onset says the loss should have kept falling after
-        it, and the values since sit well above that prediction and fall much less."""
-        c = self.config
-        best: dict[str, Any] | None = None
-        w = max(w_min, window if self.epoch is not None and self.epoch >= 1.0 and self.steps_per_epoch else w_min)
-        while step - w - seg >= max(c.plateau_min_steps // 2, w):
-            hit = self._model_at(step, seg, step - w, xs, ys, sigma)
-            if hit is not None and (best is None or hit["z"] > best["z"]):
-                best = hit
-            w *= 2
-            if w > 4 * window:
-                break
-        return best
+    def _kink_data(self, step: int, seg: int, xs: np.ndarray, ys: np.ndarray,
+                   sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The segment's curve for a fit: complete old bins, then the raw recent values (clipped
+        to 4 sigma of a running median, so a spike cannot bend the fit) in bins of ~1/24 of
+        their span. x is steps since the segment began; weights are value counts."""
+        r0 = float(xs[0])
+        b = self.bins
+        rows = [r for r in b.bins if b.origin is not None and b.origin + (r[0] + 1) * b.width <= r0]
+        if len(ys) >= 9:
+            pad = np.concatenate([np.full(4, ys[0]), ys, np.full(4, ys[-1])])
+            med = np.median(np.lib.stride_tricks.sliding_window_view(pad, 9), axis=1)
+            ys = np.clip(ys, med - 4 * sigma, med + 4 * sigma)
+        width = max(float(self.gap), (step - r0 + 1) / 24.0)
+        idx = ((xs - r0) // width).astype(np.int64)
+        cnt = np.bincount(idx).astype(float)
+        keep = cnt > 0
+        rx = np.bincount(idx, weights=xs)[keep] / cnt[keep]
+        ry = np.bincount(idx, weights=ys)[keep] / cnt[keep]
+        if rows:
+            old = np.array(rows, dtype=float)
+            x = np.concatenate([old[:, 1] / old[:, 3], rx])
+            y = np.concatenate([old[:, 2] / old[:, 3], ry])
+            w = np.concatenate([old[:, 3], cnt[keep]])
+        else:
+            x, y, w = rx, ry, cnt[keep]
+        return x - seg, y, w
 
-    def _model_at(self, step: int, seg: int, start: int, xs: np.ndarray, ys: np.ndarray,
-                  sigma: float) -> dict[str, Any] | None:
+    def _kink(self, step: int, seg: int, xs: np.ndarray, ys: np.ndarray, sigma: float, window: int,
+              w_min: int) -> dict[str, Any] | None:
+        """The curve is better explained by "a decay until some onset, flat since" than by any
+        decay through all of it, by ``plateau_z`` standard errors, and the decay says the loss
+        had a drop that matters still to come."""
         c = self.config
-        post = xs >= start
-        n_post = int(post.sum())
-        if n_post < 3:
+        x, y, w = self._kink_data(step, seg, xs, ys, sigma)
+        now = step - seg
+        last = now - w_min
+        if self.epoch is not None and self.epoch >= 1.0 and self.steps_per_epoch:
+            last = min(last, now - window)  # a staircase's epoch drop must fall inside the flat stretch
+        fit = fit_kink(x, y, w, (x >= c.plateau_min_steps // 2) & (x <= last))
+        if fit is None or fit.gain <= 0:
             return None
-        px = xs[post] - seg
-        py = ys[post]
-        med = _median(py)
-        py = np.clip(py, med - 4 * sigma, med + 4 * sigma)
-        level = float(py.sum()) / len(py)
+        dof = max(len(x) - 4, 1)
+        s2 = max(sigma * sigma, fit.sse / dof)
+        z = math.sqrt(fit.gain / s2)
+        n_post = int((xs >= fit.tau + seg).sum())
+        if z < c.plateau_z * math.sqrt(1.0 + 4.0 / max(n_post, 1)):
+            return None
+        d = fit.decay
+        level = d.c + d.a * float(phi_of((d.family, d.shape, d.x0), fit.tau))
         scale = max(abs(level), 1e-6)
-        shortfall = self._shortfall(seg, start, px, py, sigma)
-        if shortfall is None:
+        predicted_drop = level - (d.c + d.a * float(phi_of((d.family, d.shape, d.x0), now)))
+        if predicted_drop < c.plateau_min_drop * scale:
             return None
-        resid, expected, predicted_drop = shortfall
-        if predicted_drop < c.plateau_min_drop * scale or expected <= 0:
-            return None
-        z = resid / (sigma / math.sqrt(n_post))
-        xc = px - float(px.sum()) / len(px)
+        post = xs >= fit.tau + seg
+        px, py = xs[post], ys[post]
+        xc = px - px.mean()
         sxx = float((xc * xc).sum())
-        observed_drop = -float((xc * (py - level)).sum()) / sxx * (step - start) if sxx > 0 else 0.0
-        if z < c.plateau_z * math.sqrt(1.0 + 4.0 / n_post) or resid < 0.5 * expected:
-            return None
+        observed_drop = -float((xc * (py - py.mean())).sum()) / sxx * (step - fit.tau - seg) if sxx > 0 else 0.0
         if observed_drop > predicted_drop / 3.0:
             return None
-        if self.epoch is not None and self.epoch >= 1.0 and observed_drop > c.plateau_min_drop * scale:
-            return None  # an epoch boundary's drop inside the window: a staircase, not a plateau
-        # backtest: the same fit one window earlier, judged on the window before this one; a
-        # healthy curve that merely slows down more than the model expects shows the same
-        # shortfall there, a plateau that began at ``start`` does not
-        w = step - start
-        before = (xs >= start - w) & (xs < start)
-        back = None
-        if before.sum() >= 3:
-            bx = xs[before] - seg
-            bmed = _median(ys[before])
-            by = np.clip(ys[before], bmed - 4 * sigma, bmed + 4 * sigma)
-            back = self._shortfall(seg, start - w, bx, by, sigma)
-        if back is None:
-            # too early for a backtest: only a clear-cut case counts
-            if resid < 0.8 * expected or z < 3 * c.plateau_z:
-                return None
-        elif resid / expected - max(back[0], 0.0) / max(back[1], 1e-12) < 0.5:
-            return None
-        return {"rule": "model", "level": level, "start": start, "predicted_drop": predicted_drop,
+        return {"rule": "model", "level": level, "start": int(round(fit.tau)) + seg, "predicted_drop": predicted_drop,
                 "observed_drop": observed_drop, "z": z, "needed": 0.0}
-
-    def _shortfall(self, seg: int, start: int, px: np.ndarray, py: np.ndarray,
-                   sigma: float) -> tuple[float, float, float] | None:
-        """Fit the decay to the curve before ``start`` and compare the values after it (px, py)
-        with its gentlest prediction: (mean excess over the prediction, mean predicted fall below
-        the level at ``start``, predicted fall from ``start`` to the last value)."""
-        # complete bins only: the one still filling would change the fit at every check
-        rows = [b for b in self.bins.bins[:-1] if b[1] / b[3] < start]
-        if len(rows) < 6 or start - seg < self.config.plateau_min_steps // 2:
-            return None
-        last = rows[-1]
-        # complete bins never change until the next merge, so this key names the fit exactly
-        key = (seg, self.bins.width, self.bins.origin, len(rows), last[1], last[2], last[3])
-        fits = self._fits.get(key)
-        if fits is None:
-            arr = np.array(rows, dtype=float)
-            fx = arr[:, 1] / arr[:, 3] - seg
-            fits = fit_decay(fx, arr[:, 2] / arr[:, 3], arr[:, 3])
-            if len(self._fits) >= 16:
-                self._fits.clear()
-            self._fits[key] = fits
-        if not fits:
-            return None
-        best_sse = min(f.sse for f in fits.values())
-        gentlest: tuple[float, np.ndarray, float] | None = None
-        for f in fits.values():
-            if f.sse > 1.5 * best_sse + 1e-18:
-                continue
-            pred = np.asarray(f.predict(px), dtype=float)
-            at_start = float(f.predict(start - seg))
-            expected = at_start - float(pred.sum()) / len(pred)
-            if gentlest is None or expected < gentlest[0]:
-                gentlest = (expected, pred, at_start - float(f.predict(float(px[-1]))))
-        if gentlest is None:
-            return None
-        expected, pred, predicted_drop = gentlest
-        return float((py - pred).sum()) / len(py), expected, predicted_drop
 
     def _onset(self, level: float, sigma: float, scale: float, window_start: int, seg: int) -> int:
         """Where the smoothed curve first came within noise of the plateau level."""
@@ -503,7 +465,6 @@ class PlateauDetector:
         self.max_steps = state["max_steps"]
         self.num_train_epochs = state["num_train_epochs"]
         self.bins.load_state_dict(state["bins"])
-        self._fits = {}
         self.stall_bins.load_state_dict(state["stall_bins"])
         self.stall_shared = bool(state["stall_shared"])
         self.stall_start = state["stall_start"]
