@@ -241,9 +241,10 @@ class Capturer:
             state, groups = sd["state"], sd["param_groups"]
         live = [v for entry in state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
         keys = list(state)
-        if (self._layout is None or len(live) != len(self._live) or keys != self._state_keys
-                or not all(map(operator.is_, live, self._live))
-                or [p.data_ptr() for _, p in self._named or ()] != self._param_ptrs):  # `.data =` swaps storage
+        if keys != self._state_keys or [p.data_ptr() for _, p in self._named or ()] != self._param_ptrs:
+            self._named = None  # new state entries or swapped `.data`: look at the model again
+        if (self._named is None or self._layout is None or len(live) != len(self._live)
+                or not all(map(operator.is_, live, self._live))):
             self._build(state, live, keys)
         layout = self._layout
         assert layout is not None
@@ -270,7 +271,7 @@ class Capturer:
         return snap
 
     def _build(self, state: dict[Any, dict[str, Any]], live: list[torch.Tensor], keys: list[Any]) -> None:
-        named = self.named_parameters() if self._layout is None else self._refetch()
+        named = self.named_parameters()
         tensors = [p.detach() for _, p in named] + live
         n_params = len(named)
         order = sorted(range(len(tensors)), key=lambda i: (str(tensors[i].device), str(tensors[i].dtype), i >= n_params))
@@ -313,10 +314,6 @@ class Capturer:
         self._layout = _Layout([n for n, _ in named], slots, state_keys, param_elems)
         self._live, self._state_keys = live, keys
         self._param_ptrs = [p.data_ptr() for _, p in named]
-
-    def _refetch(self) -> list[tuple[str, torch.Tensor]]:
-        self._named = None
-        return self.named_parameters()
 
 
 def capture(step: int, model: Any, optimizer: Any, scheduler: Any = None,
