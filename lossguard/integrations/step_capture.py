@@ -53,7 +53,7 @@ def _count_tokens(inputs: Any) -> torch.Tensor | None:
         return None
     mask = inputs.get("attention_mask")
     if isinstance(mask, torch.Tensor):
-        return mask.detach().sum()
+        return mask.sum()  # an integer mask never carries a graph
     ids = inputs.get("input_ids")
     if isinstance(ids, torch.Tensor):
         return torch.tensor(ids.numel(), device=ids.device)
