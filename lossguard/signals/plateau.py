@@ -18,6 +18,7 @@ from lossguard.signals.stats import StepBins
 _MAX_RECENT = 50_000
 _MIN_WINDOW_SAMPLES = 5
 _STALL_BURN = 0.1
+_CHUNK = 65_536  # values converted to Python floats at a time by the batch path
 
 
 def _median(a: np.ndarray) -> float:
@@ -157,25 +158,63 @@ class PlateauDetector:
         only gets the bookkeeping.
         """
         out: list[tuple[int, Finding]] = []
-        st, lo, lr, ep = steps.tolist(), losses.tolist(), lrs.tolist(), epochs.tolist()
         ef = self.config.early_fraction
-        late = False
-        for i in range(len(st)):
-            loss = lo[i]
-            if not math.isfinite(loss):
-                continue
-            r, e = lr[i], ep[i]
-            r = None if r != r else r
-            e = None if e != e else e
-            if late:
-                self._track(st[i], r, e)
-                continue
-            f = self._update(st[i], loss, r, e)
-            if f is not None:
-                out.append((i, f))
-            if self.max_steps and not self.active and st[i] / self.max_steps > ef:
-                late = True
+        for lo_i in range(0, len(steps), _CHUNK):
+            hi_i = lo_i + _CHUNK
+            st, lo, lr, ep = (a[lo_i:hi_i].tolist() for a in (steps, losses, lrs, epochs))
+            for j in range(len(st)):
+                loss = lo[j]
+                if not math.isfinite(loss):
+                    continue
+                r, e = lr[j], ep[j]
+                r = None if r != r else r
+                e = None if e != e else e
+                f = self._update(st[j], loss, r, e)
+                if f is not None:
+                    out.append((lo_i + j, f))
+                if self.max_steps and not self.active and st[j] / self.max_steps > ef:
+                    i = lo_i + j + 1
+                    self._track_many(steps[i:], losses[i:], lrs[i:], epochs[i:])
+                    return out
         return out
+
+    def _track_many(self, steps: np.ndarray, losses: np.ndarray, lrs: np.ndarray, epochs: np.ndarray) -> None:
+        """``_track`` over arrays (finite losses only count), with a loop only over LR rises."""
+        keep = np.isfinite(losses)
+        st, lr, ep = steps[keep].astype(np.int64), lrs[keep], epochs[keep]
+        if len(st) == 0:
+            return
+        prev = np.concatenate([[self.last_step if self.last_step is not None else st[0]], st[:-1]])
+        up = np.flatnonzero(st > prev)
+        if len(up) and not (self.last_step is None and up[-1] == 0):
+            self.gap = int(st[up[-1]] - prev[up[-1]])
+        self.last_step = int(st[-1])
+        with np.errstate(invalid="ignore"):
+            pos = np.flatnonzero(ep > 0)
+        if len(pos):
+            j = int(pos[-1])
+            self.epoch = float(ep[j])
+            pos_st = pos[st[pos] > 0]
+            if len(pos_st):
+                k = int(pos_st[-1])
+                self.steps_per_epoch = float(st[k]) / float(ep[k])
+        has = np.flatnonzero(~np.isnan(lr))
+        if len(has):
+            v = lr[has]
+            before = np.concatenate([[self.last_lr if self.last_lr is not None else np.nan], v[:-1]])
+            with np.errstate(invalid="ignore"):
+                rise = v > before * (1.0 + 1e-9)
+                fall = ~rise & (v < before * (1.0 - 1e-9))
+            fell = np.cumsum(fall)  # LR falls up to and including each value
+            seen = 0  # falls counted at the last restart
+            for r in np.flatnonzero(rise):
+                if fell[r] > seen:
+                    self.lr_fell = True
+                self._restart(int(st[has[r]]), warmup=not self.lr_fell)
+                seen = int(fell[r])
+            if fell[-1] > seen:
+                self.lr_fell = True
+            self.last_lr = float(v[-1])
 
     def _update(self, step: int, loss: float, lr: float | None, epoch: float | None) -> Finding | None:
         self._track(step, lr, epoch)

@@ -92,3 +92,27 @@ def test_a_clean_linear_decline_is_not_a_stall_but_a_clean_flat_line_is():
         found_flat += flat.observe(Sample(step=i, loss=2.9, grad_norm=1.0, lr=1e-3))
     assert found_falling == []
     assert [f.reason.value for f in found_flat] == ["early_convergence"]
+
+
+def test_batch_bookkeeping_after_the_early_part_equals_streaming():
+    # past early_fraction the batch path only keeps books, vectorised; an LR restart, a NaN
+    # loss, missing LRs and epochs there must leave exactly the streaming state
+    n = 4000
+    rng = np.random.default_rng(1)
+    steps = np.arange(1, n + 1)
+    loss = 0.8 + 2.0 * (1 + steps / 100.0) ** -0.5 * (1 + 0.03 * rng.standard_normal(n))
+    loss[3100] = np.nan
+    lr = 2e-4 * (1 - steps / n)
+    lr[3000:3200] *= 3.0  # a restart, then a fall
+    lr[2500] = np.nan
+    ep = steps / 1000.0
+    ep[3900:] = np.nan
+    batch = PlateauDetector(max_steps=n)
+    batch.update_many(steps, loss, lr, ep)
+    stream = PlateauDetector(max_steps=n)
+    for i in range(n):
+        stream.update(Sample(step=int(steps[i]), loss=float(loss[i]),
+                             lr=None if np.isnan(lr[i]) else float(lr[i]),
+                             epoch=None if np.isnan(ep[i]) else float(ep[i])))
+    assert batch.state_dict() == stream.state_dict()
+    assert batch.seg_start == 3001 and batch.lr_fell and batch.last_step == n
