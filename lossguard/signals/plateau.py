@@ -405,7 +405,8 @@ class PlateauDetector:
         r0 = float(xs[0])
         b = self.bins
         rows = [r for r in b.bins if b.origin is not None and b.origin + (r[0] + 1) * b.width <= r0]
-        if len(ys) >= 9:
+        if len(ys) >= 9 and float(np.abs(np.diff(ys)).max()) > 4 * sigma:
+            # only where some value jumps: the running median costs more than the rest of the fit
             pad = np.concatenate([np.full(4, ys[0]), ys, np.full(4, ys[-1])])
             med = np.median(np.lib.stride_tricks.sliding_window_view(pad, 9), axis=1)
             ys = np.clip(ys, med - 4 * sigma, med + 4 * sigma)
@@ -430,11 +431,13 @@ class PlateauDetector:
         decay through all of it, by ``plateau_z`` standard errors, and the decay says the loss
         had a drop that matters still to come."""
         c = self.config
-        x, y, w = self._kink_data(step, seg, xs, ys, sigma)
         now = step - seg
         last = now - w_min
         if self.epoch is not None and self.epoch >= 1.0 and self.steps_per_epoch:
             last = min(last, now - window)  # a staircase's epoch drop must fall inside the flat stretch
+        if last < c.plateau_min_steps // 2:
+            return None  # no onset can have both enough decay before it and enough flat after it
+        x, y, w = self._kink_data(step, seg, xs, ys, sigma)
         fit = fit_kink(x, y, w, (x >= c.plateau_min_steps // 2) & (x <= last))
         if fit is None or fit.gain <= 0:
             return None
