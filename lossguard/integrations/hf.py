@@ -75,8 +75,6 @@ class LossGuard(TrainerCallback):
         self._failed_hooks: set[str] = set()
         self._is_main = True
         self._interval: list[Sample] = []
-        self._distributed = False
-        self._probe_hook: Callable[[Finding], dict[str, Any] | None] | None = None
         self.recovery: TrainerRecovery | None = None
         self.probe = TrainerProbe(self.config.probe)
         self.gpu: Any = None
@@ -112,7 +110,6 @@ class LossGuard(TrainerCallback):
     @_guarded
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self._is_main = bool(state.is_world_process_zero)
-        self._distributed = dist.is_distributed()
         log_dir = self.log_dir or Path(args.output_dir) / self.config.log_subdir
         if self._is_main and self.writer is None:
             self.writer = EventWriter(log_dir / EVENTS_FILE)
@@ -147,7 +144,6 @@ class LossGuard(TrainerCallback):
                             rollbacks=self.engine.policy.rollbacks, phase=self.engine.policy.phase.value)
         self.probe.begin(model, int(args.get_warmup_steps(int(state.max_steps))), int(state.max_steps))
         self.probe.batches = self.capture.kept
-        self._probe_hook = self._probe_plateau if self.config.probe.enabled else None
 
     def _preflight(self, args: Any, model: Any, loader: Any, trainer: Any) -> None:
         if not self._is_main:
@@ -188,14 +184,14 @@ class LossGuard(TrainerCallback):
     @_guarded
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.recovery is not None:
-            self.recovery.first_snapshot(state.global_step, self.engine)
+            self.recovery.first_snapshot(int(state.global_step), self.engine)
         self.capture.begin_step()
 
     @_guarded
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None,
                               optimizer: Any = None, **kwargs: Any) -> None:
         if self.recovery is not None:  # before the capture reads it: the sample's lr is the one used
-            self.recovery.pre_optimizer_step(self.engine, state.global_step + 1)
+            self.recovery.pre_optimizer_step(self.engine, int(state.global_step) + 1)
         self.capture.before_optimizer_step(model, optimizer)
 
     @_guarded
@@ -206,27 +202,25 @@ class LossGuard(TrainerCallback):
     @_guarded
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         loss, tokens, grad_norm, lr, seconds = self.capture.end_step()
-        if self._distributed:
-            loss, tokens = dist.mean_loss_and_sum_tokens(loss, tokens)
-        step = int(state.global_step)
-        sample = Sample(step=step, loss=loss, grad_norm=grad_norm, lr=lr, epoch=state.epoch,
-                        step_time_s=None if seconds is None else round(seconds, 6), tokens=tokens)
+        loss, tokens = dist.mean_loss_and_sum_tokens(loss, tokens)
+        sample = Sample(step=int(state.global_step), loss=loss, grad_norm=grad_norm, lr=lr,
+                        epoch=state.epoch, step_time_s=None if seconds is None else round(seconds, 6),
+                        tokens=tokens)
         self._interval.append(sample)
-        if self.writer is not None and self._is_main:
-            self.writer.write_sample(sample)
-        engine = self.engine
-        if engine is None:
+        if self._is_main and self.writer is not None:
+            self.writer.write_record(sample.to_record())
+        if self.engine is None:
             return
-        probe = self.probe
-        probe.observe_step(seconds)
-        if probe.due(step):
-            self._write_probe(probe.run(step, lr, "every_n_steps"))
-        recovery = self.recovery
-        decision = engine.decide(sample, recovery.steps() if recovery is not None else (), probe=self._probe_hook)
+        step = int(state.global_step)
+        self.probe.observe_step(seconds)
+        if self.probe.due(step):
+            self._write_probe(self.probe.run(step, lr, "every_n_steps"))
+        decision = self.engine.decide(sample, self.recovery.steps() if self.recovery is not None else [],
+                                      probe=self._probe_plateau if self.config.probe.enabled else None)
         for finding in decision.findings:
             self._emit_finding(finding)
-        if recovery is not None:
-            recovery.apply(decision, engine, step, control)
+        if self.recovery is not None:
+            self.recovery.apply(decision, self.engine, int(state.global_step), control)
         for action in decision.actions:
             self._emit_action(action)
 

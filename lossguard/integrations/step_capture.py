@@ -28,7 +28,6 @@ from typing import Any
 import torch
 
 logger = logging.getLogger("lossguard")
-_INF = float("inf")
 
 
 def find_trainer(max_depth: int = 12) -> Any | None:
@@ -53,7 +52,7 @@ def _count_tokens(inputs: Any) -> torch.Tensor | None:
         return None
     mask = inputs.get("attention_mask")
     if isinstance(mask, torch.Tensor):
-        return mask.sum()  # an integer mask never carries a graph
+        return mask.detach().sum()
     ids = inputs.get("input_ids")
     if isinstance(ids, torch.Tensor):
         return torch.tensor(ids.numel(), device=ids.device)
@@ -69,7 +68,7 @@ class StepCapture:
         self._tokens: torch.Tensor | None = None
         self._micro = 0
         self._hook_losses = False
-        self.grad_norm: torch.Tensor | float | None = None
+        self.grad_norm: float | None = None
         self.grad_norm_clipped = False
         self.lr: float | None = None
         self._t0: float | None = None
@@ -128,8 +127,7 @@ class StepCapture:
 
     # --- observing ------------------------------------------------------------------------
     def _add_loss(self, loss: torch.Tensor) -> None:
-        if loss.requires_grad:
-            loss = loss.detach()
+        loss = loss.detach()
         if loss.dim() != 0 or loss.dtype != torch.float32:  # the usual 0-dim fp32 loss needs no work
             loss = loss.float().reshape(-1).mean()
         self._loss = loss if self._loss is None else self._loss + loss
@@ -156,12 +154,9 @@ class StepCapture:
 
     def _after_clip(self, result: Any, *args: Any, **kwargs: Any) -> None:
         max_norm = args[1] if len(args) > 1 else kwargs.get("max_norm")
-        if self.grad_norm is None or max_norm == _INF:
-            # kept as a tensor: read in end_step together with the loss (one device sync, not two)
-            if isinstance(result, torch.Tensor):
-                self.grad_norm = result.detach() if result.requires_grad else result
-            else:
-                self.grad_norm = None if result is None else float(result)
+        if self.grad_norm is None or max_norm == float("inf"):
+            value = result.item() if isinstance(result, torch.Tensor) else result
+            self.grad_norm = None if value is None else float(value)
 
     def _forward_hook(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
@@ -194,22 +189,17 @@ class StepCapture:
 
     def end_step(self) -> tuple[float | None, int | None, float | None, float | None, float | None]:
         """(loss, tokens, grad_norm, lr, seconds) of the step just finished; resets for the next."""
-        total, norm = self._loss, self.grad_norm
-        if total is not None and self._hook_losses and self._micro > 1:
-            total = total / self._micro  # hooked model losses are per-micro-batch means
         loss: float | None = None
-        grad_norm: float | None
-        if (total is not None and isinstance(norm, torch.Tensor) and norm.device == total.device
-                and total.device.type != "cpu" and norm.numel() == 1):
-            loss, grad_norm = torch.stack([total, norm.reshape(()).to(total.dtype)]).tolist()
-        else:
-            if total is not None:
-                loss = float(total)
-            grad_norm = float(norm) if isinstance(norm, torch.Tensor) else norm
+        if self._loss is not None:
+            total = self._loss
+            if self._hook_losses and self._micro > 1:
+                total = total / self._micro  # hooked model losses are per-micro-batch means
+            loss = float(total)
         tokens = int(self._tokens) if self._tokens is not None else None
-        seconds = self._clock() - self._t0 if self._t0 is not None else None  # after the syncs: device work included
+        seconds = self._clock() - self._t0 if self._t0 is not None else None
+        out = (loss, tokens, self.grad_norm, self.lr, seconds)
         self._loss = self._tokens = None
         self._micro = 0
         self.grad_norm = None
         self._t0 = None
-        return loss, tokens, grad_norm, self.lr, seconds
+        return out
