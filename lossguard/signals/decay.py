@@ -1,9 +1,9 @@
-"""Decay models fitted to a loss curve: what the curve so far says the loss should do next.
+"""Decay models fitted to a loss curve: did it follow a decay until some step and stay flat since?
 
 Two families with a free asymptote ``c`` (the loss the run is heading for):
 exponential ``c + a*exp(-x/tau)`` and power law ``c + a*(x + x0)^-beta``. For each candidate
-shape parameter the fit is linear in (c, a), so a grid of shapes is solved in one vectorised
-weighted least-squares pass: no iterative optimiser, a few tens of microseconds per fit.
+shape parameter the fit is linear in (c, a), so a grid of shapes, and every candidate onset of
+a plateau, is solved in one vectorised weighted least-squares pass: no iterative optimiser.
 """
 
 from __future__ import annotations
@@ -34,23 +34,6 @@ class DecayFit:
         return self.c + self.a * (np.asarray(x, dtype=float) + self.x0) ** (-self.shape)
 
 
-def _solve(phi: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted least squares of y = c + a*phi for every row of ``phi``: (c, a, sse)."""
-    sw = w.sum()
-    my = (w * y).sum() / sw
-    mphi = (phi * w).sum(axis=1) / sw
-    dphi = phi - mphi[:, None]
-    dy = y - my
-    sff = (w * dphi * dphi).sum(axis=1)
-    sfy = (w * dphi * dy).sum(axis=1)
-    syy = (w * dy * dy).sum()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a = np.where(sff > 0, sfy / sff, 0.0)
-    c = my - a * mphi
-    sse = syy - a * sfy
-    return c, a, sse
-
-
 def basis(x: np.ndarray, span: float) -> tuple[list[tuple[str, float, float]], np.ndarray]:
     """Every candidate shape for data spanning ``span`` steps, and its ``phi`` at ``x`` (one row each).
 
@@ -65,33 +48,6 @@ def basis(x: np.ndarray, span: float) -> tuple[list[tuple[str, float, float]], n
     shapes = [("exp", float(t), 0.0) for t in taus] + [("power", float(b), float(o)) for b, o in zip(betas, offs)]
     phi = np.concatenate([np.exp(-x[None, :] / taus[:, None]), (x[None, :] + offs[:, None]) ** (-betas[:, None])])
     return shapes, phi
-
-
-def phi_of(shape: tuple[str, float, float], x: np.ndarray | float) -> np.ndarray:
-    family, k, x0 = shape
-    x = np.asarray(x, dtype=float)
-    return np.exp(-x / k) if family == "exp" else (x + x0) ** (-k)
-
-
-def fit_decay(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> dict[str, DecayFit]:
-    """Best decaying fit per family (``"exp"``, ``"power"``) to points ``(x, y)``, x >= 0.
-
-    Only fits that decrease (``a > 0``) count; a family with none is absent from the result.
-    """
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
-    w = np.ones_like(x) if w is None else np.asarray(w, dtype=float)
-    shapes, phi = basis(x, float(x.max() - x.min()))
-    c, a, sse = _solve(phi, y, w)
-    out: dict[str, DecayFit] = {}
-    for family in ("exp", "power"):
-        rows = np.array([s[0] == family for s in shapes])
-        ok = rows & (a > 0)
-        if ok.any():
-            i = int(np.argmin(np.where(ok, sse, np.inf)))
-            fam, k, x0 = shapes[i]
-            out[family] = DecayFit(family, float(c[i]), float(a[i]), k, x0, float(sse[i]))
-    return out
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import numpy as np
 from lossguard.config import DetectionConfig
 from lossguard.records import Finding, Reason, Sample, Severity
 from lossguard.signals.base import fmt
-from lossguard.signals.decay import fit_kink, phi_of
+from lossguard.signals.decay import fit_kink
 from lossguard.signals.stats import StepBins
 
 _MAX_RECENT = 50_000
@@ -448,9 +448,9 @@ class PlateauDetector:
         if z < c.plateau_z * math.sqrt(1.0 + 4.0 / max(n_post, 1)):
             return None
         d = fit.decay
-        level = d.c + d.a * float(phi_of((d.family, d.shape, d.x0), fit.tau))
+        level = float(d.predict(fit.tau))
         scale = max(abs(level), 1e-6)
-        predicted_drop = level - (d.c + d.a * float(phi_of((d.family, d.shape, d.x0), now)))
+        predicted_drop = level - float(d.predict(now))
         if predicted_drop < c.plateau_min_drop * scale:
             return None
         post = xs >= fit.tau + seg
