@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 logger = logging.getLogger("lossguard")
 
 IGNORE_INDEX = -100
@@ -335,23 +337,90 @@ def _column_names(dataset: Any, rows: list[Any]) -> set[str]:
     return out
 
 
-def _collate(rows: list[Any], collator: Callable[[list[Any]], Any]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+def _collate(rows: list[Any], collator: Callable[[list[Any]], Any]) -> list[Any]:
+    """The sampled rows as the collator batches them (``COLLATE_BATCH`` rows a batch)."""
+    out: list[Any] = []
     for start in range(0, len(rows), COLLATE_BATCH):
         batch = collator(rows[start:start + COLLATE_BATCH])
-        ids = _as_list(batch["input_ids"]) if "input_ids" in batch else None
-        if ids is None:
+        if "input_ids" not in batch or _as_list(batch["input_ids"]) is None:
             raise ValueError("the collator returned no input_ids")
-        labels = _as_list(batch.get("labels"))
-        mask = _as_list(batch.get("attention_mask"))
-        for i, row_ids in enumerate(ids):
-            row: dict[str, Any] = {"input_ids": row_ids}
-            if labels is not None:
-                row["labels"] = labels[i]
-            if mask is not None:
-                row["attention_mask"] = mask[i]
-            out.append(row)
+        out.append(batch)
     return out
+
+
+def _matrix(value: Any) -> np.ndarray | None:
+    """A collated column as a 2-d integer array; None when missing, ragged or not integers."""
+    if value is None:
+        return None
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    try:
+        arr = np.asarray(value)
+    except ValueError:  # ragged lists
+        return None
+    if arr.ndim != 2 or arr.dtype.kind not in "iub":
+        return None
+    return arr.astype(np.int64, copy=False)
+
+
+def _batch_rows(batch: Any) -> list[dict[str, Any]]:
+    """A collated batch split into per-row dicts, for batches ``_audit_batch`` cannot take whole."""
+    ids = _as_list(batch["input_ids"]) or []
+    labels = _as_list(batch.get("labels"))
+    mask = _as_list(batch.get("attention_mask"))
+    out: list[dict[str, Any]] = []
+    for i, row_ids in enumerate(ids):
+        row: dict[str, Any] = {"input_ids": row_ids}
+        if labels is not None and i < len(labels):
+            row["labels"] = labels[i]
+        if mask is not None and i < len(mask):
+            row["attention_mask"] = mask[i]
+        out.append(row)
+    return out
+
+
+def _audit_batch(batch: Any, audit: _TokenAudit, shift: bool, pad_id: int | None) -> bool:
+    """``_audit_row`` over every row of a rectangular collated batch at once (the same counts);
+    False, having counted nothing, when the batch is not rectangular integer arrays."""
+    ids = _matrix(batch["input_ids"])
+    raw_mask, raw_labels = batch.get("attention_mask"), batch.get("labels")
+    mask, labels = _matrix(raw_mask), _matrix(raw_labels)
+    if ids is None or (raw_mask is not None and mask is None) or (raw_labels is not None and labels is None):
+        return False
+    if labels is not None and len(labels) != len(ids) or mask is not None and len(mask) != len(ids):
+        return False
+    if mask is not None and mask.shape == ids.shape:
+        real = mask != 0
+    elif labels is not None and pad_id is not None and labels.shape == ids.shape:
+        real = ~((ids == pad_id) & (labels == IGNORE_INDEX))
+    else:
+        real = np.ones(ids.shape, dtype=bool)
+    tokens = int(real.sum())
+    if labels is None:
+        audit.rows_seen += len(ids)
+        audit.tokens += tokens
+        return True
+    if labels.shape == ids.shape:
+        kept = real
+        unmasked = int((real.any(axis=1) & ((labels == ids) | ~real).all(axis=1)).sum())
+    else:  # encoder-decoder labels have their own length
+        kept = np.ones(labels.shape, dtype=bool)
+        unmasked = 0
+    learned = kept & (labels != IGNORE_INDEX)
+    n_supervised = learned.sum(axis=1)
+    if shift and labels.shape[1]:  # a causal LM never predicts the first kept position
+        first = np.argmax(kept, axis=1)
+        n_supervised = n_supervised - (kept.any(axis=1) & learned[np.arange(len(labels)), first])
+    # counted only now, so a batch that fails above is audited row by row without double counts
+    audit.rows_seen += len(ids)
+    audit.tokens += tokens
+    audit.rows_with_labels += len(ids)
+    audit.rows_unmasked += unmasked
+    audit.label_positions += int(kept.sum())
+    audit.masked_positions += int((kept & (labels == IGNORE_INDEX)).sum())
+    audit.supervised += int(n_supervised.sum())
+    audit.rows_nothing_to_learn += int((n_supervised == 0).sum())
+    return True
 
 
 def _audit_row(row: Any, audit: _TokenAudit, shift: bool, pad_id: int | None) -> None:
@@ -398,11 +467,19 @@ def _audit_dataset(dataset: Any, collator: Any, limit: int, shift: bool, pad_id:
     audit_rows: list[Any] = rows
     if collator is not None:
         try:
-            audit_rows = _collate(rows, collator)
+            batches = _collate(rows, collator)
             audit.collated = True
         except Exception as err:  # a collator that tokenizes or needs a trainer: audit the raw rows
             audit.collator_error = f"{type(err).__name__}: {err}"[:160]
-            audit_rows = rows
+        else:
+            audit_rows = []
+            for batch in batches:
+                try:
+                    whole = _audit_batch(batch, audit, shift, pad_id)
+                except Exception:
+                    whole = False
+                if not whole:
+                    audit_rows.extend(_batch_rows(batch))
     for row in audit_rows:
         try:
             _audit_row(row, audit, shift, pad_id)

@@ -300,3 +300,51 @@ def test_trainer_dataloader_as_the_callback_sees_it(setup, tmp_path):
         assert report.facts["rows_total"] == 64 and report.facts["steps_per_epoch"] == 8
     assert via_loader.facts["tokens_estimate"] == via_dataset.facts["tokens_estimate"] == \
         sum(len(r["input_ids"]) for r in rows)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batch_audit_counts_what_the_row_audit_counts(seed):
+    """The vectorised audit of a collated batch and the row-by-row audit agree on every count,
+    over padding, fully masked rows, unmasked rows, rows without real tokens, encoder-decoder
+    labels of another length, and with and without an attention mask."""
+    from lossguard.preflight import _audit_batch, _audit_row, _batch_rows, _TokenAudit
+
+    rng = torch.Generator().manual_seed(seed)
+    rows, length, pad = 12, 9, 0
+    ids = torch.randint(1, 50, (rows, length), generator=rng)
+    lengths = torch.randint(0, length + 1, (rows,), generator=rng)
+    real = torch.arange(length)[None, :] < lengths[:, None]
+    ids[~real] = pad
+    labels = ids.clone()
+    prompt = torch.randint(0, length + 1, (rows,), generator=rng)
+    labels[torch.arange(length)[None, :] < prompt[:, None]] = -100
+    labels[~real] = -100
+    labels[0] = -100  # nothing to learn
+    labels[1] = ids[1]  # prompt not masked
+    batches = [
+        {"input_ids": ids, "attention_mask": real.long(), "labels": labels},
+        {"input_ids": ids, "labels": labels},
+        {"input_ids": ids},
+        {"input_ids": ids, "attention_mask": real.long(), "labels": labels[:, :5]},
+        {"input_ids": ids.tolist(), "labels": labels.tolist()},
+    ]
+    for batch in batches:
+        for shift in (True, False):
+            for pad_id in (pad, None):
+                whole, by_row = _TokenAudit(rows_total=rows), _TokenAudit(rows_total=rows)
+                assert _audit_batch(batch, whole, shift, pad_id)
+                for row in _batch_rows(batch):
+                    _audit_row(row, by_row, shift, pad_id)
+                assert whole == by_row
+                assert whole.rows_seen == rows
+    first = _TokenAudit(rows_total=rows)
+    _audit_batch(batches[0], first, True, pad)
+    assert first.rows_nothing_to_learn >= 1 and first.rows_unmasked >= 1 and 0 < first.supervised < first.tokens
+
+
+def test_ragged_batch_falls_back_to_rows():
+    from lossguard.preflight import _audit_batch, _TokenAudit
+
+    audit = _TokenAudit(rows_total=2)
+    assert not _audit_batch({"input_ids": [[1, 2, 3], [4, 5]], "labels": [[-100, 2, 3], [4, 5]]}, audit, True, 0)
+    assert audit == _TokenAudit(rows_total=2)

@@ -208,7 +208,7 @@ class LossGuard(TrainerCallback):
                         tokens=tokens)
         self._interval.append(sample)
         if self._is_main and self.writer is not None:
-            self.writer.write_record(sample.to_record())
+            self.writer.write_sample(sample)
         if self.engine is None:
             return
         step = int(state.global_step)
