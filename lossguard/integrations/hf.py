@@ -74,6 +74,8 @@ class LossGuard(TrainerCallback):
         self.actions: list[Action] = []
         self._failed_hooks: set[str] = set()
         self._is_main = True
+        self._distributed = False  # torch.distributed is set up before training begins
+        self._first_snapshot_due = False
         self._interval: list[Sample] = []
         self.recovery: TrainerRecovery | None = None
         self.probe = TrainerProbe(self.config.probe)
@@ -110,6 +112,7 @@ class LossGuard(TrainerCallback):
     @_guarded
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self._is_main = bool(state.is_world_process_zero)
+        self._distributed = dist.is_distributed()
         log_dir = self.log_dir or Path(args.output_dir) / self.config.log_subdir
         if self._is_main and self.writer is None:
             self.writer = EventWriter(log_dir / EVENTS_FILE)
@@ -138,6 +141,7 @@ class LossGuard(TrainerCallback):
         if self.engine is not None and self.config.recovery.enabled:
             self.recovery = TrainerRecovery(self.config, log_dir)
             self.recovery.begin(trainer, model, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
+            self._first_snapshot_due = True
             resumed = self.recovery.load_resumed(args, state, self.engine)
             if resumed is not None:
                 self._write("resume", step=int(state.global_step), checkpoint=str(resumed),
@@ -183,8 +187,9 @@ class LossGuard(TrainerCallback):
 
     @_guarded
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.recovery is not None:
+        if self._first_snapshot_due and self.recovery is not None:
             self.recovery.first_snapshot(int(state.global_step), self.engine)
+            self._first_snapshot_due = False
         self.capture.begin_step()
 
     @_guarded
@@ -202,7 +207,8 @@ class LossGuard(TrainerCallback):
     @_guarded
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         loss, tokens, grad_norm, lr, seconds = self.capture.end_step()
-        loss, tokens = dist.mean_loss_and_sum_tokens(loss, tokens)
+        if self._distributed:
+            loss, tokens = dist.mean_loss_and_sum_tokens(loss, tokens)
         sample = Sample(step=int(state.global_step), loss=loss, grad_norm=grad_norm, lr=lr,
                         epoch=state.epoch, step_time_s=None if seconds is None else round(seconds, 6),
                         tokens=tokens)

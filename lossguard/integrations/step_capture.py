@@ -52,7 +52,7 @@ def _count_tokens(inputs: Any) -> torch.Tensor | None:
         return None
     mask = inputs.get("attention_mask")
     if isinstance(mask, torch.Tensor):
-        return mask.detach().sum()
+        return mask.sum() if not mask.requires_grad else mask.detach().sum()
     ids = inputs.get("input_ids")
     if isinstance(ids, torch.Tensor):
         return torch.tensor(ids.numel(), device=ids.device)

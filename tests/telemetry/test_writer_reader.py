@@ -132,3 +132,24 @@ def test_write_sample_writes_the_same_line_as_write_record(tmp_path):
     assert rows[0] == {"v": 1, "t": 1700000000.123, "kind": "sample", "step": 7, "loss": 2.3456789012345,
                        "grad_norm": 0.98765, "lr": 9.876e-3, "epoch": 1.25, "step_time_s": 0.010234, "tokens": 312}
     assert rows[3]["t"] == 99.5 and rows[4]["loss"] == 2.5 and rows[4]["tokens"] == 3
+
+
+def test_each_record_is_in_the_file_when_the_call_returns(tmp_path):
+    path = tmp_path / "events.jsonl"
+    w = EventWriter(path, clock=lambda: 1.0)
+    for step in range(1, 4):
+        w.write_sample(Sample(step=step, loss=float(step)))
+        # read through another handle while the writer stays open: nothing waits in a buffer
+        assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == list(range(1, step + 1))
+    w.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that is always full)")
+def test_disk_full_mid_run_warns_once_and_turns_the_writer_off(caplog):
+    w = EventWriter("/dev/full")
+    assert not w.failed
+    with caplog.at_level("WARNING", logger="lossguard"):
+        w.write_sample(Sample(step=1, loss=1.0))
+        w.write("finding", step=1)
+    assert w.failed and w.written == 0
+    assert caplog.text.count("telemetry disabled") == 1 and "/dev/full" in caplog.text
