@@ -101,16 +101,20 @@ def _across_processes(ns: argparse.Namespace, argv: list[str]) -> int:
             skip = True
         elif not a.startswith("--processes="):
             child.append(a)
-    ratios, cpu_ratios = [], []
+    ratios, cpu_ratios, hook_us = [], [], []
     for k in range(ns.processes):
         out = subprocess.run([sys.executable, __file__, *child], capture_output=True, text=True, check=True).stdout
         ratio = float(re.search(r"overhead ratio .*?: ([\d.]+)", out).group(1))
         cpu_ratio = float(re.search(r"CPU time: .*?ratio ([\d.]+)", out).group(1))
+        in_hooks = float(re.search(r"callback hooks: (\d+) us/step", out).group(1))
         ratios.append(ratio)
         cpu_ratios.append(cpu_ratio)
-        print(f"process {k + 1}/{ns.processes}: wall ratio {ratio:.4f}, CPU ratio {cpu_ratio:.4f}", flush=True)
+        hook_us.append(in_hooks)
+        print(f"process {k + 1}/{ns.processes}: wall ratio {ratio:.4f}, CPU ratio {cpu_ratio:.4f}, "
+              f"{in_hooks:.0f} us/step in the hooks", flush=True)
     print(f"median CPU-time ratio over {ns.processes} processes: {statistics.median(cpu_ratios):.4f} "
           f"(min {min(cpu_ratios):.4f}, max {max(cpu_ratios):.4f})")
+    print(f"median time inside the hooks: {statistics.median(hook_us):.0f} us/step")
     print(f"median ratio over {ns.processes} processes: {statistics.median(ratios):.4f} "
           f"(min {min(ratios):.4f}, max {max(ratios):.4f})  target <= 1.02")
     return 0
