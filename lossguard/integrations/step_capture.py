@@ -127,7 +127,8 @@ class StepCapture:
 
     # --- observing ------------------------------------------------------------------------
     def _add_loss(self, loss: torch.Tensor) -> None:
-        loss = loss.detach()
+        if loss.requires_grad:  # the Trainer hands back an already detached loss
+            loss = loss.detach()
         if loss.dim() != 0 or loss.dtype != torch.float32:  # the usual 0-dim fp32 loss needs no work
             loss = loss.float().reshape(-1).mean()
         self._loss = loss if self._loss is None else self._loss + loss
