@@ -245,19 +245,21 @@ class PlateauDetector:
 
     @staticmethod
     def _noise(ys: np.ndarray) -> float:
-        """Per-value noise of the loss, from successive differences (a trend barely moves them).
+        """Per-value noise of the loss, from second differences (a trend, even a bending one,
+        barely moves them; first differences counted a sparse log's change of slope at a
+        plateau's onset as noise, which hid the plateau).
 
         Differences beyond 4 robust sigmas are clipped so spikes do not widen the band, but the
         tails of heavy-tailed noise still count (a pure MAD would understate them).
         """
-        d = np.diff(ys)
+        d = np.diff(ys, 2)
         if len(d) < 2:
             return 0.0
         med = _median(d)
         s0 = 1.4826 * _median(np.abs(d - med))
         if s0 > 0:
             d = np.clip(d, med - 4 * s0, med + 4 * s0)
-        return float(np.std(d)) / math.sqrt(2.0)
+        return float(np.std(d)) / math.sqrt(6.0)
 
     def _evaluate(self, step: int, progress: float) -> Finding | None:
         c = self.config
