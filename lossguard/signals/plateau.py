@@ -58,7 +58,8 @@ class PlateauDetector:
 
     Two consecutive positive checks are needed. The onset is where the smoothed curve first
     came within noise of the plateau level. A segment restarts when the learning rate rises
-    (restarts; a warmup keeps the stall rule's start) and after a rollback. One finding per plateau; it re-arms when the loss drops again.
+    (restarts; a warmup keeps the stall rule's start, and the stall rule judges during it) and
+    after a rollback. One finding per plateau; it re-arms when the loss drops again.
     """
 
     name = "plateau"
@@ -115,15 +116,17 @@ class PlateauDetector:
             self.stall_start = step
             self.stall_bins.clear()
             self.stall_shared = True
+            # the raw values, the pending hit and the cadence belong to the stall rule's
+            # stretch, which a warmup does not end
+            self.recent.clear()
+            self.hits = 0
+            self.next_eval = step
         elif self.stall_shared:
             self.stall_bins.load_state_dict(self.bins.state_dict())
             self.stall_shared = False
         self.lr_fell = False
         self.seg_start = step
         self.bins.clear()
-        self.recent.clear()
-        self.hits = 0
-        self.next_eval = step
 
     # streaming ----------------------------------------------------------------------------
     def update(self, sample: Sample) -> Finding | None:
@@ -264,14 +267,21 @@ class PlateauDetector:
     def _evaluate(self, step: int, progress: float) -> Finding | None:
         c = self.config
         seg = self.seg_start if self.seg_start is not None else step
+        stall_start = self.stall_start if self.stall_start is not None else seg
         w_min = self._min_window()
         window = self._window()
         recent = self.recent
         while recent and recent[0][0] < step - 4 * window:
             recent.popleft()
-        xs, ys = self._recent(max(step - 4 * window, seg))
-        if len(xs) < _MIN_WINDOW_SAMPLES or step - seg < w_min:
+        xs, ys = self._recent(max(step - 4 * window, stall_start))
+        if len(xs) < _MIN_WINDOW_SAMPLES or step - stall_start < w_min:
             return None
+        # while a warmup keeps restarting the decay fit's segment, only the stall rule, from
+        # its own start, can judge: a run flat from step 0 need not wait for the warmup's end
+        k = int(np.searchsorted(xs, seg))
+        young = len(xs) - k < _MIN_WINDOW_SAMPLES or step - seg < w_min
+        if not young:
+            xs, ys = xs[k:], ys[k:]
         sigma = max(self._noise(ys), 1e-12)
         tail = xs >= step - w_min
         level = float(np.mean(ys[tail]))
@@ -284,8 +294,8 @@ class PlateauDetector:
                 self.hits = 0
             return None
 
-        hit = self._stall(step, self.stall_start if self.stall_start is not None else seg, sigma)
-        if hit is None:
+        hit = self._stall(step, stall_start, sigma, len(ys))
+        if hit is None and not young:
             hit = self._kink(step, seg, xs, ys, sigma, window, w_min)
         self.last_eval = {"step": step, "level": level, "sigma": sigma, "rule": hit["rule"] if hit else None}
         if hit is None:
@@ -328,7 +338,7 @@ class PlateauDetector:
             detector=self.name,
         )
 
-    def _stall(self, step: int, seg: int, sigma: float) -> dict[str, Any] | None:
+    def _stall(self, step: int, seg: int, sigma: float, n_noise: int) -> dict[str, Any] | None:
         """The run never got going: since the segment began the loss has not fallen by even a
         slow healthy decay's share, with confidence (a linear fit over the whole segment).
 
@@ -340,15 +350,16 @@ class PlateauDetector:
         if span < self.config.plateau_min_steps // 2 or len(bins) < 4:
             return None
         arr = np.array(bins, dtype=float)
-        hit = self._stall_from(step, seg, arr, sigma)
+        hit = self._stall_from(step, seg, arr, sigma, n_noise)
         if hit is None:
             start = seg + int(_STALL_BURN * span)
             later = arr[arr[:, 1] / arr[:, 3] >= start]
             if len(later) < len(arr):
-                hit = self._stall_from(step, start, later, sigma)
+                hit = self._stall_from(step, start, later, sigma, n_noise)
         return hit
 
-    def _stall_from(self, step: int, start: int, arr: np.ndarray, sigma: float) -> dict[str, Any] | None:
+    def _stall_from(self, step: int, start: int, arr: np.ndarray, sigma: float,
+                    n_noise: int) -> dict[str, Any] | None:
         c = self.config
         if len(arr) < 4:
             return None
@@ -383,7 +394,9 @@ class PlateauDetector:
         scale = max(abs(ym), 1e-6)
         needed = min(c.stall_rate * span, c.stall_min_improvement) * scale
         drop = -slope * span
-        if drop + c.stall_z * se * span >= needed:
+        # the noise comes from only ``n_noise`` values: a sparse log's first checks widen the margin
+        # as the change-point test does
+        if drop + c.stall_z * math.sqrt(1.0 + 4.0 / n_noise) * se * span >= needed:
             return None
         return {"rule": "stall", "level": ym, "start": step - span, "predicted_drop": 0.0, "observed_drop": drop,
                 "z": (needed - drop) / max(se * span, 1e-24), "needed": needed}

@@ -60,6 +60,15 @@ def test_a_run_that_never_got_going_stalls():
 
 
 
+def test_a_run_flat_through_a_long_warmup_stalls_before_the_warmup_ends():
+    rng = np.random.default_rng(1)
+    warm = 300
+    samples = [Sample(step=i, loss=float(2.5 * (1 + 0.02 * rng.standard_normal())),
+                      lr=1e-3 * min(i / warm, 1.0)) for i in range(1, 3001)]
+    found = _feed(PlateauDetector(max_steps=3000), samples)
+    assert len(found) == 1 and found[0].evidence["rule"] == "stall" and found[0].step < warm
+
+
 def test_a_stall_after_a_few_wild_first_steps_is_still_a_stall():
     # the shape of the tiny model at lr 3e-2: a spike at step 3 and ten steps near 3.1 before it
     # settles at 2.93 for good; those first steps must not pass for a fall
