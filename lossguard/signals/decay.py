@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_BETAS = np.geomspace(0.05, 2.0, 14)
-_X0_FRACTIONS = np.array([0.0, 0.03, 0.1, 0.3])
-_TAU_FRACTIONS = np.geomspace(0.03, 3.0, 32)
+_BETAS = np.geomspace(0.05, 2.0, 28)
+_X0_FRACTIONS = np.array([0.0, 0.01, 0.03, 0.06, 0.1, 0.2, 0.3, 0.6, 1.0])
+_TAU_FRACTIONS = np.geomspace(0.03, 3.0, 64)
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ def basis(x: np.ndarray, span: float) -> tuple[list[tuple[str, float, float]], n
     """Every candidate shape for data spanning ``span`` steps, and its ``phi`` at ``x`` (one row each).
 
     Shapes are (family, shape, x0): exponential time constants from 3% to 3x the span, power-law
-    exponents 0.05-2 with offsets of 0-30% of the span.
+    exponents 0.05-2 with offsets of 0-100% of the span. The grid is fine enough that a healthy
+    decay is not left with a misfit that a kink could explain (the coarser grid of 14 x 4 x 32
+    shapes did, on 4 of 450 healthy runs).
     """
     span = max(float(span), 1.0)
     taus = _TAU_FRACTIONS * span
