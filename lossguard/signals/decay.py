@@ -8,6 +8,7 @@ a plateau, is solved in one vectorised weighted least-squares pass: no iterative
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import numpy as np
 _BETAS = np.geomspace(0.05, 2.0, 28)
 _X0_FRACTIONS = np.array([0.0, 0.01, 0.03, 0.06, 0.1, 0.2, 0.3, 0.6, 1.0])
 _TAU_FRACTIONS = np.geomspace(0.03, 3.0, 64)
+_ROWS = 64  # shapes per block in fit_kink
 
 
 @dataclass(frozen=True)
@@ -42,14 +44,52 @@ def basis(x: np.ndarray, span: float) -> tuple[list[tuple[str, float, float]], n
     decay is not left with a misfit that a kink could explain (the coarser grid of 14 x 4 x 32
     shapes did, on 4 of 450 healthy runs).
     """
-    span = max(float(span), 1.0)
-    taus = _TAU_FRACTIONS * span
-    x0s = np.maximum(_X0_FRACTIONS * span, 1.0)
-    betas = np.repeat(_BETAS, len(x0s))
-    offs = np.tile(x0s, len(_BETAS))
+    taus, betas, offs = _grid(span)
     shapes = [("exp", float(t), 0.0) for t in taus] + [("power", float(b), float(o)) for b, o in zip(betas, offs)]
-    phi = np.concatenate([np.exp(-x[None, :] / taus[:, None]), (x[None, :] + offs[:, None]) ** (-betas[:, None])])
-    return shapes, phi
+    return shapes, _phi(x, span)
+
+
+def _grid(span: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(time constants, exponents, offsets) of the candidate shapes for a span of ``span`` steps."""
+    span = max(float(span), 1.0)
+    x0s = np.maximum(_X0_FRACTIONS * span, 1.0)
+    return _TAU_FRACTIONS * span, np.repeat(_BETAS, len(x0s)), np.tile(x0s, len(_BETAS))
+
+
+def _phi(x: np.ndarray, span: float, lo: int = 0, hi: int | None = None,
+         logs: np.ndarray | None = None) -> np.ndarray:
+    """Candidate shapes ``lo:hi`` (all by default) at ``x``, one row each, exponentials first.
+
+    Power laws are ``exp(-beta * log(x + x0))`` with the logs taken once per offset (``logs``,
+    from ``_logs``): a power per value costs several times an exp.
+    """
+    taus, betas, _ = _grid(span)
+    n_exp = len(taus)
+    hi = n_exp + len(betas) if hi is None else hi
+    rows = []
+    if lo < n_exp:
+        t = taus[lo:min(hi, n_exp)]
+        rows.append(np.exp(-x[None, :] / t[:, None]))
+    if hi > n_exp:
+        if logs is None:
+            logs = _logs(x, span)
+        k = np.arange(max(lo - n_exp, 0), min(hi - n_exp, len(betas)))
+        rows.append(np.exp(-betas[k][:, None] * logs[k % len(_X0_FRACTIONS)]))
+    return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+
+def _logs(x: np.ndarray, span: float) -> np.ndarray:
+    """``log(x + x0)`` for every power-law offset, one row each."""
+    x0s = np.maximum(_X0_FRACTIONS * max(float(span), 1.0), 1.0)
+    return np.log(x[None, :] + x0s[:, None])
+
+
+def _shape(row: int, span: float) -> tuple[str, float, float]:
+    """(family, shape, x0) of row ``row`` of ``_phi``."""
+    taus, betas, offs = _grid(span)
+    if row < len(taus):
+        return "exp", float(taus[row]), 0.0
+    return "power", float(betas[row - len(taus)]), float(offs[row - len(taus)])
 
 
 @dataclass(frozen=True)
@@ -77,38 +117,45 @@ def fit_kink(x: np.ndarray, y: np.ndarray, w: np.ndarray, candidates: np.ndarray
     idx = np.flatnonzero(candidates)
     if len(idx) == 0 or len(x) < 5:
         return None
-    shapes, phi = basis(x, float(x.max() - x.min()))
-    # a constant added to phi or y changes no fit but, removed, keeps the sums below precise
-    mphi = phi @ w / w.sum()
-    phi = phi - mphi[:, None]
-    y0 = float((w * y).sum() / w.sum())
-    y = y - y0
-    W, Wy, Wyy = float(w.sum()), float((w * y).sum()), float((w * y * y).sum())
-    wphi = phi * w
-    p1 = np.cumsum(wphi, axis=1)
-    p2 = np.cumsum(wphi * phi, axis=1)
-    p3 = np.cumsum(wphi * y, axis=1)
+    span = float(x.max() - x.min())
+    n_shapes = len(_TAU_FRACTIONS) + len(_BETAS) * len(_X0_FRACTIONS)
+    W = float(w.sum())
+    y0 = float((w * y).sum()) / W
+    y = y - y0  # a constant added to phi or y changes no fit but, removed, keeps the sums precise
+    Wy, Wyy = float((w * y).sum()), float((w * y * y).sum())
+    syy = Wyy - Wy * Wy / W
     tail_w = W - np.cumsum(w)
     tail_wy = Wy - np.cumsum(w * y)
     cols = np.append(idx, len(x) - 1)  # the last column is the fit without a kink
-    f = phi[:, cols]
-    s1 = p1[:, cols] + f * tail_w[cols]
-    s2 = p2[:, cols] + f * f * tail_w[cols]
-    s3 = p3[:, cols] + f * tail_wy[cols]
-    sff = s2 - s1 * s1 / W
-    sfy = s3 - s1 * Wy / W
-    syy = Wyy - Wy * Wy / W
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a = np.where(sff > 1e-300, sfy / sff, 0.0)
-    sse = np.where(a > 0, syy - a * sfy, np.inf)
-    best0 = float(sse[:, -1].min())
-    if not np.isfinite(best0):
+    tw, twy = tail_w[cols], tail_wy[cols]
+    best0 = math.inf
+    best: tuple[float, int, int, float, float, float] | None = None  # sse, row, col, a, s1, mphi
+    # shapes in blocks: arrays of a few tens of KB stay in cache (and below the size where
+    # malloc maps fresh pages, whose faults cost more than the arithmetic)
+    logs = _logs(x, span)
+    for lo in range(0, n_shapes, _ROWS):
+        phi = _phi(x, span, lo, lo + _ROWS, logs)
+        mphi = phi @ w / W
+        phi = phi - mphi[:, None]
+        wphi = phi * w
+        f = phi[:, cols]
+        s1 = np.cumsum(wphi, axis=1)[:, cols] + f * tw
+        s2 = np.cumsum(wphi * phi, axis=1)[:, cols] + f * f * tw
+        s3 = np.cumsum(wphi * y, axis=1)[:, cols] + f * twy
+        sff = s2 - s1 * s1 / W
+        sfy = s3 - s1 * Wy / W
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a = np.where(sff > 1e-300, sfy / sff, 0.0)
+        sse = np.where(a > 0, syy - a * sfy, np.inf)
+        best0 = min(best0, float(sse[:, -1].min()))
+        k = sse[:, :-1]
+        s, t = np.unravel_index(int(np.argmin(k)), k.shape)
+        if best is None or k[s, t] < best[0]:
+            best = (float(k[s, t]), lo + int(s), int(t), float(a[s, t]), float(s1[s, t]), float(mphi[s]))
+    if not math.isfinite(best0) or best is None or not math.isfinite(best[0]):
         return None
-    k = sse[:, :-1]
-    s, t = np.unravel_index(int(np.argmin(k)), k.shape)
-    if not np.isfinite(k[s, t]):
-        return None
-    c = y0 + (Wy - a[s, t] * s1[s, t]) / W - a[s, t] * mphi[s]  # undo both centrings
-    fam, shape, x0 = shapes[s]
-    decay = DecayFit(fam, float(c), float(a[s, t]), shape, x0, float(k[s, t]))
-    return KinkFit(tau=float(x[idx[t]]), gain=best0 - float(k[s, t]), sse=float(k[s, t]), decay=decay)
+    sse_k, row, t, a_k, s1_k, mphi_k = best
+    c = y0 + (Wy - a_k * s1_k) / W - a_k * mphi_k  # undo both centrings
+    fam, shape, x0 = _shape(row, span)
+    decay = DecayFit(fam, float(c), a_k, shape, x0, sse_k)
+    return KinkFit(tau=float(x[idx[t]]), gain=best0 - sse_k, sse=sse_k, decay=decay)
