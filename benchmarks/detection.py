@@ -112,7 +112,7 @@ def throughput(n: int) -> None:
         lr = 2e-4 * (1 - steps / n)
         with EventWriter(path, clock=lambda: 1.7e9) as w:
             w.write("run", max_steps=n, num_train_epochs=1.0)
-            fh = w._fh  # bulk write of the exact lines EventWriter produces, to save minutes
+        with open(path, "a", encoding="utf-8") as fh:  # bulk: the lines EventWriter writes, minutes sooner
             for i in range(n):
                 fh.write(json.dumps({"v": 1, "t": 1.7e9 + i, "kind": "sample", "step": int(steps[i]),
                                      "loss": float(loss[i]), "grad_norm": float(gn[i]), "lr": float(lr[i]),

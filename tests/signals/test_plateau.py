@@ -126,3 +126,39 @@ def test_batch_bookkeeping_after_the_early_part_equals_streaming():
                              epoch=None if np.isnan(ep[i]) else float(ep[i])))
     assert batch.state_dict() == stream.state_dict()
     assert batch.seg_start == 3001 and batch.lr_fell and batch.last_step == n
+
+
+def test_resting_after_a_far_from_firing_check_cuts_the_fits_and_delays_a_finding_at_most_one_check(monkeypatch):
+    import lossguard.signals.plateau as plateau
+
+    calls = []
+    real_fit = plateau.fit_kink
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(plateau, "fit_kink", counted)
+
+    def run(curve, rest: bool) -> tuple[list[tuple[int, int]], int]:
+        calls.clear()
+        det = PlateauDetector(max_steps=curve.max_steps)
+        found = []
+        for s in curve.samples:
+            f = det.update(s)
+            if not rest:
+                det.kink_rest = False
+            if f is not None:
+                found.append((f.step, f.onset_step))
+        return found, len(calls)
+
+    healthy = make_curve("power", 11, max_steps=2000)
+    (h_rest, n_rest), (h_all, n_all) = run(healthy, True), run(healthy, False)
+    assert h_rest == h_all == [] and n_all > 50 and n_rest < 0.7 * n_all
+    delays = []
+    for seed in range(3, 9):
+        curve = make_curve("plateau", seed, max_steps=2000)
+        (found, _), (expected, _) = run(curve, True), run(curve, False)
+        assert len(found) == len(expected) == 1 and found[0][0] >= curve.labels[0][1]
+        delays.append(found[0][0] - expected[0][0])
+    assert all(d in (0, 10) for d in delays) and delays.count(0) >= 4, delays  # one check is 10 steps here
