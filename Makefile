@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 demo: $(STAMP)
+	rm -rf demo-run  # a fresh run each time, not one appended to the last
 	$(BIN)/python examples/tiny_cpu.py
 
 # Debian's chromium for the HTML-report browser test (needs root; skipped quietly otherwise).

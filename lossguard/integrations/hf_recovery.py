@@ -111,9 +111,7 @@ class TrainerRecovery:
         if self.pin_target is None:
             return []
         target, self.pin_target = self.pin_target, None
-        pinned = Path(args.output_dir) / f"{FALLBACK_PREFIX}{target}"
-        if pinned.exists():
-            pinned = Path(args.output_dir) / f"{FALLBACK_PREFIX}{target}-at-{state.global_step}"
+        pinned = _fallback_path(Path(args.output_dir), target, int(state.global_step))
         os.replace(ckpt, pinned)
         self.pinned.append(pinned)
         return [Action(ActionKind.SAVE, int(state.global_step),
@@ -130,6 +128,20 @@ class TrainerRecovery:
             return None
         engine.load_state_dict(json.loads((ckpt / STATE_FILE).read_text()))
         return ckpt
+
+
+def _fallback_path(output_dir: Path, target: int, step: int) -> Path:
+    """A free name for the pinned checkpoint of ``target``, saved at ``step``: an earlier run in
+    the same output_dir (or an earlier relapse) may have taken the plain one."""
+    path = output_dir / f"{FALLBACK_PREFIX}{target}"
+    if not path.exists():
+        return path
+    path = output_dir / f"{FALLBACK_PREFIX}{target}-at-{step}"
+    n = 2
+    while path.exists():
+        path = output_dir / f"{FALLBACK_PREFIX}{target}-at-{step}-{n}"
+        n += 1
+    return path
 
 
 def _jsonable(value: Any) -> Any:

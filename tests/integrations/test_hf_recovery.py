@@ -203,6 +203,30 @@ def test_pinned_fallback_survives_save_total_limit_one(tmp_path):
     assert saves and saves[0]["details"]["path"] == str(pinned)
 
 
+def test_pinned_fallback_takes_a_free_name_when_an_earlier_run_left_its_own(tmp_path, caplog):
+    """A second run into the same output_dir (the demo run twice) must not fail on the names the
+    first run's fallback checkpoints took."""
+    tiny = tiny_setup(n_train=128)
+
+    def run(out):
+        trainer = make_trainer(tiny, str(out), callbacks=[_guard(), NanAt([24])], max_steps=40,
+                               learning_rate=1e-2, logging_steps=50, save_strategy="steps", save_steps=10)
+        trainer.train()
+
+    run(tmp_path)
+    first = sorted(p.name for p in tmp_path.glob("lossguard-fallback-*"))
+    assert first == ["lossguard-fallback-10"]
+    with caplog.at_level("WARNING", logger="lossguard"):
+        run(tmp_path)  # the plain name is taken now
+        at = sorted(p.name for p in tmp_path.glob("lossguard-fallback-10-at-*"))
+        assert len(at) == 1 and at[0].startswith("lossguard-fallback-10-at-")
+        run(tmp_path)  # and now the "-at-" one too
+    names = sorted(p.name for p in tmp_path.glob("lossguard-fallback-*"))
+    assert names == sorted(first + at + [at[0] + "-2"])
+    assert all((tmp_path / n / "adapter_model.safetensors").is_file() for n in names)
+    assert "failed" not in caplog.text
+
+
 def test_resume_keeps_lossguard_state(tmp_path):
     tiny = tiny_setup(n_train=128)
     first = _guard()
