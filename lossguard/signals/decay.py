@@ -44,26 +44,35 @@ def basis(x: np.ndarray, span: float) -> tuple[list[tuple[str, float, float]], n
     decay is not left with a misfit that a kink could explain (the coarser grid of 14 x 4 x 32
     shapes did, on 4 of 450 healthy runs).
     """
-    taus, betas, offs = _grid(span)
+    grid = _grid(span)
+    taus, betas, offs = grid
     shapes = [("exp", float(t), 0.0) for t in taus] + [("power", float(b), float(o)) for b, o in zip(betas, offs)]
-    return shapes, _phi(x, span)
+    return shapes, _phi(x, grid, _logs(x, span))
+
+
+def _offsets(span: float) -> np.ndarray:
+    """The power-law offsets x0 for a span of ``span`` steps (at least 1, so x + x0 > 0)."""
+    return np.maximum(_X0_FRACTIONS * max(float(span), 1.0), 1.0)
 
 
 def _grid(span: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(time constants, exponents, offsets) of the candidate shapes for a span of ``span`` steps."""
-    span = max(float(span), 1.0)
-    x0s = np.maximum(_X0_FRACTIONS * span, 1.0)
-    return _TAU_FRACTIONS * span, np.repeat(_BETAS, len(x0s)), np.tile(x0s, len(_BETAS))
+    """(time constants, exponents, offsets), one entry per shape, for a span of ``span`` steps:
+    the exponentials' time constants, then every (exponent, offset) pair of the power laws."""
+    x0s = _offsets(span)
+    return _TAU_FRACTIONS * max(float(span), 1.0), np.repeat(_BETAS, len(x0s)), np.tile(x0s, len(_BETAS))
 
 
-def _phi(x: np.ndarray, span: float, lo: int = 0, hi: int | None = None,
-         logs: np.ndarray | None = None) -> np.ndarray:
-    """Candidate shapes ``lo:hi`` (all by default) at ``x``, one row each, exponentials first.
+def _logs(x: np.ndarray, span: float) -> np.ndarray:
+    """``log(x + x0)`` for every power-law offset, one row each."""
+    return np.log(x[None, :] + _offsets(span)[:, None])
 
-    Power laws are ``exp(-beta * log(x + x0))`` with the logs taken once per offset (``logs``,
-    from ``_logs``): a power per value costs several times an exp.
-    """
-    taus, betas, _ = _grid(span)
+
+def _phi(x: np.ndarray, grid: tuple[np.ndarray, np.ndarray, np.ndarray], logs: np.ndarray,
+         lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """Candidate shapes ``lo:hi`` of ``grid`` (all by default) at ``x``, one row each,
+    exponentials first. Power laws are ``exp(-beta * log(x + x0))`` with the logs taken once per
+    offset (``logs``): a power per value costs several times an exp."""
+    taus, betas, _ = grid
     n_exp = len(taus)
     hi = n_exp + len(betas) if hi is None else hi
     rows = []
@@ -71,22 +80,14 @@ def _phi(x: np.ndarray, span: float, lo: int = 0, hi: int | None = None,
         t = taus[lo:min(hi, n_exp)]
         rows.append(np.exp(-x[None, :] / t[:, None]))
     if hi > n_exp:
-        if logs is None:
-            logs = _logs(x, span)
         k = np.arange(max(lo - n_exp, 0), min(hi - n_exp, len(betas)))
         rows.append(np.exp(-betas[k][:, None] * logs[k % len(_X0_FRACTIONS)]))
     return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
 
-def _logs(x: np.ndarray, span: float) -> np.ndarray:
-    """``log(x + x0)`` for every power-law offset, one row each."""
-    x0s = np.maximum(_X0_FRACTIONS * max(float(span), 1.0), 1.0)
-    return np.log(x[None, :] + x0s[:, None])
-
-
-def _shape(row: int, span: float) -> tuple[str, float, float]:
+def _shape(row: int, grid: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[str, float, float]:
     """(family, shape, x0) of row ``row`` of ``_phi``."""
-    taus, betas, offs = _grid(span)
+    taus, betas, offs = grid
     if row < len(taus):
         return "exp", float(taus[row]), 0.0
     return "power", float(betas[row - len(taus)]), float(offs[row - len(taus)])
@@ -118,7 +119,8 @@ def fit_kink(x: np.ndarray, y: np.ndarray, w: np.ndarray, candidates: np.ndarray
     if len(idx) == 0 or len(x) < 5:
         return None
     span = float(x.max() - x.min())
-    n_shapes = len(_TAU_FRACTIONS) + len(_BETAS) * len(_X0_FRACTIONS)
+    grid = _grid(span)
+    n_shapes = len(grid[0]) + len(grid[1])
     W = float(w.sum())
     y0 = float((w * y).sum()) / W
     y = y - y0  # a constant added to phi or y changes no fit but, removed, keeps the sums precise
@@ -134,7 +136,7 @@ def fit_kink(x: np.ndarray, y: np.ndarray, w: np.ndarray, candidates: np.ndarray
     # malloc maps fresh pages, whose faults cost more than the arithmetic)
     logs = _logs(x, span)
     for lo in range(0, n_shapes, _ROWS):
-        phi = _phi(x, span, lo, lo + _ROWS, logs)
+        phi = _phi(x, grid, logs, lo, lo + _ROWS)
         mphi = phi @ w / W
         phi = phi - mphi[:, None]
         wphi = phi * w
@@ -156,6 +158,6 @@ def fit_kink(x: np.ndarray, y: np.ndarray, w: np.ndarray, candidates: np.ndarray
         return None
     sse_k, row, t, a_k, s1_k, mphi_k = best
     c = y0 + (Wy - a_k * s1_k) / W - a_k * mphi_k  # undo both centrings
-    fam, shape, x0 = _shape(row, span)
+    fam, shape, x0 = _shape(row, grid)
     decay = DecayFit(fam, float(c), a_k, shape, x0, sse_k)
     return KinkFit(tau=float(x[idx[t]]), gain=best0 - sse_k, sse=sse_k, decay=decay)
