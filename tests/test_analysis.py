@@ -71,6 +71,13 @@ def test_text_output_and_bad_fail_on(tmp_path):
         once(str(tmp_path), True, "sometimes")
 
 
+def test_text_output_is_one_line_per_item_when_piped(tmp_path):
+    run = tmp_path / ("a-run-directory-with-a-long-name-" * 3)  # the header alone is past 80 columns
+    _trainer_state(run / "checkpoint-10", 30)
+    code, out = _once(run, False, None)
+    assert out.splitlines()[0] == f"{run} (trainer_state): 30 samples, last step 300, status healthy"
+
+
 def test_telemetry_log_merges_recorded_and_replayed_findings(tmp_path):
     path = tmp_path / "lossguard" / "events.jsonl"
     with EventWriter(path, clock=lambda: 1.0) as w:

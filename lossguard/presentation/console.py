@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.markup import escape
 
@@ -16,7 +18,8 @@ def console() -> Console:
     """The shared stderr console (stdout stays the user's)."""
     global _console
     if _console is None:
-        _console = Console(stderr=True, highlight=False)
+        # a training log redirected to a file keeps one line per finding instead of 80-column wraps
+        _console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
     return _console
 
 
