@@ -90,7 +90,7 @@ class RecoveryConfig:
     enabled: bool = True
     triggers: tuple[Reason, ...] = DEFAULT_TRIGGERS
     rollback_steps: int = 100
-    snapshot_every: int = 25
+    snapshot_every: int = 50
     lr_factor: float = 0.1
     max_low_lr_steps: int = 300
     restore_ramp_steps: int = 0

@@ -56,8 +56,8 @@ class TrainerRecovery:
         self.pin_target: int | None = None
         self.pinned: list[Path] = []
 
-    def steps(self) -> list[int]:
-        return self.recoverer.ring.steps() if self.recoverer is not None else []
+    def steps(self) -> tuple[int, ...]:
+        return self.recoverer.ring.steps() if self.recoverer is not None else ()
 
     def begin(self, trainer: Any, model: Any, optimizer: Any, scheduler: Any) -> None:
         optimizer = getattr(trainer, "optimizer", None) or optimizer

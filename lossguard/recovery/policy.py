@@ -112,10 +112,10 @@ class RecoveryPolicy:
              snapshots: Sequence[int]) -> Decision:
         """Decide what to do after the optimizer step that produced ``step``'s ``loss``."""
         decision = Decision()
-        before = self.smoothed()
         cfg = self.config
-        if self.phase is not Phase.GAVE_UP and cfg.enabled:
+        if findings and self.phase is not Phase.GAVE_UP and cfg.enabled:
             trigger = self._trigger(step, findings)
+            before = self.smoothed()  # the level before this step's loss joins the window
             if trigger is not None and self._watching(step):
                 self._relapse(step, snapshots, decision, before,
                               f"a {trigger.reason.value} at step {step}, {step - self.restore_step} steps after "

@@ -403,12 +403,13 @@ class SnapshotRing:
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self.disk_keep = disk_keep
         self._snaps: dict[int, Snapshot] = {}
-        self._steps: list[int] | None = None  # sorted(self._snaps), asked for after every training step
+        self._steps: tuple[int, ...] | None = None  # sorted(self._snaps), asked for after every training step
 
-    def steps(self) -> list[int]:
+    def steps(self) -> tuple[int, ...]:
+        """The snapshot steps, oldest first (cached: no copy per training step)."""
         if self._steps is None:
-            self._steps = sorted(self._snaps)
-        return list(self._steps)
+            self._steps = tuple(sorted(self._snaps))
+        return self._steps
 
     def __len__(self) -> int:
         return len(self._snaps)

@@ -109,7 +109,7 @@ def test_nan_is_rolled_back_bitwise_and_training_ends_finite(tmp_path):
     assert trainer.state.global_step == 40
     assert all(torch.isfinite(p).all() for p in trainable_parameters(tiny.model).values())
     assert math.isfinite(eval_loss(tiny.model, tiny.eval, tiny.collator))
-    assert guard.recovery.recoverer.ring.steps()[:3] == [0, 5, 10]  # nothing of the abandoned branch kept
+    assert guard.recovery.recoverer.ring.steps()[:3] == (0, 5, 10)  # nothing of the abandoned branch kept
 
 
 SCHEDULERS = {

@@ -82,7 +82,7 @@ def test_memory_cap_spills_oldest_to_disk_and_keeps_the_first(trained, tmp_path)
     got = ring.get(0)
     assert got.step == 0 and _equal_trees(got.params, capture(0, model, opt, sched).params)
     ring.drop_after(160)
-    assert ring.steps() == [0, 150] and sorted(p.name for p in tmp_path.iterdir()) == [
+    assert ring.steps() == (0, 150) and sorted(p.name for p in tmp_path.iterdir()) == [
         "step-000000000", "step-000000150"]
 
 
@@ -92,7 +92,7 @@ def test_without_a_spill_dir_the_oldest_but_first_are_dropped(trained):
     ring = SnapshotRing(memory_mb=3.5 * one / 2**20)
     for step in range(0, 200, 25):
         ring.add(capture(step, model, opt, sched))
-    assert ring.steps() == [0, 150, 175]
+    assert ring.steps() == (0, 150, 175)
 
 
 def test_capturer_follows_replaced_optimizer_state_and_never_aliases(trained):
