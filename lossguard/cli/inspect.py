@@ -12,11 +12,12 @@ from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console, Group, RenderableType
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from lossguard.checkpoint import CheckpointInfo, FileRole, Inspection, inspect_path
+from lossguard.presentation.console import stdout_console
 from lossguard.telemetry.schema import encode
 
 _NEEDED_FOR = {
@@ -157,7 +158,7 @@ def command(
     if as_json:
         print(json.dumps(json.loads(encode(ins.to_dict())), indent=2))
     else:
-        console = Console(highlight=False)
+        console = stdout_console()
         if ins.kind == "run":
             console.print(run_overview(ins))
             newest = ins.newest

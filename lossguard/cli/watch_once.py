@@ -29,12 +29,9 @@ def once(run_dir: str, as_json: bool, fail_on: str | None) -> int:
 
 
 def _print_text(run_dir: str, result) -> None:  # type: ignore[no-untyped-def]
-    import sys
+    from lossguard.presentation.console import stdout_console
 
-    from rich.console import Console
-
-    # piped into a file or a CI log: one line per finding (greppable), not wrapped at 80 columns
-    console = Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+    console = stdout_console()
     colour = {"healthy": "green", "warning": "yellow", "critical": "red"}[result.status]
     console.print(
         f"[bold]{run_dir}[/bold] ({result.source}): {result.steps} samples, last step "

@@ -23,6 +23,12 @@ def console() -> Console:
     return _console
 
 
+def stdout_console() -> Console:
+    """A console for a command's output: wrapped to the terminal's width, but one line per item
+    when piped into a file or a CI log (rich would otherwise wrap at 80 columns; grep needs lines)."""
+    return Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+
+
 def finding_line(f: Finding) -> str:
     style = _STYLE.get(f.severity, "white")
     return f"[{style}]lossguard {f.severity.value}[/] [bold]{f.reason.value}[/] {escape(f.message)}"
