@@ -109,15 +109,15 @@ def _lockstep_pair(steps: int, hidden: int, extra: dict, first: int,
                 cond.notify_all()
 
     with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        arms = [int(slot == guard_slot) for slot in (0, 1)]  # slot: build order; arm 1 has LossGuard
         trainers = []
-        for slot, out in ((0, a), (1, b)):  # built here, one after the other: the seeds are global
+        for arm, out in zip(arms, (a, b)):  # built here, one after the other: the seeds are global
             # the baton first: LossGuard moves itself to the front at train begin, so on every
             # later event the baton's hook runs after LossGuard's and LossGuard's work is timed
-            arm = int(slot == guard_slot)
             callbacks = [Baton(arm), guard] if arm == 1 else [Baton(arm)]
             trainers.append(make_trainer(tiny_setup(hidden_size=hidden), out, callbacks=callbacks,
                                          max_steps=steps, learning_rate=1e-2, logging_steps=20))
-        threads = [threading.Thread(target=train, args=(int(slot == guard_slot), trainers[slot])) for slot in (0, 1)]
+        threads = [threading.Thread(target=train, args=(arm, trainer)) for arm, trainer in zip(arms, trainers)]
         for t in threads:
             t.start()
         for t in threads:
