@@ -186,15 +186,12 @@ class LossGuard(TrainerCallback):
         self.gpu.start()
 
     @_guarded
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._first_snapshot_due and self.recovery is not None:
-            self.recovery.first_snapshot(int(state.global_step), self.engine)
-            self._first_snapshot_due = False
-        self.capture.begin_step()
-
-    @_guarded
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None,
                               optimizer: Any = None, **kwargs: Any) -> None:
+        if self._first_snapshot_due and self.recovery is not None:
+            # here, not at train begin: a resumed run's optimizer state and RNGs are loaded after it
+            self.recovery.first_snapshot(int(state.global_step), self.engine)
+            self._first_snapshot_due = False
         if self.recovery is not None:  # before the capture reads it: the sample's lr is the one used
             self.recovery.pre_optimizer_step(self.engine, int(state.global_step) + 1)
         self.capture.before_optimizer_step(model, optimizer)

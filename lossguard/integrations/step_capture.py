@@ -83,23 +83,27 @@ class StepCapture:
         """Wrap ``trainer``'s methods (or hook ``model``); returns the capture mode used."""
         self.uninstall()
         if trainer is not None and callable(getattr(trainer, "training_step", None)):
-            self._wrap(trainer, "training_step", self._after_training_step)
+            self._wrap(trainer, "training_step", self._after_training_step, before=self._start_clock)
             accelerator = getattr(trainer, "accelerator", None)
             if accelerator is not None and callable(getattr(accelerator, "clip_grad_norm_", None)):
                 self._wrap(accelerator, "clip_grad_norm_", self._after_clip)
             self.mode = "trainer"
         elif model is not None:
-            handle = model.register_forward_hook(self._forward_hook, with_kwargs=True)
-            self._restore.append(handle.remove)
+            for handle in (model.register_forward_pre_hook(self._forward_pre_hook),
+                           model.register_forward_hook(self._forward_hook, with_kwargs=True)):
+                self._restore.append(handle.remove)
             self.mode = "forward_hook"
         return self.mode
 
-    def _wrap(self, obj: Any, name: str, after: Callable[..., None]) -> None:
+    def _wrap(self, obj: Any, name: str, after: Callable[..., None],
+              before: Callable[[], None] | None = None) -> None:
         original = getattr(obj, name)
         had_own = name in vars(obj)
 
         @functools.wraps(original)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if before is not None:
+                before()  # cannot raise: a clock read
             result = original(*args, **kwargs)
             try:
                 after(result, *args, **kwargs)
@@ -145,9 +149,13 @@ class StepCapture:
                 self.kept.append(batch)
                 self._kept_rows += rows
 
-    def _after_training_step(self, result: Any, *args: Any, **kwargs: Any) -> None:
+    def _start_clock(self) -> None:
+        """The step's clock starts with its first micro-batch (a batch already fetched, evaluations
+        and checkpoint saves between steps not counted)."""
         if self._t0 is None:
             self._t0 = self._clock()
+
+    def _after_training_step(self, result: Any, *args: Any, **kwargs: Any) -> None:
         if isinstance(result, torch.Tensor):
             self._add_loss(result)
         inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
@@ -159,6 +167,10 @@ class StepCapture:
             value = result.item() if isinstance(result, torch.Tensor) else result
             self.grad_norm = None if value is None else float(value)
 
+    def _forward_pre_hook(self, module: Any, args: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._start_clock()
+
     def _forward_hook(self, module: Any, args: Any, kwargs: Any, output: Any) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
@@ -166,17 +178,12 @@ class StepCapture:
         if loss is None and isinstance(output, dict):
             loss = output.get("loss")
         if isinstance(loss, torch.Tensor):
-            if self._t0 is None:
-                self._t0 = self._clock()
             # with num_items_in_batch the model already divides by the whole step's token count
             self._hook_losses = kwargs.get("num_items_in_batch") is None
             self._add_loss(loss)
             self._add_tokens(kwargs)
 
     # --- per step -------------------------------------------------------------------------
-    def begin_step(self) -> None:
-        self._t0 = self._clock()
-
     def before_optimizer_step(self, model: Any, optimizer: Any) -> None:
         """Read the LR ``optimizer.step()`` is about to use; measure the grad norm if needed."""
         if optimizer is not None and getattr(optimizer, "param_groups", None):
