@@ -26,7 +26,7 @@ from lossguard.integrations.run_info import run_record, world_size
 from lossguard.integrations.step_capture import StepCapture, find_trainer
 from lossguard.records import Action, Finding, Sample
 from lossguard.telemetry.schema import EVENTS_FILE
-from lossguard.telemetry.writer import EventWriter
+from lossguard.telemetry.writer import EventWriter, set_aside
 
 logger = logging.getLogger("lossguard")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -115,6 +115,8 @@ class LossGuard(TrainerCallback):
         self._distributed = dist.is_distributed()
         log_dir = self.log_dir or Path(args.output_dir) / self.config.log_subdir
         if self._is_main and self.writer is None:
+            if int(state.global_step) == 0:  # a fresh run, not a resumed one: its own log
+                set_aside(log_dir / EVENTS_FILE)
             self.writer = EventWriter(log_dir / EVENTS_FILE)
         trainer = find_trainer()
         if trainer is not None:

@@ -35,7 +35,7 @@ from lossguard.records import Action, Finding, Sample
 from lossguard.recovery.apply import Recoverer
 from lossguard.recovery.snapshot import trainable_parameters
 from lossguard.telemetry.schema import EVENTS_FILE
-from lossguard.telemetry.writer import EventWriter
+from lossguard.telemetry.writer import EventWriter, set_aside
 
 logger = logging.getLogger("lossguard")
 
@@ -72,7 +72,11 @@ class LoopGuard:
         self.actions: list[Action] = []
         self._is_main = dist.rank() == 0
         self.log_dir = Path(log_dir) if log_dir is not None else None
-        self.writer = EventWriter(self.log_dir / EVENTS_FILE) if self.log_dir is not None and self._is_main else None
+        self.writer: EventWriter | None = None
+        if self.log_dir is not None and self._is_main:
+            if start_step == 0:  # a fresh run, not a resumed one: its own log
+                set_aside(self.log_dir / EVENTS_FILE)
+            self.writer = EventWriter(self.log_dir / EVENTS_FILE)
         self.recoverer: Recoverer | None = None
         self._remove_hooks = None
         self._optimizer_steps = 0

@@ -37,6 +37,37 @@ def _json_number(value: Any) -> str | None:
     return "null" if value is None else None
 
 
+def set_aside(path: str | os.PathLike[str]) -> Path | None:
+    """Move an earlier run's non-empty log out of the way of a fresh run; where it went, or None.
+
+    A run that starts at step 0 in an output_dir that already has ``events.jsonl`` would
+    otherwise append to it, and the report would mix both runs' findings. The old log is kept,
+    renamed ``events.<time it was last written>.jsonl`` (never overwritten, never deleted). A
+    failure (a read-only directory) logs a warning and leaves the file where it is.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if st.st_size == 0:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(st.st_mtime))
+    target = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    n = 2
+    while target.exists():
+        target = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+        n += 1
+    try:
+        os.replace(path, target)
+    except OSError as err:
+        logger.warning("lossguard: %s holds an earlier run and could not be moved aside (%s); appending to it",
+                       path, err.strerror or err)
+        return None
+    logger.warning("lossguard: %s held an earlier run; kept it as %s", path, target.name)
+    return target
+
+
 class EventWriter:
     """Appends records to ``path``; safe to call from several threads."""
 

@@ -161,6 +161,17 @@ def test_unwritable_output_dir_warns_and_training_continues(tiny, tmp_path, capl
     assert "telemetry disabled" in caplog.text
 
 
+def test_a_fresh_run_in_a_used_output_dir_sets_the_old_log_aside(tiny, tmp_path, caplog):
+    make_trainer(tiny, str(tmp_path), callbacks=[_guard()], max_steps=5).train()
+    with caplog.at_level("WARNING", logger="lossguard"):
+        make_trainer(tiny, str(tmp_path), callbacks=[_guard()], max_steps=3).train()
+    assert [r["step"] for r in _records(tmp_path, "sample")] == [1, 2, 3]  # only the new run
+    (old,) = (tmp_path / "lossguard").glob("events.*.jsonl")
+    kept = [r for r in read_events(old) if r["kind"] == "sample"]
+    assert [r["step"] for r in kept] == [1, 2, 3, 4, 5]  # the earlier run, whole
+    assert f"kept it as {old.name}" in caplog.text
+
+
 def test_bad_configuration_fails_loudly_before_training():
     with pytest.raises(ValueError, match=r"lr_factor=0.0 is out of range"):
         LossGuard(recovery={"lr_factor": 0.0})

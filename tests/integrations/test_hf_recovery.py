@@ -246,11 +246,14 @@ def test_resume_keeps_lossguard_state(tmp_path):
     assert len(resumed) == 1 and resumed[0]["rollbacks"] == 1 and resumed[0]["step"] == 30
     assert second.engine.policy.rollbacks == 1
     assert second.engine.detectors.state_dict()["samples_seen"] == saved["detectors"]["samples_seen"] + 10
+    # a resumed run continues the same log: both runs' records are there, nothing was set aside
+    runs = [r for r in read_events(tmp_path / "lossguard" / "events.jsonl") if r["kind"] == "run"]
+    assert len(runs) == 2 and list((tmp_path / "lossguard").glob("events.*.jsonl")) == []
 
 
 def test_users_notes_arguments_still_find_a_target_100_steps_back(tmp_path):
     tiny = tiny_setup(n_train=128)
-    guard = LossGuard(GuardConfig(console=False))  # default recovery: every 25 steps, 100 steps back
+    guard = LossGuard(GuardConfig(console=False))  # default recovery: every 50 steps, 100 steps back
     trainer = make_trainer(tiny, str(tmp_path), callbacks=[guard, NanAt([160])], max_steps=170,
                            learning_rate=1e-2, save_strategy="steps", save_steps=200, logging_steps=20)
     trainer.train()

@@ -7,6 +7,7 @@ import pytest
 from lossguard.errors import LogReadError
 from lossguard.records import Sample
 from lossguard.telemetry import EventWriter, LogTail, RunLog, read_events
+from lossguard.telemetry.writer import set_aside
 from lossguard.telemetry.schema import as_float, encode
 
 
@@ -153,3 +154,19 @@ def test_disk_full_mid_run_warns_once_and_turns_the_writer_off(caplog):
         w.write("finding", step=1)
     assert w.failed and w.written == 0
     assert caplog.text.count("telemetry disabled") == 1 and "/dev/full" in caplog.text
+
+
+def test_set_aside_keeps_every_earlier_log_under_its_own_name(tmp_path):
+    path = tmp_path / "events.jsonl"
+    assert set_aside(path) is None  # nothing there
+    path.write_text("")
+    assert set_aside(path) is None and path.exists()  # an empty file is no run
+    moved = []
+    for text in ("first\n", "second\n", "third\n"):
+        path.write_text(text)
+        os.utime(path, (1_700_000_000, 1_700_000_000))  # the same last-write time: names must still differ
+        moved.append(set_aside(path))
+    assert not path.exists()
+    assert [m.read_text() for m in moved] == ["first\n", "second\n", "third\n"]
+    assert len({m.name for m in moved}) == 3
+    assert moved[1].name == moved[0].name.replace(".jsonl", "-2.jsonl")
