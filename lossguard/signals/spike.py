@@ -215,7 +215,7 @@ class SpikeDetector:
         r = (counts - 1) // 4 - k0
         have = r >= 0
         cur = self.threshold if self.threshold is not None else math.inf
-        thr_j = np.where(have, thr[np.maximum(r, 0)], cur)
+        thr_j = np.where(have, thr[np.maximum(r, 0)] if len(ref) else cur, cur)  # no refresh among the new values
         exceed = y > thr_j
         prev = np.concatenate([[self.in_loss_spike], exceed[:-1]])
         starts = np.flatnonzero(exceed & ~prev)

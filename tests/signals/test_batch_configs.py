@@ -121,3 +121,15 @@ def test_gradient_streaks_carry_across_batches():
     for cfg in (DetectionConfig(), DetectionConfig(vanishing_window=10)):
         found = _check(lambda cfg=cfg: GradientDetector(cfg), samples, split=(100, 103, 250, 252, 320, 325))
         assert found == 2
+
+
+@pytest.mark.parametrize("tail", [1, 2, 3, 4])
+def test_batch_with_fewer_new_values_than_a_refresh_interval(tail):
+    # past warm-up, a batch whose few finite values hold no scheduled refresh of the spike
+    # threshold (every 4th value) raised IndexError: a log that turns NaN for good, say
+    samples = [s if i < 200 or i >= 400 - tail else Sample(step=s.step, loss=math.nan, grad_norm=s.grad_norm)
+               for i, s in enumerate(_noisy_run(0, 400))]
+    samples[-1] = Sample(step=400, loss=9.0, grad_norm=1.0)  # a spike among them
+    for cls in (SpikeDetector, GradExplosionDetector, DivergenceDetector):
+        _check(lambda cls=cls: cls(DetectionConfig()), samples, split=200)
+    assert _check(lambda: SpikeDetector(DetectionConfig()), samples, split=200) >= 1
