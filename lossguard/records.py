@@ -61,6 +61,8 @@ def _opt_float(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+    except OverflowError:  # an integer past 1e308: as infinite as a float gets
+        return math.inf if value > 0 else -math.inf
 
 
 def _opt_int(value: Any) -> int | None:
@@ -68,11 +70,28 @@ def _opt_int(value: Any) -> int | None:
         return None
     try:
         f = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    if not math.isfinite(f):
+    if not math.isfinite(f) or abs(f) >= 2.0**63:  # what an int64 column can hold
         return None
     return int(f)
+
+
+MAX_STEP = 2**53  # beyond it a "step" is damage, not a step (and would overflow int64 columns)
+
+
+def as_step(value: Any) -> int | None:
+    """A step or step count read from a log (an int, a float, a numeric string): a whole
+    number in [0, MAX_STEP], else None."""
+    if value is None or isinstance(value, bool):
+        return None
+    if type(value) is int:
+        return value if 0 <= value <= MAX_STEP else None
+    try:
+        f = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return int(f) if 0.0 <= f <= MAX_STEP else None  # NaN fails both comparisons
 
 
 @dataclass
@@ -104,8 +123,11 @@ class Sample:
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> Sample:
+        step = as_step(rec["step"])
+        if step is None:
+            raise ValueError(f"not a step: {rec['step']!r}")
         return cls(
-            step=int(rec["step"]),
+            step=step,
             loss=_opt_float(rec.get("loss")),
             grad_norm=_opt_float(rec.get("grad_norm")),
             lr=_opt_float(rec.get("lr")),

@@ -98,3 +98,31 @@ def test_telemetry_log_merges_recorded_and_replayed_findings(tmp_path):
     doc = result.to_json(str(tmp_path))
     assert doc["actions"][0]["action"] == "rollback" and "kind" not in doc["actions"][0]
     assert doc["status"] == "critical" and doc["steps"] == 200
+
+
+@pytest.mark.parametrize("source", ["lossguard", "trainer_state", "llamafactory"])
+def test_damaged_steps_and_huge_numbers_are_skipped_not_raised(tmp_path, source):
+    # step numbers no training has (1e30, 1e308, inf, negative, text) used to overflow the int64
+    # step column (OverflowError); a loss past 1e308 was an overflow in float()
+    bad_steps = [10**30, 1e308, "inf", -5, "x", True, None]
+    good = [{"step": i, "loss": 2.0 - i / 100} for i in range(1, 61)]
+    good[30]["loss"] = 10**400
+    rows = good[:20] + [{"step": s, "loss": 1.0} for s in bad_steps] + good[20:]
+    if source == "lossguard":
+        path = tmp_path / "lossguard" / "events.jsonl"
+        path.parent.mkdir()
+        lines = [json.dumps({"v": 1, "t": 1.0, "kind": "run", "max_steps": math.inf}, allow_nan=True)]
+        lines += [json.dumps({"v": 1, "t": 1.0, "kind": "sample", **r}) for r in rows]
+        path.write_text("\n".join(lines) + "\n")
+    elif source == "trainer_state":
+        path = tmp_path / "checkpoint-60" / "trainer_state.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({"max_steps": 10**30, "log_history": rows}))
+    else:
+        path = tmp_path / "trainer_log.jsonl"
+        path.write_text("\n".join(json.dumps({"current_steps": r["step"], "loss": r["loss"], "total_steps": 1e308})
+                                  for r in rows) + "\n")
+    code, out = _once(tmp_path, True, None)
+    doc = json.loads(out)
+    assert code == 0 and doc["steps"] == 60 and doc["last_step"] == 60
+    assert any(f["reason"] == "nonfinite" and f["step"] == 31 for f in doc["findings"])  # 10**400 is inf

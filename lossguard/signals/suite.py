@@ -116,6 +116,13 @@ class DetectorSuite:
         n = len(st)
         if n == 0:
             return []
+        # a damaged log can hold values near 1e308: their infinities are handled, not worth a warning
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return self._observe_many(st, losses, grad_norms, lrs, epochs, has_loss, has_grad_norm)
+
+    def _observe_many(self, st: np.ndarray, losses: Any, grad_norms: Any, lrs: Any, epochs: Any,
+                      has_loss: Any, has_grad_norm: Any) -> list[Finding]:
+        n = len(st)
 
         def col(a: Any) -> np.ndarray:
             return np.full(n, np.nan) if a is None else np.asarray(a, dtype=float)

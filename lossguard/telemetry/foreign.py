@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lossguard.errors import LogReadError
-from lossguard.records import Sample
+from lossguard.records import Sample, as_step
 from lossguard.telemetry.reader import _open_error, iter_events
 from lossguard.telemetry.runlog import RunLog
 from lossguard.telemetry.schema import as_float
@@ -41,11 +41,6 @@ def _load_json(path: Path) -> Any:
         ) from None
 
 
-def _int_or_none(value: Any) -> int | None:
-    f = as_float(value)
-    return int(f) if f is not None and f == f and abs(f) != float("inf") else None
-
-
 def read_trainer_state(path: str | os.PathLike[str]) -> RunLog:
     """Samples and eval entries from a Trainer ``trainer_state.json``."""
     p = Path(path)
@@ -53,12 +48,12 @@ def read_trainer_state(path: str | os.PathLike[str]) -> RunLog:
     if not isinstance(state, dict) or not isinstance(state.get("log_history", []), list):
         raise LogReadError(f"{p}: not a trainer_state.json (no log_history list)")
     log = RunLog(source="trainer_state", path=p)
-    log.max_steps = _int_or_none(state.get("max_steps")) or None
+    log.max_steps = as_step(state.get("max_steps")) or None
     log.num_train_epochs = as_float(state.get("num_train_epochs"))
     for entry in state.get("log_history", []):
         if not isinstance(entry, dict):
             continue
-        step = _int_or_none(entry.get("step"))
+        step = as_step(entry.get("step"))
         if step is None:
             continue
         if "loss" in entry:
@@ -81,8 +76,8 @@ def read_llamafactory(path: str | os.PathLike[str]) -> RunLog:
     p = Path(path)
     log = RunLog(source="llamafactory", path=p)
     for entry in iter_events(p):
-        step = _int_or_none(entry.get("current_steps"))
-        total = _int_or_none(entry.get("total_steps"))
+        step = as_step(entry.get("current_steps"))
+        total = as_step(entry.get("total_steps"))
         if total:
             log.max_steps = total
         if step is None:
@@ -126,7 +121,7 @@ def read_lightning_csv(path: str | os.PathLike[str]) -> RunLog:
             lr_col = next((c for c in columns if c == "lr" or c.startswith("lr-")), None)
             gn_col = next((c for c in columns if "grad" in c and "norm" in c), None)
             for row in reader:
-                step = _int_or_none(row.get("step"))
+                step = as_step(row.get("step"))
                 loss = row.get(loss_col)
                 if step is None or loss in (None, ""):
                     if step is not None and row.get("val_loss") not in (None, ""):

@@ -13,7 +13,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from lossguard.records import Action, Finding, Sample, _opt_float
+from lossguard.records import MAX_STEP, Action, Finding, Sample, _opt_float, as_step
 from lossguard.telemetry.schema import as_float
 
 _COLUMNS = ("loss", "grad_norm", "lr", "epoch")
@@ -92,20 +92,17 @@ def _batch_columns(recs: list[dict[str, Any]]) -> tuple[Any, dict[str, tuple[Any
     import numpy as np
 
     raw_steps = list(map(dict.get, recs, repeat("step")))
-    if set(map(type, raw_steps)) == {int}:
+    if set(map(type, raw_steps)) == {int} and min(raw_steps) >= 0 and max(raw_steps) <= MAX_STEP:
         steps = raw_steps
         keep = recs
     else:
         steps = []
         keep = []
-        for r, st in zip(recs, raw_steps):
-            if type(st) is not int:
-                try:
-                    st = int(st)  # type: ignore[arg-type]
-                except (TypeError, ValueError, OverflowError):
-                    continue
-            steps.append(st)
-            keep.append(r)
+        for r, raw in zip(recs, raw_steps):
+            st = as_step(raw)
+            if st is not None:
+                steps.append(st)
+                keep.append(r)
     cols = {}
     for name in _COLUMNS:
         vals = list(map(dict.get, keep, repeat(name)))
@@ -113,7 +110,7 @@ def _batch_columns(recs: list[dict[str, Any]]) -> tuple[Any, dict[str, tuple[Any
             arr = np.array(vals, dtype=float)
             if arr.ndim != 1:
                 raise ValueError(name)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             conv = [_opt_float(v) for v in vals]
             arr = np.array([_nan(v) for v in conv], dtype=float)
             has = np.array([v is not None for v in conv], dtype=bool)
@@ -193,8 +190,8 @@ class RunLog:
             elif kind == "run":
                 self.run = rec
                 self.ended = False
-                ms = as_float(rec.get("max_steps"))
-                self.max_steps = int(ms) if ms is not None and ms > 0 else self.max_steps
+                ms = as_step(rec.get("max_steps"))
+                self.max_steps = ms if ms else self.max_steps
                 ne = as_float(rec.get("num_train_epochs"))
                 self.num_train_epochs = ne if ne is not None else self.num_train_epochs
             elif kind == "end":

@@ -65,8 +65,13 @@ def as_float(value: Any) -> float | None:
     """A numeric field as a float, accepting the ``"nan"``/``"inf"``/``"-inf"`` spellings."""
     if value is None or isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:  # an integer past 1e308
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         named = _NONFINITE_NAMES.get(value.strip().lower())
         if named is not None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lossguard.errors import LogReadError
-from lossguard.records import Sample
+from lossguard.records import Sample, as_step
 from lossguard.telemetry.foreign import read_lightning_csv, read_trainer_state
 from lossguard.telemetry.reader import READ_CHUNK_BYTES, LogTail
 from lossguard.telemetry.schema import EVENTS_FILE, as_float
@@ -105,11 +105,11 @@ def pick_source(run_dir: str | os.PathLike[str], subdir: str = "lossguard") -> t
 
 
 def _llamafactory_sample(entry: dict[str, Any]) -> Sample | None:
-    step = as_float(entry.get("current_steps"))
-    if step is None or step != step or entry.get("loss") is None:
+    step = as_step(entry.get("current_steps"))
+    if step is None or entry.get("loss") is None:
         return None
     return Sample(
-        step=int(step),
+        step=step,
         loss=as_float(entry.get("loss")),
         grad_norm=as_float(entry.get("grad_norm")),
         lr=as_float(entry.get("lr", entry.get("learning_rate"))),
@@ -225,9 +225,9 @@ class RunFollower:
 
     def _poll_llamafactory(self, batch: Batch) -> None:
         for entry in self._tail_poll(batch):
-            total = as_float(entry.get("total_steps"))
-            if total is not None and total == total and total > 0:
-                batch.max_steps = int(total)
+            total = as_step(entry.get("total_steps"))
+            if total:
+                batch.max_steps = total
             s = _llamafactory_sample(entry)
             if s is not None:
                 batch.samples.append(s)
@@ -290,7 +290,7 @@ class RunFollower:
         if log.samples:
             self._last_step = log.samples[-1].step
         for ev in log.evals:
-            step = as_float(ev.get("step"))
+            step = as_step(ev.get("step"))
             if step is not None and (self._last_eval_step is None or step > self._last_eval_step):
                 batch.records.append(ev)
-                self._last_eval_step = int(step)
+                self._last_eval_step = step

@@ -19,7 +19,7 @@ from typing import Any
 
 from lossguard.config import DetectionConfig
 from lossguard.presentation.downsample import MinMaxBuckets
-from lossguard.records import Action, Finding, Sample, Severity, worst_severity
+from lossguard.records import Action, Finding, Sample, Severity, as_step, worst_severity
 from lossguard.telemetry.schema import as_float
 from lossguard.watch.follow import Batch
 
@@ -133,9 +133,9 @@ class LiveRun:
     def _take_run(self, rec: dict[str, Any]) -> None:
         self.run = rec
         self.ended = False
-        ms = as_float(rec.get("max_steps"))
-        if ms is not None and math.isfinite(ms) and ms > 0:
-            self.max_steps = int(ms)
+        ms = as_step(rec.get("max_steps"))
+        if ms:
+            self.max_steps = ms
         ne = as_float(rec.get("num_train_epochs"))
         if ne is not None:
             self.num_train_epochs = ne

@@ -19,12 +19,15 @@ def _reference_columns(recs):
     steps, keep = [], []
     for r in recs:
         st = r.get("step")
-        if type(st) is not int:
-            try:
-                st = int(st)
-            except (TypeError, ValueError, OverflowError):
-                continue
-        steps.append(st)
+        if st is None or isinstance(st, bool):  # true is no step
+            continue
+        try:
+            f = float(st)  # ints, floats and numeric strings; the fraction is dropped
+        except (TypeError, ValueError, OverflowError):
+            continue
+        if not 0 <= f <= 2**53:  # negative, huge, inf, NaN: damage
+            continue
+        steps.append(int(f))
         keep.append(r)
     cols = {}
     for name in ("loss", "grad_norm", "lr", "epoch"):
