@@ -29,6 +29,11 @@ _BRAILLE_BITS = ((0x01, 0x02, 0x04, 0x40), (0x08, 0x10, 0x20, 0x80))
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
 
+def _unit(f: float) -> float:
+    """A position on an axis, clamped to [0, 1]; the middle where the scale overflowed (values
+    near 1e308 make both the span and the offset infinite)."""
+    return min(1.0, max(0.0, f)) if f == f else 0.5
+
 def num(value: float | None, digits: int = 4) -> str:
     """A number for a narrow column: 4 significant digits, '-' when missing."""
     if value is None:
@@ -80,7 +85,7 @@ def line_chart(raw: MinMaxBuckets, smooth: MinMaxBuckets | None, width: int, hei
         y_lo, y_hi = y_lo - 0.5 * max(abs(y_lo), 1e-3), y_hi + 0.5 * max(abs(y_hi), 1e-3)
 
     def row(y: float) -> int:
-        return min(dots_y - 1, max(0, int(round((y_hi - y) / (y_hi - y_lo) * (dots_y - 1)))))
+        return int(round(_unit((y_hi - y) / (y_hi - y_lo)) * (dots_y - 1)))
 
     cells = [[0] * plot_w for _ in range(height)]
     smooth_cell = [[False] * plot_w for _ in range(height)]
@@ -155,7 +160,7 @@ def sparkline(series: MinMaxBuckets, width: int, *, peak: bool = True) -> Text:
         if v is None:
             chars.append(" ")
         else:
-            i = 0 if span <= 0 else int((v - lo) / span * (len(_BLOCKS) - 1))
+            i = 0 if span <= 0 else int(_unit((v - lo) / span) * (len(_BLOCKS) - 1))
             chars.append(_BLOCKS[i])
     return Text("".join(chars))
 

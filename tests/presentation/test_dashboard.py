@@ -41,6 +41,14 @@ def test_line_chart_draws_band_and_labels() -> None:
     assert rows[2].split() == ["step", "1", "step", "4"]
 
 
+
+def test_values_near_the_float_limit_still_draw() -> None:
+    # a damaged log: 1e308 next to -1e308 overflows the axis span to inf (int(nan) raised)
+    values = [1.0, 1e308, -1e308, 2.0, 1.5]
+    assert len(str(sparkline(_series(values), 5))) == 5
+    rows = str(line_chart(_series(values), _series(values), width=12, height=3)).split("\n")
+    assert len(rows) == 4 and rows[3].split() == ["step", "1", "step", "5"]
+
 def _run(run_dir: Path) -> None:
     with EventWriter(run_dir / "lossguard" / "events.jsonl", clock=lambda: 1000.0) as w:
         w.write("run", max_steps=400, num_train_epochs=1.0)
