@@ -115,8 +115,11 @@ def test_live_dashboard_draws_and_follows(tmp_path: Path) -> None:
 
 def test_live_watch_in_a_subprocess_waits_then_follows(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Ctrl-C must reach the child even when this test runs under a shell that ignores SIGINT
+    # (a background job inherits SIG_IGN, and Python then installs no KeyboardInterrupt handler)
     proc = subprocess.Popen([sys.executable, "-m", "lossguard", "watch", str(tmp_path), "--refresh", "0.1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout is not None
         first = proc.stdout.readline()
