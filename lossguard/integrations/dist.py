@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,14 @@ def world_size() -> int:
 
 def rank() -> int:
     return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def rank_path(path: Path) -> Path:
+    """``path`` for this rank: itself on rank 0, ``<path>-rank<N>`` on the others. Ranks on one
+    machine (or a shared filesystem) spilling snapshots into one folder would replace and
+    delete each other's files, and a rank that lost one would pick another rollback target."""
+    r = rank()
+    return path if r == 0 else path.with_name(f"{path.name}-rank{r}")
 
 
 def _device() -> torch.device:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lossguard.config import GuardConfig
+from lossguard.integrations import dist
 from lossguard.records import Action, ActionKind
 from lossguard.recovery.apply import Recoverer
 from lossguard.recovery.policy import Decision
@@ -66,7 +67,7 @@ class TrainerRecovery:
             logger.warning("lossguard: no optimizer found; recovery is off for this run")
             return
         self.recoverer = Recoverer(model, optimizer, scheduler, config=self.config.recovery,
-                                   spill_dir=self.log_dir / "snapshots")
+                                   spill_dir=dist.rank_path(self.log_dir / "snapshots"))
 
     def first_snapshot(self, step: int, engine: Any) -> None:
         if self.recoverer is not None and not len(self.recoverer.ring):

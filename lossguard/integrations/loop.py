@@ -83,7 +83,7 @@ class LoopGuard:
         self._last_lr: float | None = None
         self._t0: float | None = None
         if self.config.recovery.enabled:
-            spill = self.log_dir / "snapshots" if self.log_dir is not None else None
+            spill = dist.rank_path(self.log_dir / "snapshots") if self.log_dir is not None else None
             self.recoverer = Recoverer(model, optimizer, scheduler, config=self.config.recovery, spill_dir=spill)
             self._remove_hooks = self.recoverer.install_step_hooks(
                 lambda: self.engine.lr_multiplier(self.global_step + 1))

@@ -36,8 +36,10 @@ class NanOnThisRank(TrainerCallback):
 
 
 setup = tiny_setup(n_train=128)
+# snapshot_memory_mb ~0: every snapshot but the newest goes to disk, so both ranks spill at the same steps
 guard = LossGuard(GuardConfig(console=False, recovery={"snapshot_every": 5, "rollback_steps": 5,
-                                                        "max_low_lr_steps": 6, "relapse_watch_steps": 0}))
+                                                        "max_low_lr_steps": 6, "relapse_watch_steps": 0,
+                                                        "snapshot_memory_mb": 1e-6}))
 callbacks = [guard] + ([NanOnThisRank(12)] if rank == 1 else [])
 trainer = make_trainer(setup, out, callbacks=callbacks, max_steps=24, learning_rate=1e-2,
                        per_device_train_batch_size=4, ddp_backend="gloo", logging_steps=50)
@@ -50,6 +52,8 @@ with open(os.path.join(out, f"recovery.rank{rank}.json"), "w") as fh:
         "final_step": trainer.state.global_step,
         "finite": all(bool(torch.isfinite(p).all()) for p in params.values()),
         "checksum": [float(p.double().sum()) for p in params.values()],
+        "spill_dir": str(guard.recovery.recoverer.ring.spill_dir),
+        "spilled": guard.recovery.recoverer.ring.state_summary()["disk"],
     }, fh)
 # an orderly shutdown: gloo aborts at interpreter exit now and then without it
 torch.distributed.barrier()

@@ -18,5 +18,10 @@ def test_nan_on_one_rank_every_rank_rolls_back_to_the_same_step(tmp_path, torchr
         assert any(a["action"] == "lr_restore" for a in r["actions"])
         assert r["final_step"] == 24 and r["finite"]  # nobody deadlocked, training ended finite
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the ranks' weights are still identical
+    # the rollback came from disk, each rank from its own folder (one shared folder let them delete
+    # each other's snapshots)
+    assert ranks[0]["spill_dir"] == str(tmp_path / "lossguard" / "snapshots")
+    assert ranks[1]["spill_dir"] == str(tmp_path / "lossguard" / "snapshots-rank1")
+    assert ranks[0]["spilled"] == ranks[1]["spilled"] and ranks[0]["spilled"]
     events = [json.loads(line) for line in (tmp_path / "lossguard" / "events.jsonl").read_text().splitlines()]
     assert [e["to_step"] for e in events if e["kind"] == "action" and e["action"] == "rollback"] == [5]
