@@ -117,7 +117,7 @@ class LossGuard(TrainerCallback):
         if self._is_main and self.writer is None:
             if int(state.global_step) == 0:  # a fresh run, not a resumed one: its own log
                 set_aside(log_dir / EVENTS_FILE)
-            self.writer = EventWriter(log_dir / EVENTS_FILE)
+            self.writer = EventWriter(log_dir / EVENTS_FILE, background=True)
         trainer = find_trainer()
         if trainer is not None:
             handler = trainer.callback_handler

@@ -2,7 +2,16 @@
 
 Each record is one ``os.write`` on a descriptor opened with ``O_APPEND``: no user-space buffer
 to flush, so a line is in the file (and visible to ``lossguard watch``) as soon as the call
-returns, and the per-step cost is a single system call.
+returns.
+
+With ``background=True`` (the Trainer callback) the system call happens on a writer thread: the
+training thread only queues the record, so a slow or hanging file system (NFS, a full disk
+retrying) never stalls a training step. The thread wakes every ``INTERVAL`` seconds (50 ms) and
+writes what has been queued, in order, in one call: a record is in the file at most that long
+after it was recorded. It does not wake per record: waking a thread costs the training thread
+as much as the write itself (the thread then competes for the GIL). ``flush()`` writes what is
+queued at once, ``close()`` too, and so does the interpreter's exit when a run ends in an
+exception.
 
 The writer must never hurt training: if the file cannot be opened or written (full disk, a
 read-only mount) it logs one warning and turns itself off; records are then dropped, never
@@ -11,10 +20,12 @@ raised into the training loop.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,20 +80,45 @@ def set_aside(path: str | os.PathLike[str]) -> Path | None:
 
 
 class EventWriter:
-    """Appends records to ``path``; safe to call from several threads."""
+    """Appends records to ``path``; safe to call from several threads.
 
-    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time):
+    Args:
+        path: the log file (created with its folder when missing).
+        clock: the source of the ``t`` field.
+        background: do the writing on a writer thread (see the module's docstring).
+    """
+
+    #: records a background writer holds before it drops new ones (a file system that has
+    #: stopped accepting writes must not grow the training process without bound)
+    MAX_PENDING = 100_000
+    #: seconds between the background writer's rounds
+    INTERVAL = 0.05
+
+    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time,
+                 background: bool = False):
         self.path = Path(path)
         self._clock = clock
         self._lock = threading.Lock()
         self._fd: int | None = None
         self.failed = False
         self.written = 0
+        self.dropped = 0
+        self._queued = 0  # records given to the writer thread
+        self._taken = 0  # ... and taken off its queue
+        self._queue: deque[Any] | None = None
+        self._drain_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
         except OSError as err:
             self._fail(f"cannot open {self.path} for appending ({err.strerror or err})")
+        if background and self._fd is not None:
+            self._queue = deque()
+            self._thread = threading.Thread(target=self._drain, name="lossguard-writer", daemon=True)
+            self._thread.start()
+            atexit.register(self.close)
 
     def _fail(self, why: str) -> None:
         self.failed = True
@@ -105,18 +141,29 @@ class EventWriter:
         except (TypeError, ValueError) as err:
             logger.warning("lossguard: dropped an unserialisable %s record (%s)", record.get("kind"), err)
             return
-        self._append(line)
+        if self._queue is not None:
+            self._put(line)
+        else:
+            self._append(line)
 
     def write_sample(self, sample: Sample) -> None:
         """Append ``sample`` exactly as ``write_record(sample.to_record())`` would, for a third of the cost.
 
-        This runs after every optimizer step, so the line is formatted directly instead of
-        through a dict and ``json``; a field of any other type than int/float/None takes the
-        general path.
+        This runs after every optimizer step: a background writer formats the line on its own
+        thread (the sample is not changed after it is recorded), and the line is formatted
+        directly instead of through a dict and ``json``.
         """
         if self._fd is None:
             return
         t = sample.t if sample.t is not None else round(self._clock(), 3)
+        if self._queue is not None:
+            self._put((sample, t))
+        else:
+            self._append(self._sample_line(sample, t))
+
+    def _sample_line(self, sample: Sample, t: Any) -> str:
+        """The line of ``sample`` stamped ``t``; a field of any other type than int/float/None
+        takes the general path."""
         step, loss, grad_norm, lr = sample.step, sample.loss, sample.grad_norm, sample.lr
         epoch, seconds, tokens = sample.epoch, sample.step_time_s, sample.tokens
         if (type(loss) is float and type(grad_norm) is float and type(lr) is float and type(epoch) is float
@@ -124,28 +171,69 @@ class EventWriter:
                 and loss - loss == 0.0 and grad_norm - grad_norm == 0.0 and lr - lr == 0.0
                 and epoch - epoch == 0.0 and seconds - seconds == 0.0 and t - t == 0.0):
             # the usual step: every field present and finite
-            self._append(f'{{"v":{SCHEMA_VERSION},"t":{t!r},"kind":"sample","step":{step},"loss":{loss!r},'
-                         f'"grad_norm":{grad_norm!r},"lr":{lr!r},"epoch":{epoch!r},"step_time_s":{seconds!r},'
-                         f'"tokens":{tokens}}}\n')
-            return
+            return (f'{{"v":{SCHEMA_VERSION},"t":{t!r},"kind":"sample","step":{step},"loss":{loss!r},'
+                    f'"grad_norm":{grad_norm!r},"lr":{lr!r},"epoch":{epoch!r},"step_time_s":{seconds!r},'
+                    f'"tokens":{tokens}}}\n')
         head = _json_number(t), _json_number(step), _json_number(loss)
         if None in head:
-            self.write_record(sample.to_record())
-            return
+            return encode({"v": SCHEMA_VERSION, "t": t, **sample.to_record()}) + "\n"
         parts = [f'{{"v":{SCHEMA_VERSION},"t":{head[0]},"kind":"sample","step":{head[1]},"loss":{head[2]}']
         for key, value in ((',"grad_norm":', grad_norm), (',"lr":', lr), (',"epoch":', epoch),
                            (',"step_time_s":', seconds), (',"tokens":', tokens)):
             if value is not None:
                 text = _json_number(value)
                 if text is None:
-                    self.write_record(sample.to_record())
-                    return
+                    return encode({"v": SCHEMA_VERSION, "t": t, **sample.to_record()}) + "\n"
                 parts.append(key)
                 parts.append(text)
         parts.append("}\n")
-        self._append("".join(parts))
+        return "".join(parts)
 
-    def _append(self, line: str) -> None:
+    # --- the background writer ----------------------------------------------------------------
+    def _put(self, item: Any) -> None:
+        assert self._queue is not None
+        if self._queued - self._taken >= self.MAX_PENDING:
+            self.dropped += 1
+            if self.dropped == 1:
+                logger.warning("lossguard: %s has not accepted a write for %d records; dropping new ones "
+                               "until it does; training continues", self.path, self.MAX_PENDING)
+            return
+        self._queued += 1
+        self._queue.append(item)
+
+    def _drain(self) -> None:
+        """The writer thread: every ``INTERVAL`` seconds, what has been queued."""
+        while not self._stop.wait(self.INTERVAL):
+            self._write_queued()
+        self._write_queued()
+        with self._lock:  # close() may have given up waiting for this last round
+            self._close_quietly()
+
+    def _write_queued(self) -> None:
+        q = self._queue
+        if q is None:
+            return
+        with self._drain_lock:  # the writer thread and a flush() never interleave their records
+            lines: list[str] = []
+            while True:
+                try:
+                    item = q.popleft()
+                except IndexError:
+                    break
+                self._taken += 1
+                try:
+                    lines.append(item if type(item) is str else self._sample_line(*item))
+                except Exception as err:  # never raised into training, never stops the thread
+                    self.dropped += 1
+                    logger.warning("lossguard: dropped a record that could not be formatted (%s)", err)
+            if lines:
+                self._append("".join(lines), len(lines))
+
+    def flush(self) -> None:
+        """Write every record queued so far, now, on the calling thread."""
+        self._write_queued()
+
+    def _append(self, line: str, records: int = 1) -> None:
         data = memoryview(line.encode("utf-8"))
         with self._lock:
             if self._fd is None:
@@ -153,7 +241,7 @@ class EventWriter:
             try:
                 while data:
                     data = data[os.write(self._fd, data):]
-                self.written += 1
+                self.written += records
             except OSError as err:
                 self._close_quietly()
                 self._fail(f"cannot write {self.path} ({err.strerror or err})")
@@ -166,7 +254,17 @@ class EventWriter:
             except OSError:
                 pass
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued (waiting up to ``timeout`` seconds for the file system), then close."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            atexit.unregister(self.close)
+            self._stop.set()
+            thread.join(timeout)
+            if thread.is_alive():
+                logger.warning("lossguard: %s did not take the last records within %.1f s (%d still queued); "
+                               "left to the writer thread", self.path, timeout, self._queued - self._taken)
+                return
         with self._lock:
             self._close_quietly()
 
