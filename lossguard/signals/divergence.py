@@ -115,8 +115,13 @@ class DivergenceDetector:
             self.active = False
             self.streak = 0
             return None
-        needed = self._needed(best, iqr_sigma_sorted(s), self.warming_up)
         rise = med - best
+        c = self.config
+        if not self.active and rise < c.divergence_min_rise * (3.0 if self.warming_up else 1.0) * max(abs(best), 1e-6):
+            # below the least ``_needed`` can ask for: the noise estimate is not worth computing
+            self.streak = 0
+            return None
+        needed = self._needed(best, iqr_sigma_sorted(s), self.warming_up)
         if self.active:
             if rise < 0.5 * needed:
                 self.active = False
