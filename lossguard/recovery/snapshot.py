@@ -215,6 +215,7 @@ class Capturer:
         self._live: list[torch.Tensor] = []
         self._param_ptrs: list[int] = []
         self._state_keys: list[Any] = []
+        self._n_opt_params = -1
         self._sources: list[list[torch.Tensor]] = []
         self._copy_whole: list[bool] = []
 
@@ -241,8 +242,12 @@ class Capturer:
             state, groups = sd["state"], sd["param_groups"]
         live = [v for entry in state.values() for v in entry.values() if isinstance(v, torch.Tensor)]
         keys = list(state)
-        if keys != self._state_keys or [p.data_ptr() for _, p in self._named or ()] != self._param_ptrs:
-            self._named = None  # new state entries or swapped `.data`: look at the model again
+        n_opt = sum(len(g["params"]) for g in groups) if groups is not None else -1
+        if ((keys != self._state_keys and n_opt != self._n_opt_params)
+                or [p.data_ptr() for _, p in self._named or ()] != self._param_ptrs):
+            # parameters added to the optimizer or swapped `.data`: look at the model again (the
+            # optimizer's first step only adds state entries, and walking a large model costs ms)
+            self._named = None
         if (self._named is None or self._layout is None or len(live) != len(self._live)
                 or not all(map(operator.is_, live, self._live))):
             self._build(state, live, keys)
@@ -313,6 +318,8 @@ class Capturer:
             state_keys.append((key, entries))
         self._layout = _Layout([n for n, _ in named], slots, state_keys, param_elems)
         self._live, self._state_keys = live, keys
+        groups = unwrap(self.optimizer).param_groups if self.optimizer is not None else None
+        self._n_opt_params = sum(len(g["params"]) for g in groups) if groups is not None else -1
         self._param_ptrs = [p.data_ptr() for _, p in named]
 
 
