@@ -174,10 +174,12 @@ class LossGuard(TrainerCallback):
     def _start_gpu(self, args: Any, model: Any, log_dir: Path) -> None:
         import torch
 
+        on_gpu = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
+        if not self.config.gpu.enabled or not (on_gpu or self._gpu_backend):
+            return  # before the sampler's import, which costs a CPU-only run ~35 ms
         from lossguard.probes.gpu_sampler import GpuSampler, infer_parallel_context, is_local_rank_zero
 
-        on_gpu = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
-        if not self.config.gpu.enabled or not is_local_rank_zero() or not (on_gpu or self._gpu_backend):
+        if not is_local_rank_zero():
             return
         if self._is_main and self.writer is not None:
             emit = self.writer.write_record
@@ -205,15 +207,18 @@ class LossGuard(TrainerCallback):
 
     @_guarded
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        loss, tokens, grad_norm, lr, seconds = self.capture.end_step()
+        loss, counted, grad_norm, lr, seconds = self.capture.end_step()
+        tokens = None
         if self._distributed:
-            loss, tokens = dist.mean_loss_and_sum_tokens(loss, tokens)
+            loss, tokens = dist.mean_loss_and_sum_tokens(loss, None if counted is None else int(counted))
+            counted = None
+        # otherwise the count is read where the log line is formatted: nothing here needs it
         sample = Sample(step=int(state.global_step), loss=loss, grad_norm=grad_norm, lr=lr,
                         epoch=state.epoch, step_time_s=None if seconds is None else round(seconds, 6),
                         tokens=tokens)
         self._interval.append(sample)
         if self._is_main and self.writer is not None:
-            self.writer.write_sample(sample)
+            self.writer.write_sample(sample, tokens=counted)
         if self.engine is None:
             return
         step = int(state.global_step)

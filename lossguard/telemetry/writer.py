@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsInt
 
 from lossguard.records import Sample
 from lossguard.telemetry.schema import SCHEMA_VERSION, encode
@@ -146,26 +146,34 @@ class EventWriter:
         else:
             self._append(line)
 
-    def write_sample(self, sample: Sample) -> None:
+    def write_sample(self, sample: Sample, *, tokens: SupportsInt | None = None) -> None:
         """Append ``sample`` exactly as ``write_record(sample.to_record())`` would, for a third of the cost.
 
         This runs after every optimizer step: a background writer formats the line on its own
         thread (the sample is not changed after it is recorded), and the line is formatted
-        directly instead of through a dict and ``json``.
+        directly instead of through a dict and ``json``. ``tokens``, when given, replaces
+        ``sample.tokens`` and is read with ``int()`` where the line is formatted (the Trainer
+        callback's token count is summed there, off the training thread).
         """
         if self._fd is None:
             return
         t = sample.t if sample.t is not None else round(self._clock(), 3)
         if self._queue is not None:
-            self._put((sample, t))
+            self._put((sample, t, tokens))
         else:
-            self._append(self._sample_line(sample, t))
+            self._append(self._sample_line(sample, t, tokens))
 
-    def _sample_line(self, sample: Sample, t: Any) -> str:
+    def _sample_line(self, sample: Sample, t: Any, counted: SupportsInt | None = None) -> str:
         """The line of ``sample`` stamped ``t``; a field of any other type than int/float/None
         takes the general path."""
         step, loss, grad_norm, lr = sample.step, sample.loss, sample.grad_norm, sample.lr
         epoch, seconds, tokens = sample.epoch, sample.step_time_s, sample.tokens
+        if counted is not None:
+            try:
+                tokens = int(counted)
+            except Exception as err:  # a token count that cannot be read costs the field, not the record
+                logger.warning("lossguard: token count of step %s not recorded (%s)", step, err)
+                tokens = None
         if (type(loss) is float and type(grad_norm) is float and type(lr) is float and type(epoch) is float
                 and type(seconds) is float and type(tokens) is int and type(step) is int and type(t) is float
                 and loss - loss == 0.0 and grad_norm - grad_norm == 0.0 and lr - lr == 0.0
@@ -176,18 +184,26 @@ class EventWriter:
                     f'"tokens":{tokens}}}\n')
         head = _json_number(t), _json_number(step), _json_number(loss)
         if None in head:
-            return encode({"v": SCHEMA_VERSION, "t": t, **sample.to_record()}) + "\n"
+            return self._general_line(sample, t, tokens)
         parts = [f'{{"v":{SCHEMA_VERSION},"t":{head[0]},"kind":"sample","step":{head[1]},"loss":{head[2]}']
         for key, value in ((',"grad_norm":', grad_norm), (',"lr":', lr), (',"epoch":', epoch),
                            (',"step_time_s":', seconds), (',"tokens":', tokens)):
             if value is not None:
                 text = _json_number(value)
                 if text is None:
-                    return encode({"v": SCHEMA_VERSION, "t": t, **sample.to_record()}) + "\n"
+                    return self._general_line(sample, t, tokens)
                 parts.append(key)
                 parts.append(text)
         parts.append("}\n")
         return "".join(parts)
+
+    @staticmethod
+    def _general_line(sample: Sample, t: Any, tokens: Any) -> str:
+        record = {"v": SCHEMA_VERSION, "t": t, **sample.to_record()}
+        record.pop("tokens", None)
+        if tokens is not None:
+            record["tokens"] = tokens
+        return encode(record) + "\n"
 
     # --- the background writer ----------------------------------------------------------------
     def _put(self, item: Any) -> None:

@@ -111,3 +111,33 @@ def test_a_file_system_that_stops_accepting_writes_does_not_stall_training(tmp_p
         assert all(a < b for a, b in zip(steps, steps[1:]))  # in order; the dropped ones are gaps
     finally:
         os.close(reader)
+
+
+class _Count:
+    """A token count read with int(), as the Trainer callback hands it over."""
+
+    def __init__(self, value):
+        self.value, self.read_on = value, None
+
+    def __int__(self):
+        self.read_on = threading.current_thread().name
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value
+
+
+def test_a_token_count_given_apart_is_read_on_the_writer_thread(tmp_path, caplog):
+    path, ref = tmp_path / "bg.jsonl", tmp_path / "ref.jsonl"
+    good, bad = _Count(312), _Count(RuntimeError("device lost"))
+    with caplog.at_level("WARNING", logger="lossguard"):
+        with EventWriter(path, clock=lambda: 5.0, background=True) as w:
+            w.write_sample(SAMPLES[0], tokens=good)
+            w.write_sample(Sample(step=2, loss=math.nan), tokens=bad)  # the general path
+    assert good.read_on == "lossguard-writer" and bad.read_on == "lossguard-writer"
+    with EventWriter(ref, clock=lambda: 5.0) as r:
+        r.write_sample(SAMPLES[0])
+        r.write_sample(Sample(step=2, loss=math.nan))
+    assert path.read_text() == ref.read_text()  # 312 is SAMPLES[0].tokens; the failed count is left out
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows[0]["tokens"] == 312 and "tokens" not in rows[1] and rows[1]["loss"] == "nan"
+    assert "token count of step 2 not recorded (device lost)" in caplog.text
