@@ -236,6 +236,49 @@ class StepBins:
         if len(bins) > self.max_bins:
             self._merge()
 
+    def push_many(self, steps: Any, values: Any) -> None:
+        """``push`` of each (step, value) in turn, for non-decreasing integer ``steps`` (numpy
+        arrays): the same bins to the last bit, since each bin's sums are accumulated in order
+        (``np.cumsum`` adds one value at a time, as ``push`` does)."""
+        import numpy as np
+
+        n = len(steps)
+        if n == 0:
+            return
+        if self.origin is None:
+            self.origin = int(steps[0])
+        xs = np.asarray(steps, dtype=np.int64)
+        fx = xs.astype(float)
+        vs = np.asarray(values, dtype=float)
+        i = 0
+        while i < n:
+            idx = (xs[i:] - self.origin) // self.width
+            cut = np.flatnonzero(idx[1:] != idx[:-1]) + 1
+            starts = np.concatenate(([0], cut))
+            ends = np.append(cut, len(idx))
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                k = int(idx[a])
+                bins = self.bins
+                sx, sv = fx[i + a:i + b].copy(), vs[i + a:i + b].copy()
+                if bins and bins[-1][0] == k:
+                    last = bins[-1]
+                    sx[0] += last[1]
+                    sv[0] += last[2]
+                    last[1] = float(np.cumsum(sx)[-1])
+                    last[2] = float(np.cumsum(sv)[-1])
+                    last[3] += b - a
+                    continue
+                if len(bins) == self.max_bins:
+                    # this bin overflows: like ``push``, merge with only its first value in it,
+                    # then bin the rest at the doubled width
+                    bins.append([k, float(fx[i + a]), float(vs[i + a]), 1])
+                    self._merge()
+                    i += a + 1
+                    break
+                bins.append([k, float(np.cumsum(sx)[-1]), float(np.cumsum(sv)[-1]), b - a])
+            else:
+                return
+
     def _merge(self) -> None:
         self.width *= 2
         merged: list[list[float]] = []

@@ -162,3 +162,59 @@ def test_resting_after_a_far_from_firing_check_cuts_the_fits_and_delays_a_findin
         assert len(found) == len(expected) == 1 and found[0][0] >= curve.labels[0][1]
         delays.append(found[0][0] - expected[0][0])
     assert all(d in (0, 10) for d in delays) and delays.count(0) >= 4, delays  # one check is 10 steps here
+
+
+def test_step_bins_push_many_equals_push_to_the_last_bit():
+    from lossguard.signals.stats import StepBins
+
+    rng = np.random.default_rng(4)
+    for trial in range(60):
+        n = int(rng.integers(1, 2000))
+        steps = np.cumsum(rng.integers(0, 4, n)) + int(rng.integers(0, 50))
+        values = rng.standard_normal(n) * 10 ** rng.uniform(-3, 3) + rng.uniform(-5, 5)
+        one = StepBins(int(rng.choice([4, 8, 64])))
+        pre = int(rng.integers(0, n))
+        for s, v in zip(steps[:pre].tolist(), values[:pre].tolist()):
+            one.push(s, v)
+        many = StepBins(one.max_bins)
+        many.load_state_dict(one.state_dict())
+        for s, v in zip(steps[pre:].tolist(), values[pre:].tolist()):
+            one.push(s, v)
+        cuts = sorted({pre, n, *rng.integers(pre, n + 1, 3).tolist()})
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            many.push_many(steps[a:b], values[a:b])
+        assert many.state_dict() == one.state_dict(), trial
+
+
+def test_batch_path_equals_streaming_over_long_stretches_between_checks():
+    # 20k steps: checks hundreds of steps apart late in the early part, so the batch path keeps
+    # the books a stretch at a time; a warmup, a restart (after which the slow decay is reported
+    # as a stall), NaN losses, missing LRs and epochs, a plateau that resolves, cut into three batches
+    n = 20_000
+    rng = np.random.default_rng(2)
+    steps = np.arange(1, n + 1)
+    curve = 0.6 + 2.0 * (1 + steps / 300.0) ** -0.5
+    curve[6000:9000] = curve[6000]
+    curve[9000:] = 0.6 + 2.0 * (1 + (steps[9000:] - 3000) / 300.0) ** -0.5
+    loss = curve * (1 + 0.03 * rng.standard_normal(n))
+    loss[rng.integers(0, n, 40)] = np.nan
+    lr = np.minimum(steps / 500, 1.0) * 2e-4 * (1 - steps / n)
+    lr[3000:3400] *= 2.0
+    lr[rng.integers(0, n, 40)] = np.nan
+    ep = steps / 4000.0
+    ep[rng.integers(0, n, 40)] = np.nan
+    stream = PlateauDetector(max_steps=n)
+    expected = []
+    for i in range(n):
+        f = stream.update(Sample(step=int(steps[i]), loss=float(loss[i]),
+                                 lr=None if np.isnan(lr[i]) else float(lr[i]),
+                                 epoch=None if np.isnan(ep[i]) else float(ep[i])))
+        if f is not None:
+            expected.append((i, f.step, f.onset_step, f.message))
+    batch = PlateauDetector(max_steps=n)
+    got = []
+    for a, b in ((0, 700), (700, 7777), (7777, n)):
+        got += [(a + i, f.step, f.onset_step, f.message)
+                for i, f in batch.update_many(steps[a:b], loss[a:b], lr[a:b], ep[a:b])]
+    assert got == expected and len(expected) >= 1
+    assert batch.state_dict() == stream.state_dict()
