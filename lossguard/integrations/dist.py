@@ -28,6 +28,14 @@ def rank_path(path: Path) -> Path:
     return path if r == 0 else path.with_name(f"{path.name}-rank{r}")
 
 
+def snapshot_folder(configured: str | None, log_dir: Path | None) -> Path | None:
+    """This rank's snapshot spill folder: ``configured`` (``recovery.snapshot_dir``), else
+    ``<log dir>/snapshots``, with the rank suffix; None when neither is set."""
+    if configured:
+        return rank_path(Path(configured))
+    return rank_path(log_dir / "snapshots") if log_dir is not None else None
+
+
 def _device() -> torch.device:
     backend = torch.distributed.get_backend()
     if backend == "nccl" and torch.cuda.is_available():

@@ -268,6 +268,8 @@ class LossGuard(TrainerCallback):
     @_guarded
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.capture.uninstall()
+        if self.recovery is not None:
+            self.recovery.end()
         if self.gpu is not None:
             self.gpu.stop(step=int(state.global_step))
             self.gpu = None

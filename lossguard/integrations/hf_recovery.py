@@ -67,7 +67,12 @@ class TrainerRecovery:
             logger.warning("lossguard: no optimizer found; recovery is off for this run")
             return
         self.recoverer = Recoverer(model, optimizer, scheduler, config=self.config.recovery,
-                                   spill_dir=dist.rank_path(self.log_dir / "snapshots"))
+                                   spill_dir=dist.snapshot_folder(self.config.recovery.snapshot_dir, self.log_dir))
+
+    def end(self) -> None:
+        """At train end: the snapshots are scratch for this run (in memory and spilled)."""
+        if self.recoverer is not None:
+            self.recoverer.close()
 
     def first_snapshot(self, step: int, engine: Any) -> None:
         if self.recoverer is not None and not len(self.recoverer.ring):

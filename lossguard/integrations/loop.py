@@ -83,7 +83,7 @@ class LoopGuard:
         self._last_lr: float | None = None
         self._t0: float | None = None
         if self.config.recovery.enabled:
-            spill = dist.rank_path(self.log_dir / "snapshots") if self.log_dir is not None else None
+            spill = dist.snapshot_folder(self.config.recovery.snapshot_dir, self.log_dir)
             self.recoverer = Recoverer(model, optimizer, scheduler, config=self.config.recovery, spill_dir=spill)
             self._remove_hooks = self.recoverer.install_step_hooks(
                 lambda: self.engine.lr_multiplier(self.global_step + 1))
@@ -175,6 +175,8 @@ class LoopGuard:
             self._remove_hooks()
             self._remove_hooks = None
         self._post.remove()
+        if self.recoverer is not None:
+            self.recoverer.close()  # its snapshots are scratch for this run
         self._write("end", step=self.global_step, findings=len(self.findings), actions=len(self.actions))
         if self.writer is not None:
             self.writer.close()

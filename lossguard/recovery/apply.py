@@ -17,8 +17,10 @@ it chose restored from the snapshot, since the metrics it reacted to were rolled
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,10 +31,13 @@ from lossguard.recovery.snapshot import (
     Snapshot,
     SnapshotRing,
     clone_tree,
+    remove_stale,
     set_rng_state,
     trainable_parameters,
     unwrap,
 )
+
+logger = logging.getLogger("lossguard")
 
 
 def is_metric_driven(scheduler: Any) -> bool:
@@ -54,7 +59,12 @@ class Recoverer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self._clock = clock
-        spill = self.config.snapshot_dir or spill_dir
+        # the caller's folder (one per DDP rank) wins over the configured one it was made from
+        spill = spill_dir if spill_dir is not None else self.config.snapshot_dir
+        if spill is not None:
+            stale = remove_stale(Path(spill))
+            if stale:
+                logger.info("lossguard: removed %d snapshot(s) an earlier run left in %s", stale, spill)
         self.ring = SnapshotRing(self.config.snapshot_memory_mb, spill, self.config.snapshot_disk_keep)
         self.capturer = Capturer(model, optimizer)
         self._opt = unwrap(optimizer) if optimizer is not None else None
@@ -62,6 +72,11 @@ class Recoverer:
         self.snapshot_seconds = 0.0
         self.n_snapshots = 0
         self.last_rollback_seconds: float | None = None
+
+    def close(self) -> None:
+        """Free the snapshots, in memory and on disk: they are scratch for this run only (a
+        resumed run starts its own; the checkpoints lossguard pins are kept)."""
+        self.ring.clear()
 
     # --- snapshots -----------------------------------------------------------------------------
     def due(self, step: int) -> bool:

@@ -17,6 +17,7 @@ import operator
 import os
 import pickle
 import random
+import re
 import shutil
 import time
 from collections.abc import Iterable
@@ -358,6 +359,9 @@ def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+_SNAPSHOT_NAME = re.compile(r"(\.tmp-)?step-\d{9}(-\d+)?")
+
+
 def save_snapshot(snap: Snapshot, directory: Path) -> Path:
     """Write ``snap`` under ``directory/step-<N>`` atomically (a temp folder renamed into place)."""
     from safetensors.torch import save_file
@@ -381,6 +385,21 @@ def save_snapshot(snap: Snapshot, directory: Path) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def remove_stale(directory: Path) -> int:
+    """Delete the snapshot folders ``save_snapshot`` left in ``directory`` (an earlier run's, or a
+    crashed write's); returns how many. Nothing else in the folder is touched."""
+    removed = 0
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return 0
+    for entry in entries:
+        if entry.is_dir() and _SNAPSHOT_NAME.fullmatch(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += not entry.exists()
+    return removed
 
 
 def load_snapshot(path: Path) -> Snapshot:

@@ -40,7 +40,21 @@ setup = tiny_setup(n_train=128)
 guard = LossGuard(GuardConfig(console=False, recovery={"snapshot_every": 5, "rollback_steps": 5,
                                                         "max_low_lr_steps": 6, "relapse_watch_steps": 0,
                                                         "snapshot_memory_mb": 1e-6}))
-callbacks = [guard] + ([NanOnThisRank(12)] if rank == 1 else [])
+
+
+class SpillSpy(TrainerCallback):
+    """What the ring held on disk at the last step (train end deletes it)."""
+
+    spilled: list = []
+
+    def on_step_end(self, args, state, control, **kw):
+        SpillSpy.spilled = list(guard.recovery.recoverer.ring.state_summary()["disk"])
+
+
+# a snapshot an earlier, crashed run left behind: removed when this run's recovery starts
+stale = os.path.join(out, "lossguard", "snapshots" if rank == 0 else f"snapshots-rank{rank}", "step-000000777")
+os.makedirs(stale, exist_ok=True)
+callbacks = [guard, SpillSpy()] + ([NanOnThisRank(12)] if rank == 1 else [])
 trainer = make_trainer(setup, out, callbacks=callbacks, max_steps=24, learning_rate=1e-2,
                        per_device_train_batch_size=4, ddp_backend="gloo", logging_steps=50)
 trainer.train()
@@ -53,7 +67,8 @@ with open(os.path.join(out, f"recovery.rank{rank}.json"), "w") as fh:
         "finite": all(bool(torch.isfinite(p).all()) for p in params.values()),
         "checksum": [float(p.double().sum()) for p in params.values()],
         "spill_dir": str(guard.recovery.recoverer.ring.spill_dir),
-        "spilled": guard.recovery.recoverer.ring.state_summary()["disk"],
+        "spilled": SpillSpy.spilled,
+        "left_on_disk": sorted(os.listdir(guard.recovery.recoverer.ring.spill_dir)),
     }, fh)
 # an orderly shutdown: gloo aborts at interpreter exit now and then without it
 torch.distributed.barrier()

@@ -23,5 +23,7 @@ def test_nan_on_one_rank_every_rank_rolls_back_to_the_same_step(tmp_path, torchr
     assert ranks[0]["spill_dir"] == str(tmp_path / "lossguard" / "snapshots")
     assert ranks[1]["spill_dir"] == str(tmp_path / "lossguard" / "snapshots-rank1")
     assert ranks[0]["spilled"] == ranks[1]["spilled"] and ranks[0]["spilled"]
+    # scratch: the stale snapshot of an earlier run went at the start, this run's at train end
+    assert ranks[0]["left_on_disk"] == ranks[1]["left_on_disk"] == []
     events = [json.loads(line) for line in (tmp_path / "lossguard" / "events.jsonl").read_text().splitlines()]
     assert [e["to_step"] for e in events if e["kind"] == "action" and e["action"] == "rollback"] == [5]

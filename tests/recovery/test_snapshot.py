@@ -143,3 +143,29 @@ def test_capturer_refuses_a_non_finite_state_and_freezes_engine_state(trained):
         with torch.no_grad():
             p.copy_(keep)
     assert cap.capture(5, sched, require_finite=True) is not None
+
+
+def test_spilled_snapshots_are_scratch_of_one_run(trained, tmp_path, caplog):
+    from lossguard.config import RecoveryConfig
+    from lossguard.recovery.apply import Recoverer
+
+    model, opt, sched = trained
+    spill = tmp_path / "snapshots"
+    # what an earlier run that crashed left: two snapshots and a half-written one; and a user's file
+    for name in ("step-000000100", "step-000000150", ".tmp-step-000000200-4242"):
+        (spill / name).mkdir(parents=True)
+        (spill / name / "meta.json").write_text("{}")
+    (spill / "notes.txt").write_text("mine")
+    (spill / "step-final").mkdir()  # not a name lossguard writes
+    one = capture(0, model, opt, sched).nbytes
+    with caplog.at_level("INFO", logger="lossguard"):
+        rec = Recoverer(model, opt, sched, config=RecoveryConfig(snapshot_memory_mb=1.5 * one / 2**20),
+                        spill_dir=spill)
+    assert "removed 3 snapshot(s) an earlier run left" in caplog.text
+    assert sorted(p.name for p in spill.iterdir()) == ["notes.txt", "step-final"]
+    for step in (0, 50, 100):
+        rec.snapshot(step)
+    assert rec.ring.state_summary()["disk"] == [0, 50]
+    assert sorted(p.name for p in spill.iterdir()) == ["notes.txt", "step-000000000", "step-000000050", "step-final"]
+    rec.close()  # train end
+    assert sorted(p.name for p in spill.iterdir()) == ["notes.txt", "step-final"] and len(rec.ring) == 0
