@@ -61,6 +61,9 @@ class Spy(TrainerCallback):
         self.sched_lr.append(self.sched.get_last_lr()[0])
 
     def on_step_end(self, args, state, control, model=None, **kw):
+        guard = getattr(self, "guard", None)
+        if guard is not None and guard.recovery is not None and guard.recovery.recoverer is not None:
+            self.ring_steps = guard.recovery.recoverer.ring.steps()  # the snapshots held at the last step
         if state.global_step in self.keep:
             self.kept[state.global_step] = {
                 "params": {n: p.detach().clone() for n, p in trainable_parameters(model).items()},
@@ -88,6 +91,7 @@ def test_nan_is_rolled_back_bitwise_and_training_ends_finite(tmp_path):
     tiny = tiny_setup(n_train=128)
     spy = Spy(keep=(10, 22))
     guard = _guard()
+    spy.guard = guard
     trainer = make_trainer(tiny, str(tmp_path), callbacks=[guard, spy, NanAt([22])], max_steps=40,
                            learning_rate=1e-2, logging_steps=10)
     trainer.train()
@@ -109,7 +113,8 @@ def test_nan_is_rolled_back_bitwise_and_training_ends_finite(tmp_path):
     assert trainer.state.global_step == 40
     assert all(torch.isfinite(p).all() for p in trainable_parameters(tiny.model).values())
     assert math.isfinite(eval_loss(tiny.model, tiny.eval, tiny.collator))
-    assert guard.recovery.recoverer.ring.steps()[:3] == (0, 5, 10)  # nothing of the abandoned branch kept
+    assert spy.ring_steps[:3] == (0, 5, 10)  # nothing of the abandoned branch kept
+    assert len(guard.recovery.recoverer.ring) == 0  # and train end freed them
 
 
 SCHEDULERS = {
