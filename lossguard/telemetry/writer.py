@@ -105,6 +105,7 @@ class EventWriter:
         self.dropped = 0
         self._queued = 0  # records given to the writer thread
         self._taken = 0  # ... and taken off its queue
+        self._backlog_warned = False
         self._queue: deque[Any] | None = None
         self._drain_lock = threading.Lock()
         self._stop = threading.Event()
@@ -210,7 +211,8 @@ class EventWriter:
         assert self._queue is not None
         if self._queued - self._taken >= self.MAX_PENDING:
             self.dropped += 1
-            if self.dropped == 1:
+            if not self._backlog_warned:
+                self._backlog_warned = True
                 logger.warning("lossguard: %s has not accepted a write for %d records; dropping new ones "
                                "until it does; training continues", self.path, self.MAX_PENDING)
             return
