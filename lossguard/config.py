@@ -51,6 +51,10 @@ class DetectionConfig:
     stall_z: float = 2.0
     degenerate_level: float = 0.05
     cooldown_steps: int = 50
+    # the detectors run over the samples of up to this many steps at once (each sample still on
+    # its own; findings keep the step they name): at every multiple of it, at a non-finite loss or
+    # grad norm, before a snapshot and at every step while a recovery is in progress. 1: every step
+    batch_steps: int = 10
 
     def __post_init__(self) -> None:
         _check_int("spike_window", self.spike_window, 8)
@@ -73,6 +77,7 @@ class DetectionConfig:
         _check_range("stall_z", self.stall_z, 0.5, 100.0)
         _check_range("degenerate_level", self.degenerate_level, 0.0, 1e6)
         _check_int("cooldown_steps", self.cooldown_steps, 0)
+        _check_int("batch_steps", self.batch_steps, 1, 1000)
 
 
 DEFAULT_TRIGGERS = (

@@ -7,6 +7,7 @@ and hand it here; the engine decides, they act. Nothing here imports torch.
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,25 +44,50 @@ class Guard:
                 self.config.detection, max_steps=max_steps, num_train_epochs=num_train_epochs
             )
         self.detectors = detectors
-        self.policy = RecoveryPolicy(self.config.recovery)
+        self.batch_steps = self.config.detection.batch_steps
+        self.policy = RecoveryPolicy(self.config.recovery, lookback=self.batch_steps)
         self.findings: list[Finding] = []
+        self.pending: list[Sample] = []  # samples the detectors have not seen yet (``decide``)
 
     def observe(self, sample: Sample) -> list[Finding]:
-        """Findings raised by this step's sample (usually none); detection only."""
-        found = list(self.detectors.observe(sample))
+        """Findings raised by this step's sample (usually none), and by any held back before it;
+        detection only."""
+        self.pending.append(sample)
+        return self.flush()
+
+    def flush(self) -> list[Finding]:
+        """Run the detectors over the samples ``decide`` held back, in step order; their findings."""
+        if not self.pending:
+            return []
+        pending, self.pending = self.pending, []
+        found: list[Finding] = []
+        for sample in pending:
+            found.extend(self.detectors.observe(sample))
         self.findings.extend(found)
         return found
 
     def decide(self, sample: Sample, snapshots: Sequence[int] = (),
-               probe: Callable[[Finding], dict[str, Any] | None] | None = None) -> Decision:
+               probe: Callable[[Finding], dict[str, Any] | None] | None = None, *,
+               flush: bool = False) -> Decision:
         """Detection and recovery for one step; ``snapshots`` are the steps a rollback can return to.
+
+        The detectors run over the samples of up to ``detection.batch_steps`` steps at once:
+        after a training step has filled the caches, running them once for ten samples costs
+        about a third of running them at each. They run at every multiple of ``batch_steps``,
+        at once on a non-finite loss or grad norm, at every step while a recovery is in
+        progress, and when ``flush`` is set: pass it when a snapshot will be taken after this
+        step, so that the snapshot holds detector memory up to its own step. Each finding keeps
+        the step it names, and the policy decides it as it would have at that step; what is
+        late is only the moment of acting (by at most ``batch_steps - 1`` steps). Every input
+        of that rule is the same on all DDP ranks.
 
         ``probe``, when given, is asked for a Hessian verdict on each premature plateau before
         the policy sees it; the verdict is added to the finding, and with
         ``recovery.plateau_needs_saddle`` a plateau the probe calls a minimum triggers nothing.
         The decision's ``findings`` hold the detectors' and the policy's own (relapse, gave up).
         """
-        found = self.observe(sample)
+        self.pending.append(sample)
+        found = self.flush() if flush or self._due(sample) else []
         triggers = list(found)
         if probe is not None and self.config.probe.on_plateau:
             for finding in found:
@@ -73,6 +99,11 @@ class Guard:
         self.findings.extend(decision.findings)
         decision.findings = found + decision.findings
         return decision
+
+    def _due(self, sample: Sample) -> bool:
+        return (sample.step % self.batch_steps == 0 or len(self.pending) >= self.batch_steps
+                or not _finite(sample.loss) or not _finite(sample.grad_norm)
+                or not self.policy.idle(sample.step))
 
     def lr_multiplier(self, step: int) -> float:
         """The factor on the scheduled LR for the optimizer step that will produce sample ``step``."""
@@ -93,17 +124,27 @@ class Guard:
             return copy.deepcopy(state)
 
     def load_detector_state(self, state: dict[str, Any] | bytes) -> None:
-        """Put back detector memory from ``detector_state`` or ``frozen_detector_state``."""
+        """Put back detector memory from ``detector_state`` or ``frozen_detector_state`` (taken
+        where ``decide`` had flushed: after a rollback no held-back sample is left)."""
         self.detectors.load_state_dict(_unfreeze(state) if isinstance(state, bytes) else copy.deepcopy(state))
+        self.pending = []
 
     def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs, JSON-ready: a checkpoint may fall between two batches,
+        so the samples not yet analysed go with it."""
         return {"detectors": self.detectors.state_dict(), "policy": self.policy.state_dict(),
-                "n_findings": len(self.findings)}
+                "pending": [s.to_record() for s in self.pending], "n_findings": len(self.findings)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.detectors.load_state_dict(state["detectors"])
         if "policy" in state:
             self.policy.load_state_dict(state["policy"])
+        self.pending = [Sample.from_record(r) for r in state.get("pending", [])]
+
+
+def _finite(value: float | None) -> bool:
+    """A missing value is not a non-finite one."""
+    return value is None or math.isfinite(value)
 
 
 def _unfreeze(blob: bytes) -> dict[str, Any]:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import random
+
+import pytest
+
 from lossguard.config import GuardConfig
 from lossguard.guard import Guard
 from lossguard.records import Finding, Reason, Sample, Severity
+from lossguard.signals.synthetic import ANOMALY_KINDS, make_curve
 
 
 class _PlateauAt:
@@ -70,3 +76,115 @@ def test_a_skipped_probe_does_not_block_recovery():
     findings, actions = _run(None, needs_saddle=True)
     assert findings[0].evidence["probe"] == {"skipped": "lora_b_zero"}
     assert actions[0].action.value == "rollback"
+
+
+# --- detectors in batches -------------------------------------------------------------------------
+
+def _key(f: Finding) -> tuple:
+    return f.reason, f.step, f.onset_step, f.message
+
+
+def _delivered(guard: Guard, samples: list[Sample]) -> list[tuple[int, Finding]]:
+    """(step at which decide returned it, finding) for every detector finding, the last batch included."""
+    out = []
+    for s in samples:
+        out += [(s.step, f) for f in guard.decide(s).findings]
+        if s.step % guard.batch_steps == 0:
+            assert guard.pending == []
+    out += [(samples[-1].step, f) for f in guard.flush()]
+    return out
+
+
+@pytest.mark.parametrize("kind", [*ANOMALY_KINDS, "staircase", "slow"])
+def test_batched_detectors_find_exactly_what_step_by_step_finds(kind):
+    """The same findings, word for word; each reported at most batch_steps - 1 steps late, a
+    non-finite value at once."""
+    for seed in range(3):
+        curve = make_curve(kind, seed, max_steps=1000)
+        per_step = _delivered(Guard(GuardConfig(detection={"batch_steps": 1}, recovery={"enabled": False}),
+                                    max_steps=1000), curve.samples)
+        batched = _delivered(Guard(GuardConfig(recovery={"enabled": False}), max_steps=1000), curve.samples)
+        assert [_key(f) for _, f in batched] == [_key(f) for _, f in per_step]
+        assert all(at == f.step for at, f in per_step)
+        for at, f in batched:
+            late = at - f.step
+            assert 0 <= late <= 9
+            if f.reason is Reason.NONFINITE:
+                assert late == 0
+        if kind in ("spike", "divergence_fast", "nonfinite"):
+            assert batched, f"{kind} seed {seed}: nothing found, the comparison proves nothing"
+
+
+def _until_rollback(batch_steps: int, samples: list[Sample]):
+    guard = Guard(GuardConfig(detection={"batch_steps": batch_steps}), max_steps=1000)
+    snapshots: list[int] = [0]
+    for s in samples:
+        due = s.step % 50 == 0  # the integrations flush before a scheduled snapshot
+        decision = guard.decide(s, snapshots, flush=due)
+        if decision.rollback_to is not None:
+            return guard, decision, s.step
+        if due:
+            assert guard.pending == []
+            snapshots.append(s.step)
+    raise AssertionError("no rollback")
+
+
+@pytest.mark.parametrize("kind,seed", [("spike", 0), ("spike", 1), ("divergence_fast", 0), ("plateau", 2),
+                                       ("nonfinite", 0)])
+def test_batched_recovery_decides_what_step_by_step_decides(kind, seed):
+    """The same trigger, rollback target, LR factor and the level a recovery must get back under
+    (the smoothed loss before the finding's own step); only the step it acts at moves, to the
+    next multiple of batch_steps (at once for a non-finite loss)."""
+    samples = make_curve(kind, seed, max_steps=1000).samples
+    g1, d1, at1 = _until_rollback(1, samples)
+    g10, d10, at10 = _until_rollback(10, samples)
+    assert d10.rollback_to == d1.rollback_to
+    assert d10.actions[0].reason == d1.actions[0].reason
+    assert d10.actions[0].lr_factor == d1.actions[0].lr_factor
+    assert g10.policy.trigger_level == g1.policy.trigger_level
+    assert at10 == (at1 if kind == "nonfinite" else -(-at1 // 10) * 10)
+
+
+def test_a_checkpoint_between_batches_keeps_the_held_back_samples():
+    """state_dict carries the samples not yet analysed (through JSON, as on_save writes it): a run
+    resumed from it finds what the uninterrupted run finds."""
+    samples = make_curve("spike", 0, max_steps=1000).samples
+    onset = make_curve("spike", 0, max_steps=1000).labels[0][1]
+    cut = onset + 3 if (onset + 3) % 10 else onset + 4  # the spike is held back at the cut
+    whole = Guard(GuardConfig(recovery={"enabled": False}), max_steps=1000)
+    expected = [_key(f) for _, f in _delivered(whole, samples)]
+    first = Guard(GuardConfig(recovery={"enabled": False}), max_steps=1000)
+    before = [_key(f) for s in samples[:cut] for f in first.decide(s).findings]
+    assert first.pending  # the comparison below is about them
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = Guard(GuardConfig(recovery={"enabled": False}), max_steps=1000)
+    resumed.load_state_dict(state)
+    after = [_key(f) for _, f in _delivered(resumed, samples[cut:])]
+    assert before + after == expected
+    assert any(k[0] is Reason.SPIKE and k[2] >= onset for k in after)
+
+
+def _spikes_twice(batch_steps: int) -> list[tuple]:
+    rng = random.Random(0)
+    guard = Guard(GuardConfig(detection={"batch_steps": batch_steps}), max_steps=2000)
+    snapshots, actions = [0], []
+    for step in range(1, 400):
+        loss = 8.0 if step in (137, 215) else 2.0 - 0.0005 * step + rng.gauss(0, 0.01)
+        due = step % 50 == 0
+        decision = guard.decide(Sample(step=step, loss=loss, grad_norm=1.0, lr=1e-3), snapshots, flush=due)
+        actions += [(a.action.value, a.step, a.reason) for a in decision.actions]
+        if not guard.policy.idle(step):
+            assert guard.pending == []  # while a recovery is in progress the detectors run every step
+        if decision.rollback_to is None and (due or decision.snapshot):
+            snapshots.append(step)
+    return actions
+
+
+def test_while_a_recovery_is_in_progress_findings_are_decided_at_their_own_step():
+    """A spike in the relapse watch after the LR restore rolls back at its own step, batched or not
+    (acting on it at the next multiple of 10 would let 5 more steps train on the spiked weights)."""
+    per_step, batched = _spikes_twice(1), _spikes_twice(10)
+    assert [a for a in per_step if a[0] == "rollback"] == [("rollback", 137, "spike"), ("rollback", 161, "relapse"),
+                                                           ("rollback", 215, "relapse")]
+    assert [a for a in batched if a[0] == "rollback"] == [("rollback", 140, "spike"), ("rollback", 161, "relapse"),
+                                                          ("rollback", 215, "relapse")]

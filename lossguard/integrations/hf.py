@@ -225,12 +225,14 @@ class LossGuard(TrainerCallback):
         self.probe.observe_step(seconds)
         if self.probe.due(step):
             self._write_probe(self.probe.run(step, lr, "every_n_steps"))
-        decision = self.engine.decide(sample, self.recovery.steps() if self.recovery is not None else [],
-                                      probe=self._probe_plateau if self.config.probe.enabled else None)
+        rec = self.recovery
+        decision = self.engine.decide(sample, rec.steps() if rec is not None else [],
+                                      probe=self._probe_plateau if self.config.probe.enabled else None,
+                                      flush=rec is not None and rec.due(step))
         for finding in decision.findings:
             self._emit_finding(finding)
-        if self.recovery is not None:
-            self.recovery.apply(decision, self.engine, int(state.global_step), control)
+        if rec is not None:
+            rec.apply(decision, self.engine, step, control)
         for action in decision.actions:
             self._emit_action(action)
 
@@ -268,6 +270,9 @@ class LossGuard(TrainerCallback):
     @_guarded
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.capture.uninstall()
+        if self.engine is not None:  # the last steps' samples, still held back for the detectors
+            for finding in self.engine.flush():
+                self._emit_finding(finding)
         if self.recovery is not None:
             self.recovery.end()
         if self.gpu is not None:

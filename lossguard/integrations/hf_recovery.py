@@ -74,6 +74,10 @@ class TrainerRecovery:
         if self.recoverer is not None:
             self.recoverer.close()
 
+    def due(self, step: int) -> bool:
+        """Whether a scheduled snapshot follows optimizer step ``step``."""
+        return self.recoverer is not None and self.recoverer.due(step)
+
     def first_snapshot(self, step: int, engine: Any) -> None:
         if self.recoverer is not None and not len(self.recoverer.ring):
             self.recoverer.snapshot(step, engine.frozen_detector_state() if engine is not None else None)

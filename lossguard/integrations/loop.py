@@ -145,7 +145,9 @@ class LoopGuard:
         if self.writer is not None:
             self.writer.write_record(sample.to_record())
         rec = self.recoverer
-        decision = self.engine.decide(sample, rec.ring.steps() if rec is not None else [])
+        label = step if stepped else step - 1  # the step whose weights a snapshot now would hold
+        decision = self.engine.decide(sample, rec.ring.steps() if rec is not None else [],
+                                      flush=rec is not None and (rec.due(label) or not len(rec.ring)))
         result = StepResult(step, findings=decision.findings, actions=decision.actions, stop=decision.stop)
         for finding in decision.findings:
             self._emit(finding)
@@ -158,7 +160,6 @@ class LoopGuard:
                 if decision.actions:
                     decision.actions[0].details["restore_seconds"] = round(rec.last_rollback_seconds or 0.0, 6)
             else:
-                label = step if stepped else step - 1
                 if (decision.snapshot or rec.due(label) or not len(rec.ring)) and rec.params_finite():
                     rec.snapshot(label, self.engine.detector_state())
         for action in decision.actions:
@@ -170,7 +171,12 @@ class LoopGuard:
         return any(a.action.value == "give_up" for a in self.actions) and self.config.recovery.on_give_up == "stop"
 
     def close(self) -> None:
-        """Remove the optimizer hooks and close the log."""
+        """Report what the last held-back samples show, remove the optimizer hooks, close the log."""
+        try:
+            for finding in self.engine.flush():
+                self._emit(finding)
+        except Exception as err:  # lossguard must never break the user's training
+            logger.warning("lossguard: last detection failed (%s: %s)", type(err).__name__, err)
         if self._remove_hooks is not None:
             self._remove_hooks()
             self._remove_hooks = None

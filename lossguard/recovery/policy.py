@@ -72,7 +72,7 @@ class RecoveryPolicy:
     already lost); other triggers wait out the cooldown and any recovery in progress.
     """
 
-    def __init__(self, config: RecoveryConfig | None = None) -> None:
+    def __init__(self, config: RecoveryConfig | None = None, *, lookback: int = 1) -> None:
         self.config = config or RecoveryConfig()
         self.phase = Phase.NORMAL
         self.rollbacks = 0
@@ -91,11 +91,27 @@ class RecoveryPolicy:
         self.watch_until = -1
         self.watch_level = False
         self._window: deque[float] = deque(maxlen=self.config.smooth_window)
+        # (step, loss) of the window and the ``lookback`` steps after it: findings reach the
+        # policy up to ``lookback`` steps late (the detectors run in batches), and the level a
+        # recovery must get back under is the one from before the finding's own step
+        self._recent: deque[tuple[int, float]] = deque(maxlen=self.config.smooth_window + max(0, lookback - 1))
 
     # --- queries -------------------------------------------------------------------------------
     def smoothed(self) -> float:
         """Mean of the recent finite losses (NaN when there are none yet)."""
         return sum(self._window) / len(self._window) if self._window else math.nan
+
+    def level_before(self, step: int) -> float:
+        """Mean of the last ``smooth_window`` finite losses of the steps before ``step``."""
+        values = [v for s, v in self._recent if s < step][-self.config.smooth_window:]
+        return sum(values) / len(values) if values else math.nan
+
+    def idle(self, step: int) -> bool:
+        """Whether nothing in progress depends on the step a finding reaches the policy at:
+        no reduced-LR phase or ramp, no relapse watch, no cooldown. Findings may then arrive
+        late (up to ``lookback`` steps) and be decided exactly as at their own step."""
+        return (self.phase is Phase.NORMAL or self.phase is Phase.GAVE_UP) and step > self.watch_until \
+            and step >= self.cooldown_until
 
     def lr_multiplier(self, step: int) -> float:
         """The factor on the scheduled LR for the optimizer step that produces sample ``step``."""
@@ -115,7 +131,8 @@ class RecoveryPolicy:
         cfg = self.config
         if findings and self.phase is not Phase.GAVE_UP and cfg.enabled:
             trigger = self._trigger(step, findings)
-            before = self.smoothed()  # the level before this step's loss joins the window
+            # the level before the finding's step (its loss, and any after it, not included)
+            before = self.level_before(trigger.step) if trigger is not None else math.nan
             if trigger is not None and self._watching(step):
                 self._relapse(step, snapshots, decision, before,
                               f"a {trigger.reason.value} at step {step}, {step - self.restore_step} steps after "
@@ -126,6 +143,7 @@ class RecoveryPolicy:
                 return decision
         if loss is not None and math.isfinite(loss):
             self._window.append(float(loss))
+            self._recent.append((step, float(loss)))
         if self.phase is Phase.LOW_LR:
             self._maybe_restore(step, decision)
         elif self.phase is Phase.RAMP and step >= self.ramp_start + cfg.restore_ramp_steps:
@@ -184,6 +202,7 @@ class RecoveryPolicy:
         self.watch_until = -1
         self.phase = Phase.LOW_LR
         self._window.clear()
+        self._recent.clear()
         gap = finding.onset_step - target
         decision.rollback_to = target
         decision.save = True
@@ -270,6 +289,7 @@ class RecoveryPolicy:
         if math.isfinite(level):
             self.trigger_level = level
         self._window.clear()
+        self._recent.clear()
         decision.rollback_to = target
         decision.save = True
         decision.actions.append(Action(
@@ -295,6 +315,7 @@ class RecoveryPolicy:
             out[key] = value if math.isfinite(value) else str(value)
         out["phase"] = self.phase.value
         out["window"] = list(self._window)
+        out["recent"] = [list(pair) for pair in self._recent]
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -305,3 +326,6 @@ class RecoveryPolicy:
         self.restore_level = float(self.restore_level)
         self.phase = Phase(state.get("phase", Phase.NORMAL.value))
         self._window = deque((float(v) for v in state.get("window", [])), maxlen=self.config.smooth_window)
+        # a state saved before "recent" existed: its window, as if logged just before the next step
+        recent = state.get("recent") or [(-1, v) for v in self._window]
+        self._recent = deque(((int(s), float(v)) for s, v in recent), maxlen=self._recent.maxlen)

@@ -88,4 +88,6 @@ def test_probe_verdict_can_gate_recovery(tiny, tmp_path):
     if verdict in ("minimum", "degenerate"):
         assert rollbacks == []
     else:
-        assert rollbacks and rollbacks[0]["step"] == plateau["step"]
+        # acted on at the detectors' next batch: the first multiple of batch_steps from the finding on
+        every = config.detection.batch_steps
+        assert rollbacks and rollbacks[0]["step"] == -(-plateau["step"] // every) * every

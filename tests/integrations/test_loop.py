@@ -97,3 +97,20 @@ def test_loop_guard_state_round_trip(tmp_path):
         assert clone.state_dict()["engine"][key] == guard.state_dict()["engine"][key]
     assert clone.engine.policy.rollbacks == 1 and clone.global_step == 24
     clone.close()
+
+
+def test_close_reports_what_the_last_held_back_steps_show(tmp_path):
+    """The detectors run every 10 steps; a spike in the last, unfinished batch is still found,
+    logged before the run's end record, when the guard closes."""
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    guard = LoopGuard(model, opt, config=GuardConfig(console=False, recovery={"enabled": False}),
+                      log_dir=tmp_path / "lossguard")  # no planned length: no plateau judged
+    rng = random.Random(0)
+    for step in range(1, 96):
+        guard.step(9.0 if step == 93 else 2.0 + rng.gauss(0, 0.01))
+    assert guard.findings == [] and [s.step for s in guard.engine.pending] == [91, 92, 93, 94, 95]
+    guard.close()
+    assert [(f.reason.value, f.step) for f in guard.findings] == [("spike", 93)]
+    kinds = [(r["kind"], r.get("reason")) for r in read_events(tmp_path / "lossguard" / "events.jsonl")]
+    assert kinds[-2:] == [("finding", "spike"), ("end", None)]

@@ -7,8 +7,8 @@ import pytest
 from lossguard.errors import LogReadError
 from lossguard.records import Sample
 from lossguard.telemetry import EventWriter, LogTail, RunLog, read_events
-from lossguard.telemetry.writer import set_aside
 from lossguard.telemetry.schema import as_float, encode
+from lossguard.telemetry.writer import set_aside
 
 
 def test_nonfinite_floats_are_strict_json_and_round_trip(tmp_path):
