@@ -36,7 +36,7 @@ IGNORE_INDEX = -100
 FINETUNE_TOKENS_PER_PARAM = 1e-5
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 MIN_LOGGED_POINTS = 50
-COLLATE_BATCH = 16
+COLLATE_BATCH = 128  # rows per collator call: fewer, larger batches audit the same rows ~30% faster than 16
 
 INSTRUCTION_COLUMNS = frozenset(
     {
