@@ -214,8 +214,7 @@ class LossGuard(TrainerCallback):
             counted = None
         # otherwise the count is read where the log line is formatted: nothing here needs it
         sample = Sample(step=int(state.global_step), loss=loss, grad_norm=grad_norm, lr=lr,
-                        epoch=state.epoch, step_time_s=None if seconds is None else round(seconds, 6),
-                        tokens=tokens)
+                        epoch=state.epoch, step_time_s=seconds, tokens=tokens)  # rounded where it is written
         self._interval.append(sample)
         if self._is_main and self.writer is not None:
             self.writer.write_sample(sample, tokens=counted)

@@ -148,17 +148,20 @@ class EventWriter:
             self._append(line)
 
     def write_sample(self, sample: Sample, *, tokens: SupportsInt | None = None) -> None:
-        """Append ``sample`` exactly as ``write_record(sample.to_record())`` would, for a third of the cost.
+        """Append ``sample`` as ``write_record(sample.to_record())`` would, for a third of the cost,
+        with its times rounded: ``t`` to the millisecond, ``step_time_s`` to the microsecond.
 
         This runs after every optimizer step: a background writer formats the line on its own
         thread (the sample is not changed after it is recorded), and the line is formatted
-        directly instead of through a dict and ``json``. ``tokens``, when given, replaces
-        ``sample.tokens`` and is read with ``int()`` where the line is formatted (the Trainer
-        callback's token count is summed there, off the training thread).
+        directly instead of through a dict and ``json``. The rounding happens there too: a
+        float's ``round`` goes through a decimal conversion that took ~15 us on the training
+        thread after a step. ``tokens``, when given, replaces ``sample.tokens`` and is read with
+        ``int()`` where the line is formatted (the Trainer callback's token count is summed
+        there, off the training thread).
         """
         if self._fd is None:
             return
-        t = sample.t if sample.t is not None else round(self._clock(), 3)
+        t = sample.t if sample.t is not None else self._clock()
         if self._queue is not None:
             self._put((sample, t, tokens))
         else:
@@ -169,6 +172,10 @@ class EventWriter:
         takes the general path."""
         step, loss, grad_norm, lr = sample.step, sample.loss, sample.grad_norm, sample.lr
         epoch, seconds, tokens = sample.epoch, sample.step_time_s, sample.tokens
+        if type(t) is float:
+            t = round(t, 3)
+        if type(seconds) is float:
+            seconds = round(seconds, 6)
         if counted is not None:
             try:
                 tokens = int(counted)
@@ -185,22 +192,24 @@ class EventWriter:
                     f'"tokens":{tokens}}}\n')
         head = _json_number(t), _json_number(step), _json_number(loss)
         if None in head:
-            return self._general_line(sample, t, tokens)
+            return self._general_line(sample, t, tokens, seconds)
         parts = [f'{{"v":{SCHEMA_VERSION},"t":{head[0]},"kind":"sample","step":{head[1]},"loss":{head[2]}']
         for key, value in ((',"grad_norm":', grad_norm), (',"lr":', lr), (',"epoch":', epoch),
                            (',"step_time_s":', seconds), (',"tokens":', tokens)):
             if value is not None:
                 text = _json_number(value)
                 if text is None:
-                    return self._general_line(sample, t, tokens)
+                    return self._general_line(sample, t, tokens, seconds)
                 parts.append(key)
                 parts.append(text)
         parts.append("}\n")
         return "".join(parts)
 
     @staticmethod
-    def _general_line(sample: Sample, t: Any, tokens: Any) -> str:
+    def _general_line(sample: Sample, t: Any, tokens: Any, seconds: Any) -> str:
         record = {"v": SCHEMA_VERSION, "t": t, **sample.to_record()}
+        if seconds is not None:
+            record["step_time_s"] = seconds
         record.pop("tokens", None)
         if tokens is not None:
             record["tokens"] = tokens

@@ -135,6 +135,19 @@ def test_write_sample_writes_the_same_line_as_write_record(tmp_path):
     assert rows[3]["t"] == 99.5 and rows[4]["loss"] == 2.5 and rows[4]["tokens"] == 3
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_write_sample_rounds_raw_times_where_it_formats_the_line(tmp_path, background):
+    """The callback hands over the raw step time and clock; the line carries t to the millisecond
+    and step_time_s to the microsecond, on the fast path and the general (non-finite) one."""
+    path = tmp_path / "events.jsonl"
+    with EventWriter(path, clock=lambda: 1700000000.1234567, background=background) as w:
+        w.write_sample(Sample(step=1, loss=2.0, grad_norm=1.0, lr=1e-3, epoch=0.5, step_time_s=0.0123456789, tokens=5))
+        w.write_sample(Sample(step=2, loss=math.nan, step_time_s=0.0123454321))
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["t"], r["step_time_s"]) for r in rows] == [(1700000000.123, 0.012346), (1700000000.123, 0.012345)]
+    assert rows[1]["loss"] == "nan"
+
+
 def test_each_record_is_in_the_file_when_the_call_returns(tmp_path):
     path = tmp_path / "events.jsonl"
     w = EventWriter(path, clock=lambda: 1.0)
