@@ -101,7 +101,9 @@ class StepCapture:
         self._tokens: list[torch.Tensor | int] = []
         self._micro = 0
         self._hook_losses = False
-        self.grad_norm: float | None = None
+        # the norm as clip_grad_norm_ returned it (on a GPU a device tensor): read in end_step,
+        # after the optimizer step is queued, not between clipping and the step
+        self.grad_norm: torch.Tensor | float | None = None
         self.grad_norm_clipped = False
         self.lr: float | None = None
         self._t0: float | None = None
@@ -197,8 +199,7 @@ class StepCapture:
     def _after_clip(self, result: Any, *args: Any, **kwargs: Any) -> None:
         max_norm = args[1] if len(args) > 1 else kwargs.get("max_norm")
         if self.grad_norm is None or max_norm == float("inf"):
-            value = result.item() if isinstance(result, torch.Tensor) else result
-            self.grad_norm = None if value is None else float(value)
+            self.grad_norm = result if isinstance(result, torch.Tensor) or result is None else float(result)
 
     def _forward_pre_hook(self, module: Any, args: Any) -> None:
         if module.training and torch.is_grad_enabled():
@@ -224,8 +225,8 @@ class StepCapture:
         if self.grad_norm is None and model is not None:
             grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
             if grads:
-                self.grad_norm = float(torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+                self.grad_norm = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
                 self.grad_norm_clipped = True
 
     def end_step(self) -> tuple[float | None, TokenCount | None, float | None, float | None, float | None]:
@@ -240,7 +241,8 @@ class StepCapture:
             loss = float(total)
         tokens = TokenCount(self._tokens) if self._tokens else None
         seconds = self._clock() - self._t0 if self._t0 is not None else None
-        out = (loss, tokens, self.grad_norm, self.lr, seconds)
+        norm = self.grad_norm
+        out = (loss, tokens, None if norm is None else float(norm), self.lr, seconds)
         self._loss = None
         self._tokens = []
         self._micro = 0

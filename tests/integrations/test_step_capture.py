@@ -48,3 +48,22 @@ def test_forward_hook_fallback_times_every_micro_batch_and_averages_the_loss():
     assert capture.end_step()[0] is None
     capture.uninstall()
     assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_the_clipped_norm_is_read_at_the_end_of_the_step_not_between_clipping_and_the_step():
+    """On a GPU, reading the norm where clip_grad_norm_ returns it would make the device wait
+    before the optimizer step; the capture keeps the tensor and reads it in end_step."""
+    norms = iter([torch.tensor(3.5), torch.tensor(9.0), torch.tensor(0.25)])
+    accelerator = SimpleNamespace(clip_grad_norm_=lambda params, max_norm: next(norms))
+    trainer = SimpleNamespace(training_step=lambda model, inputs: torch.tensor(1.5), accelerator=accelerator)
+    capture = StepCapture()
+    assert capture.install(trainer, None) == "trainer"
+    trainer.training_step(None, {"input_ids": torch.ones(1, 4, dtype=torch.long)})
+    returned = trainer.accelerator.clip_grad_norm_([], 1.0)
+    assert capture.grad_norm is returned  # kept as it came, not read
+    trainer.accelerator.clip_grad_norm_([], 1.0)  # a second clip (another model part): the first norm stays
+    loss, tokens, grad_norm, lr, seconds = capture.end_step()
+    assert (loss, tokens, grad_norm) == (1.5, 4, 3.5) and type(grad_norm) is float
+    trainer.accelerator.clip_grad_norm_([], float("inf"))  # a measuring call (max_norm inf) is the norm
+    assert capture.end_step()[2] == 0.25
+    capture.uninstall()
