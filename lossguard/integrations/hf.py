@@ -77,6 +77,7 @@ class LossGuard(TrainerCallback):
         self._distributed = False  # torch.distributed is set up before training begins
         self._first_snapshot_due = False
         self._interval: list[Sample] = []
+        self._step = 0  # the optimizer step on_step_end is handling
         self.recovery: TrainerRecovery | None = None
         self.probe = TrainerProbe(self.config.probe)
         self.gpu: Any = None
@@ -220,7 +221,7 @@ class LossGuard(TrainerCallback):
             self.writer.write_sample(sample, tokens=counted)
         if self.engine is None:
             return
-        step = int(state.global_step)
+        step = self._step = int(state.global_step)
         self.probe.observe_step(seconds)
         if self.probe.due(step):
             self._write_probe(self.probe.run(step, lr, "every_n_steps"))
@@ -236,7 +237,8 @@ class LossGuard(TrainerCallback):
             self._emit_action(action)
 
     def _probe_plateau(self, finding: Finding) -> dict[str, Any] | None:
-        record = self.probe.run(finding.step, self.capture.lr, finding.reason.value)
+        # the weights probed are this step's, which is up to batch_steps - 1 past the finding's
+        record = self.probe.run(self._step, self.capture.lr, finding.reason.value)
         self._write_probe(record)
         return record
 

@@ -41,7 +41,9 @@ def test_a_stalled_run_gets_preflight_gpu_records_and_a_probed_plateau(tiny, tmp
     plateau = [r for r in records if r["kind"] == "finding" and r["reason"] == "early_convergence"]
     assert len(plateau) == 1
     probes = [r for r in records if r["kind"] == "probe"]
-    assert len(probes) == 1 and probes[0]["step"] == plateau[0]["step"]
+    # probed when the policy heard of the plateau (the detectors' next batch), on that step's weights
+    every = config.detection.batch_steps
+    assert len(probes) == 1 and probes[0]["step"] == -(-plateau[0]["step"] // every) * every
     probe = probes[0]
     assert probe["trigger"] == "early_convergence" and not probe.get("skipped")
     assert probe["verdict"] in ("saddle", "inconclusive", "minimum", "degenerate")
