@@ -123,11 +123,17 @@ class Guard:
         except Exception:
             return copy.deepcopy(state)
 
-    def load_detector_state(self, state: dict[str, Any] | bytes) -> None:
-        """Put back detector memory from ``detector_state`` or ``frozen_detector_state`` (taken
-        where ``decide`` had flushed: after a rollback no held-back sample is left)."""
+    def load_detector_state(self, state: dict[str, Any] | bytes, step: int = 0) -> None:
+        """After a rollback to the snapshot of ``step``: put back detector memory from
+        ``detector_state`` or ``frozen_detector_state`` (taken where ``decide`` had flushed, so no
+        held-back sample is left), then let the detectors forget the streaks of the abandoned
+        branch (``reset_after_rollback``): the next sample's step jumps past the snapshot, and
+        trend windows restart instead of bridging the gap."""
         self.detectors.load_state_dict(_unfreeze(state) if isinstance(state, bytes) else copy.deepcopy(state))
         self.pending = []
+        reset = getattr(self.detectors, "reset_after_rollback", None)  # a custom suite may not have one
+        if reset is not None:
+            reset(step)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs, JSON-ready: a checkpoint may fall between two batches,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 
 import pytest
@@ -188,3 +189,27 @@ def test_while_a_recovery_is_in_progress_findings_are_decided_at_their_own_step(
                                                            ("rollback", 215, "relapse")]
     assert [a for a in batched if a[0] == "rollback"] == [("rollback", 140, "spike"), ("rollback", 161, "relapse"),
                                                           ("rollback", 215, "relapse")]
+
+
+def test_a_rollback_restores_the_snapshot_memory_and_restarts_the_trend_windows():
+    """The detectors come back as the snapshot left them, minus the streaks: the next sample's step
+    jumps past the snapshot, so the divergence trend and the plateau segment start afresh while
+    the robust baselines (the spike detector's history) are kept."""
+    samples = make_curve("spike", 0, max_steps=1000).samples
+    guard = Guard(GuardConfig(), max_steps=1000)
+    frozen: dict[int, bytes | dict] = {}
+    for s in samples:
+        due = s.step % 50 == 0
+        decision = guard.decide(s, sorted(frozen), flush=due)
+        if decision.rollback_to is not None:
+            break
+        if due:
+            frozen[s.step] = guard.frozen_detector_state()
+    target = decision.rollback_to
+    kept = Guard(GuardConfig(), max_steps=1000)
+    kept.load_state_dict({"detectors": pickle.loads(frozen[target])})
+    assert len(kept.detectors.divergence.trend) > 0 and kept.detectors.plateau.seg_start is not None
+    guard.load_detector_state(frozen[target], target)
+    suite = guard.detectors
+    assert len(suite.divergence.trend) == 0 and suite.plateau.seg_start is None
+    assert list(suite.spike.values) == list(kept.detectors.spike.values) and suite.last_step == target

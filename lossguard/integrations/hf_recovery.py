@@ -98,7 +98,7 @@ class TrainerRecovery:
         if decision.rollback_to is not None:
             snap = rec.restore(decision.rollback_to)
             if snap.engine is not None and engine is not None:
-                engine.load_detector_state(snap.engine)
+                engine.load_detector_state(snap.engine, decision.rollback_to)
             if decision.actions and decision.actions[0].action is ActionKind.ROLLBACK:
                 decision.actions[0].details["restore_seconds"] = round(rec.last_rollback_seconds or 0.0, 6)
             self.pin_target = decision.rollback_to

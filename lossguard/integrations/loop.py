@@ -155,7 +155,7 @@ class LoopGuard:
             if decision.rollback_to is not None:
                 snap = rec.restore(decision.rollback_to)
                 if snap.engine is not None:
-                    self.engine.load_detector_state(snap.engine)
+                    self.engine.load_detector_state(snap.engine, decision.rollback_to)
                 result.rolled_back_to = decision.rollback_to
                 if decision.actions:
                     decision.actions[0].details["restore_seconds"] = round(rec.last_rollback_seconds or 0.0, 6)
