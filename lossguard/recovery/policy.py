@@ -90,21 +90,24 @@ class RecoveryPolicy:
         self.restore_level = math.nan
         self.watch_until = -1
         self.watch_level = False
-        self._window: deque[float] = deque(maxlen=self.config.smooth_window)
-        # (step, loss) of the window and the ``lookback`` steps after it: findings reach the
-        # policy up to ``lookback`` steps late (the detectors run in batches), and the level a
-        # recovery must get back under is the one from before the finding's own step
+        # (step, loss) of the last finite losses: the smoothing window and the ``lookback`` steps
+        # after it. Findings reach the policy up to ``lookback`` steps late (the detectors run in
+        # batches), and the level a recovery must get back under is the one from before the
+        # finding's own step
         self._recent: deque[tuple[int, float]] = deque(maxlen=self.config.smooth_window + max(0, lookback - 1))
 
     # --- queries -------------------------------------------------------------------------------
     def smoothed(self) -> float:
         """Mean of the recent finite losses (NaN when there are none yet)."""
-        return sum(self._window) / len(self._window) if self._window else math.nan
+        return self.level_before(math.inf)
 
-    def level_before(self, step: int) -> float:
+    def level_before(self, step: float) -> float:
         """Mean of the last ``smooth_window`` finite losses of the steps before ``step``."""
-        values = [v for s, v in self._recent if s < step][-self.config.smooth_window:]
+        values = self._last(step)
         return sum(values) / len(values) if values else math.nan
+
+    def _last(self, before: float = math.inf) -> list[float]:
+        return [v for s, v in self._recent if s < before][-self.config.smooth_window:]
 
     def idle(self, step: int) -> bool:
         """Whether nothing in progress depends on the step a finding reaches the policy at:
@@ -142,7 +145,6 @@ class RecoveryPolicy:
                 self._rollback(step, trigger, before, snapshots, decision)
                 return decision
         if loss is not None and math.isfinite(loss):
-            self._window.append(float(loss))
             self._recent.append((step, float(loss)))
         if self.phase is Phase.LOW_LR:
             self._maybe_restore(step, decision)
@@ -201,7 +203,6 @@ class RecoveryPolicy:
         self.cooldown_until = step + cfg.cooldown_steps * 2 ** (self.rollbacks - 1)
         self.watch_until = -1
         self.phase = Phase.LOW_LR
-        self._window.clear()
         self._recent.clear()
         gap = finding.onset_step - target
         decision.rollback_to = target
@@ -224,7 +225,7 @@ class RecoveryPolicy:
     def _maybe_restore(self, step: int, decision: Decision) -> None:
         cfg = self.config
         level = self.smoothed()
-        below = len(self._window) >= min(cfg.smooth_window, 5) and level < self.trigger_level
+        below = len(self._last()) >= min(cfg.smooth_window, 5) and level < self.trigger_level
         trajectory = self.trigger_reason in _TRAJECTORY
         if trajectory:
             done = (step >= self.low_until_min and below) or step >= self.low_deadline
@@ -255,7 +256,7 @@ class RecoveryPolicy:
     def _watch_relapse(self, step: int, snapshots: Sequence[int], decision: Decision) -> None:
         cfg = self.config
         gain = self.trigger_level - self.restore_level
-        if not (self.watch_level and math.isfinite(gain) and gain > 0) or len(self._window) < cfg.smooth_window:
+        if not (self.watch_level and math.isfinite(gain) and gain > 0) or len(self._last()) < cfg.smooth_window:
             return
         level = self.smoothed()
         limit = self.restore_level + cfg.relapse_fraction * gain
@@ -288,7 +289,6 @@ class RecoveryPolicy:
         self.watch_until = step + cfg.relapse_watch_steps
         if math.isfinite(level):
             self.trigger_level = level
-        self._window.clear()
         self._recent.clear()
         decision.rollback_to = target
         decision.save = True
@@ -314,7 +314,7 @@ class RecoveryPolicy:
             value = out[key]
             out[key] = value if math.isfinite(value) else str(value)
         out["phase"] = self.phase.value
-        out["window"] = list(self._window)
+        out["window"] = self._last()  # what a state saved before "recent" existed held
         out["recent"] = [list(pair) for pair in self._recent]
         return out
 
@@ -325,7 +325,6 @@ class RecoveryPolicy:
         self.trigger_level = float(self.trigger_level)
         self.restore_level = float(self.restore_level)
         self.phase = Phase(state.get("phase", Phase.NORMAL.value))
-        self._window = deque((float(v) for v in state.get("window", [])), maxlen=self.config.smooth_window)
         # a state saved before "recent" existed: its window, as if logged just before the next step
-        recent = state.get("recent") or [(-1, v) for v in self._window]
+        recent = state.get("recent") or [(-1, v) for v in state.get("window", [])]
         self._recent = deque(((int(s), float(v)) for s, v in recent), maxlen=self._recent.maxlen)
