@@ -24,12 +24,13 @@ from typing import Any
 import numpy as np
 
 from lossguard.records import Reason
-from lossguard.signals.synthetic import SCORED, Score, score, standard_set
+from lossguard.signals.synthetic import SCORED, Curve, Score, score, standard_set
 
 TARGET_RECALL = {Reason.SPIKE: 0.95, Reason.DIVERGENCE: 0.95, Reason.NONFINITE: 0.95, Reason.EARLY_CONVERGENCE: 0.9}
 
 
 SEED_SETS = (0, 77_000, 155_000)  # independent curve sets: a detector tuned on one must hold on all
+PLATEAU_KINDS = ("plateau", "stuck", "plateau_resolves")  # the curve kinds labelled early_convergence
 
 
 def quality(healthy: int, per_anomaly: int, seed_sets: tuple[int, ...] = SEED_SETS) -> bool:
@@ -37,13 +38,21 @@ def quality(healthy: int, per_anomaly: int, seed_sets: tuple[int, ...] = SEED_SE
     t0 = time.perf_counter()
     all_parts: list[dict[Reason, Score]] = []
     per_set = []
+    by_kind: dict[tuple[str, int], list[int]] = {}  # (plateau kind, interval) -> latencies
     for base in seed_sets:
         parts = []
         for k in (1, 10, 20):
             curves = standard_set(healthy=healthy, per_anomaly=per_anomaly, log_every=(k,), seed=1000 * k + base)
             print(f"\nseed set {base}, logging every {k} step(s): {len(curves)} curves, "
                   f"{sum(len(c.samples) for c in curves)} samples")
-            parts.append(_table(score(curves)))
+            kinds: dict[str, list[Curve]] = {}
+            for c in curves:
+                kinds.setdefault(c.kind, []).append(c)
+            scored = {kind: score(group) for kind, group in kinds.items()}  # each curve once
+            for kind, sc in scored.items():
+                if kind in PLATEAU_KINDS:
+                    by_kind.setdefault((kind, k), []).extend(sc[Reason.EARLY_CONVERGENCE].latencies)
+            parts.append(_table(_merge(list(scored.values()))))
         per_set.append((base, _merge(parts)))
         all_parts.extend(parts)
     print(f"\nall {len(seed_sets)} seed sets and intervals together:")
@@ -69,8 +78,20 @@ def quality(healthy: int, per_anomaly: int, seed_sets: tuple[int, ...] = SEED_SE
         fr = e.healthy_runs_alarmed + s[Reason.DIVERGENCE].healthy_runs_alarmed
         print(f"    seed set {base}: early_convergence recall {e.recall:.3f}, median latency {e.median_latency:.0f}, "
               f"false alarms {fr} in {e.healthy_runs}")
+    print("  early_convergence median latency (quartiles) by kind and logging interval:")
+    for kind in PLATEAU_KINDS:
+        cells = [_quartiles(by_kind.get((kind, k), [])) for k in (1, 10, 20)]
+        every = _quartiles([v for k in (1, 10, 20) for v in by_kind.get((kind, k), [])])
+        print(f"    {kind:<17} every step {cells[0]}, every 10 {cells[1]}, every 20 {cells[2]}; all {every}")
     print(f"  quality evaluation took {time.perf_counter() - t0:.1f} s")
     return ok
+
+
+def _quartiles(v: list[int] | list[float]) -> str:
+    if not v:
+        return "-"
+    q1, q2, q3 = np.percentile(v, [25, 50, 75])
+    return f"{q2:.0f} ({q1:.0f}-{q3:.0f})"
 
 
 def _merge(parts: list[dict[Reason, Score]]) -> dict[Reason, Score]:
