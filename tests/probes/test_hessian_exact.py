@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lossguard.config import ProbeConfig
 from lossguard.probes.hessian import CurvatureResult, probe_curvature, probe_model
+from lossguard.probes.hvp import FiniteDifferenceHVP, ParamSpace
 from lossguard.testing.tiny import PadCollator, add_lora, build_dataset, build_model, build_tokenizer
 
 
@@ -169,3 +170,49 @@ def test_lora_fused_attention_falls_back_to_finite_differences(lora_problem) -> 
     assert res.method == "finite_difference"
     assert "not implemented" in res.fallback_reason
     assert_accurate(res, lam_min, lam_max)
+
+
+def sharp_bump(dtype: torch.dtype):
+    """A broad quadratic far from the origin (|w| ~ 27) with a narrow bump (width 1e-3) where it
+    is probed: along the bump's axis the exact curvature is 0.5 - 1e-4 / 1e-3**2 = -99.5, on a
+    scale far below the finite-difference step that |w| alone suggests (~0.03-0.13)."""
+    w0 = torch.full((20,), 6.0, dtype=dtype)
+    d = torch.linspace(0.5, 2.0, 20, dtype=dtype)
+    w = w0.clone().requires_grad_(True)
+
+    def loss() -> torch.Tensor:
+        x = w - w0
+        return 0.5 * (d * x * x).sum() + 1e-4 * torch.exp(-x[0] ** 2 / 2e-6)
+
+    return loss, w, -99.5, 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_finite_differences_calibrate_their_step_to_sharp_curvature(dtype: torch.dtype) -> None:
+    loss, w, lam_min, lam_max = sharp_bump(dtype)
+    space = ParamSpace([w])
+    e0 = torch.zeros(20, dtype=dtype)
+    e0[0] = 1.0
+    # the step that |w| alone gives straddles the bump and sees only the quadratic's +0.5
+    assert FiniteDifferenceHVP(loss, space, max_shrinks=0)(e0)[0] > 0
+    fd = FiniteDifferenceHVP(loss, space)
+    fd(torch.randn(20, dtype=dtype, generator=torch.Generator().manual_seed(0)))  # calibrates
+    # float32 resolves 6.0 to 5e-7, so a step small enough for the bump moves w[0] by a few
+    # ulps only: the shift itself is rounded by up to ~10%
+    rel = 0.15 if dtype == torch.float32 else 0.01
+    assert fd(e0)[0] == pytest.approx(lam_min, rel=rel)
+    res = probe_curvature(loss, [w], seed=0, hvp="finite_difference")
+    assert res.lambda_min == pytest.approx(lam_min, rel=rel)
+    assert res.lambda_max == pytest.approx(lam_max, rel=0.02)
+    assert torch.equal(w.detach(), torch.full((20,), 6.0, dtype=dtype))
+
+
+def test_auto_keeps_exact_products_that_a_coarse_finite_difference_contradicts() -> None:
+    # the check used to compare with one product at the |w|-scaled step, which missed the bump,
+    # and then threw the exact products away for it
+    loss, w, lam_min, lam_max = sharp_bump(torch.float64)
+    res = probe_curvature(loss, [w], seed=0)
+    assert res.method == "double_backward" and res.fallback_reason is None
+    assert res.check_error < 0.05
+    assert res.lambda_min == pytest.approx(lam_min, rel=1e-6)
+    assert res.lambda_max == pytest.approx(lam_max, rel=1e-6)
