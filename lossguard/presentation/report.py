@@ -252,7 +252,7 @@ def render_html(live: LiveRun, *, title: str | None = None, plotly_js: str | Non
         ["run directory", str(live.run_dir)],
         ["log read", f"{live.source_path} ({live.source_kind})" if live.source_path else "none"],
         ["steps", f"{last.step if last else '-'} of {live.max_steps or '?'} ({live.n_samples} samples)"],
-        ["last loss", "-" if last is None else last.loss],
+        ["last loss", "-" if last is None or last.loss is None else f"{last.loss:.4g}"],
         ["smoothed loss", "-" if live.smoothed is None else f"{live.smoothed:.4g}"],
         ["findings", len(live.findings)],
         ["rollbacks", sum(1 for a in live.actions if a.action.value == "rollback")],

@@ -75,3 +75,12 @@ def test_large_runs_are_thinned_but_spikes_stay(tmp_path: Path) -> None:
     assert max(raw["y"]) == 50.0 and raw["x"][raw["y"].index(50.0)] == 7_321
     assert min(raw["y"]) == 2.0
     assert "thinned to min/max per 8-sample bucket" in render_html(live, plotly_js="")
+
+
+def test_summary_rounds_the_last_loss(tmp_path: Path) -> None:
+    with EventWriter(tmp_path / "lossguard" / "events.jsonl", clock=lambda: 1.0) as w:
+        w.write("run", max_steps=10)
+        w.write("sample", step=1, loss=2.5, grad_norm=1.0, lr=1e-3)
+        w.write("sample", step=2, loss=0.901636004447937, grad_norm=1.0, lr=1e-3)
+    page = render_html(read_run(tmp_path), plotly_js="/* plotly */")
+    assert "<td>last loss</td><td>0.9016</td>" in page
