@@ -27,7 +27,7 @@ import torch
 from torch.func import functional_call, hessian
 
 from lossguard.probes.hessian import probe_curvature
-from lossguard.probes.hvp import DoubleBackwardHVP, ParamSpace
+from lossguard.probes.hvp import DoubleBackwardHVP, FiniteDifferenceHVP, ParamSpace
 
 CAP = 1000
 
@@ -239,6 +239,55 @@ def memory_4m(seq: int, rows: int, max_iter: int) -> None:
     print(f"  verdict: {getattr(res, 'message', '')}")
 
 
+def stalled_adapter():
+    """The demo's LoRA adapter (16,384 parameters) after 101 steps at lr 3e-2 (stalled), and a
+    64-sequence training batch: sharp curvature far from the origin (|w| ~ 28)."""
+    import tempfile
+
+    from transformers import TrainerCallback
+
+    from lossguard.testing.tiny import make_trainer, tiny_setup
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = state.global_step >= 101
+
+    setup = tiny_setup()
+    with tempfile.TemporaryDirectory() as out:
+        make_trainer(setup, out, callbacks=[StopAt()], max_steps=600, learning_rate=3e-2).train()
+    model = setup.model.eval()
+    model.base_model.model.set_attn_implementation("eager")  # CPU flash attention is once-differentiable
+    batch = setup.collator(setup.train[:64])
+    return (lambda: model(**batch).loss), [p for p in model.parameters() if p.requires_grad]
+
+
+def finite_difference_table() -> None:
+    """Finite differences against double backward on the stalled adapter: the fixed step that
+    ``|w|`` alone gives against the calibrated one, along the most negative curvature direction
+    and in the probe's eigenvalues (double backward, converged, is the reference)."""
+    loss_fn, params = stalled_adapter()
+    space = ParamSpace(params)
+    w_norm = float(torch.linalg.vector_norm(space.flatten([p.detach() for p in params])))
+    ref = probe_curvature(loss_fn, params, seed=0, hvp="double_backward", max_iter=60, max_seconds=600,
+                          return_direction=True)
+    u = space.flatten(ref.direction)
+    fixed = FiniteDifferenceHVP(loss_fn, space, max_shrinks=0)
+    calibrated = FiniteDifferenceHVP(loss_fn, space)
+    calibrated(torch.randn(space.size, generator=torch.Generator().manual_seed(1)))
+    print(f"\nfinite differences on the stalled demo adapter ({space.size} parameters, |w| {w_norm:.1f}):")
+    print(f"  curvature along the most negative direction: exact {ref.lambda_min:.4g}; fixed step "
+          f"(perturbation {fixed.rel_step * (1 + w_norm):.3g}) {float(u @ fixed(u)):.4g}; calibrated "
+          f"(perturbation {calibrated.step:.3g}, {calibrated.count - 1} extra products) {float(u @ calibrated(u)):.4g}")
+    fixed.close()
+    calibrated.close()
+    print(f"  probe, double backward (reference): lambda_min {ref.lambda_min:.4g}, lambda_max {ref.lambda_max:.4g}, "
+          f"{ref.n_hvp} products")
+    for hvp in ("finite_difference", "auto"):
+        r = probe_curvature(loss_fn, params, seed=0, hvp=hvp)
+        print(f"  probe, {hvp}: method {r.method}, lambda_min {r.lambda_min:.4g}, lambda_max {r.lambda_max:.4g}, "
+              f"{r.n_hvp} products, {r.seconds:.2f} s, {r.verdict.value}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-memory", action="store_true")
@@ -251,6 +300,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not args.memory_only:
         accuracy_table()
+        finite_difference_table()
     if not args.no_memory:
         memory_4m(args.seq, args.rows, args.max_iter)
 
