@@ -83,6 +83,8 @@ def quality(healthy: int, per_anomaly: int, seed_sets: tuple[int, ...] = SEED_SE
         cells = [_quartiles(by_kind.get((kind, k), [])) for k in (1, 10, 20)]
         every = _quartiles([v for k in (1, 10, 20) for v in by_kind.get((kind, k), [])])
         print(f"    {kind:<17} every step {cells[0]}, every 10 {cells[1]}, every 20 {cells[2]}; all {every}")
+    cells = [_quartiles([v for kind in PLATEAU_KINDS for v in by_kind.get((kind, k), [])]) for k in (1, 10, 20)]
+    print(f"    {'all kinds':<17} every step {cells[0]}, every 10 {cells[1]}, every 20 {cells[2]}")
     print(f"  quality evaluation took {time.perf_counter() - t0:.1f} s")
     return ok
 
