@@ -97,7 +97,10 @@ def read_llamafactory(path: str | os.PathLike[str]) -> RunLog:
     return log
 
 
-_LOSS_COLUMNS = ("train_loss_step", "train_loss", "loss")
+# In order of preference. "train/loss" is what `self.log("train/loss")` writes (RL4CO, many
+# research repos); "train_loss_epoch" alone is a run that logs the training loss once per epoch.
+_LOSS_COLUMNS = ("train_loss_step", "train_loss", "loss", "train/loss_step", "train/loss", "train_loss_epoch")
+_VAL_COLUMNS = ("val_loss", "val/loss")
 
 
 def read_lightning_csv(path: str | os.PathLike[str]) -> RunLog:
@@ -119,13 +122,14 @@ def read_lightning_csv(path: str | os.PathLike[str]) -> RunLog:
                     f"{', '.join(_LOSS_COLUMNS)}; found {', '.join(columns) or 'no header'})"
                 )
             lr_col = next((c for c in columns if c == "lr" or c.startswith("lr-")), None)
+            val_col = next((c for c in _VAL_COLUMNS if c in columns), None)
             gn_col = next((c for c in columns if "grad" in c and "norm" in c), None)
             for row in reader:
                 step = as_step(row.get("step"))
                 loss = row.get(loss_col)
                 if step is None or loss in (None, ""):
-                    if step is not None and row.get("val_loss") not in (None, ""):
-                        log.evals.append({"kind": "eval", "step": step, "eval_loss": as_float(row["val_loss"])})
+                    if step is not None and val_col and row.get(val_col) not in (None, ""):
+                        log.evals.append({"kind": "eval", "step": step, "eval_loss": as_float(row[val_col])})
                     continue
                 log.add_sample(
                     Sample(

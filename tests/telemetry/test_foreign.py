@@ -154,3 +154,36 @@ def test_llamafactory_reader_rejects_garbage(tmp_path):
     p.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     with pytest.raises(LogReadError, match="trainer_log.jsonl"):
         read_llamafactory(p)
+
+
+def test_lightning_csv_with_slash_metric_names_as_rl4co_writes_them(tmp_path):
+    # First rows of a real RL4CO (PPO) metrics.csv: `self.log("train/loss")`, "val/reward" rows
+    # without a loss. Found by the real-log corpus (HySonLab/ArcRoute); the reader missed it.
+    p = tmp_path / "metrics.csv"
+    p.write_text(
+        "epoch,step,train/entropy,train/loss,train/reward,val/reward\n"
+        "0,49,25.98388671875,-0.02284548431634903,-5.757747173309326,\n"
+        "0,99,25.42140007019043,0.48641592264175415,-6.055891036987305,\n"
+        "0,488,,,,-56.78908920288086\n"
+        "1,499,28.206554412841797,5.126415729522705,-9.734471321105957,\n"
+    )
+    log = read_lightning_csv(p)
+    assert [(s.step, s.loss, s.epoch) for s in log.samples] == [
+        (49, -0.02284548431634903, 0), (99, 0.48641592264175415, 0), (499, 5.126415729522705, 1)
+    ]
+
+
+def test_lightning_csv_with_only_an_epoch_level_train_loss(tmp_path):
+    # The first rows are a real metrics.csv that logs the training loss once per epoch
+    # (Awritrojit/AIOPS_learning_mnist, found by the real-log corpus); the "val/loss" column is
+    # added here to cover the slash-named validation loss. Not "not a Lightning metrics.csv".
+    p = tmp_path / "metrics.csv"
+    p.write_text(
+        "acc_epoch,epoch,step,train_loss_epoch,val/loss\n"
+        "0.15625,0,3,2.282355308532715,\n"
+        "0.40625,1,7,1.6110919713974,\n"
+        ",1,7,,1.5\n"
+    )
+    log = read_lightning_csv(p)
+    assert [(s.step, s.loss) for s in log.samples] == [(3, 2.282355308532715), (7, 1.6110919713974)]
+    assert log.evals == [{"kind": "eval", "step": 7, "eval_loss": 1.5}]
