@@ -23,18 +23,53 @@ from typing import Any
 
 from lossguard.config import GuardConfig
 from lossguard.integrations import dist
+from lossguard.integrations.core import Applied, Reporter
 from lossguard.records import Action, ActionKind
 from lossguard.recovery.apply import Recoverer
-from lossguard.recovery.policy import Decision
 
 logger = logging.getLogger("lossguard")
 
 STATE_FILE = "lossguard_state.json"
+TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME
 FALLBACK_PREFIX = "lossguard-fallback-"
 
 
-def resume_checkpoint(output_dir: str, global_step: int, max_depth: int = 12) -> Path | None:
-    """The checkpoint ``trainer.train(resume_from_checkpoint=...)`` is resuming from, if any."""
+def resumed_checkpoint(args: Any, state: Any) -> Path | None:
+    """The checkpoint ``trainer.train(resume_from_checkpoint=...)`` resumed this run from, if any.
+
+    The Trainer keeps no record of that path, only the ``TrainerState`` it loaded from the
+    checkpoint's ``trainer_state.json``, which on_train_begin receives. So the checkpoint is the
+    folder whose saved state is that one (same global step, same log history): among
+    ``args.resume_from_checkpoint``, ``checkpoint-<step>`` and lossguard's pinned fallbacks in
+    ``output_dir``. A checkpoint from elsewhere (another run's output_dir) is only named in
+    ``train()``'s own argument, read from the call stack as a last resort.
+    """
+    step = int(state.global_step)
+    if step <= 0:
+        return None
+    out = Path(args.output_dir)
+    named = getattr(args, "resume_from_checkpoint", None)
+    candidates = [Path(named)] if isinstance(named, (str, os.PathLike)) else []
+    candidates += [out / f"checkpoint-{step}", *sorted(out.glob(f"{FALLBACK_PREFIX}*"))]
+    for path in candidates:
+        if _holds_state(path, state):
+            return path
+    path = _train_argument()
+    return path if path is not None and _holds_state(path, state) else None
+
+
+def _holds_state(path: Path, state: Any) -> bool:
+    """Whether the Trainer state saved in checkpoint ``path`` is the one ``state`` was loaded from."""
+    try:
+        saved = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    # as JSON text: a NaN in the log history (a NaN grad norm logged) is not equal to itself
+    return (saved.get("global_step") == state.global_step
+            and json.dumps(saved.get("log_history")) == json.dumps(state.log_history))
+
+
+def _train_argument(max_depth: int = 12) -> Path | None:
     frame = inspect.currentframe()
     depth = 0
     while frame is not None and depth < max_depth:
@@ -43,8 +78,7 @@ def resume_checkpoint(output_dir: str, global_step: int, max_depth: int = 12) ->
             return Path(value)
         frame = frame.f_back
         depth += 1
-    guess = Path(output_dir) / f"checkpoint-{global_step}"
-    return guess if global_step > 0 and guess.is_dir() else None
+    return None
 
 
 class TrainerRecovery:
@@ -56,6 +90,7 @@ class TrainerRecovery:
         self.recoverer: Recoverer | None = None
         self.pin_target: int | None = None
         self.pinned: list[Path] = []
+        self._first_snapshot_due = False
 
     def steps(self) -> tuple[int, ...]:
         return self.recoverer.ring.steps() if self.recoverer is not None else ()
@@ -68,6 +103,7 @@ class TrainerRecovery:
             return
         self.recoverer = Recoverer(model, optimizer, scheduler, config=self.config.recovery,
                                    spill_dir=dist.snapshot_folder(self.config.recovery.snapshot_dir, self.log_dir))
+        self._first_snapshot_due = True
 
     def end(self) -> None:
         """At train end: the snapshots are scratch for this run (in memory and spilled)."""
@@ -78,35 +114,34 @@ class TrainerRecovery:
         """Whether a scheduled snapshot follows optimizer step ``step``."""
         return self.recoverer is not None and self.recoverer.due(step)
 
-    def first_snapshot(self, step: int, engine: Any) -> None:
-        if self.recoverer is not None and not len(self.recoverer.ring):
-            self.recoverer.snapshot(step, engine.frozen_detector_state() if engine is not None else None)
-
-    def pre_optimizer_step(self, engine: Any, next_step: int) -> None:
-        if self.recoverer is not None and engine is not None:
-            self.recoverer.scale_lr(engine.lr_multiplier(next_step))
+    def pre_optimizer_step(self, engine: Any, global_step: int) -> None:
+        """Before the optimizer step after ``global_step``: the run's first snapshot (here, not at
+        train begin: a resumed run's optimizer state and RNGs are loaded after it), then the
+        step's LR override."""
+        rec = self.recoverer
+        if rec is None:
+            return
+        if self._first_snapshot_due:
+            if not len(rec.ring):
+                rec.snapshot(global_step, engine.frozen_detector_state() if engine is not None else None)
+            self._first_snapshot_due = False
+        if engine is not None:
+            rec.scale_lr(engine.lr_multiplier(global_step + 1))
 
     def post_optimizer_step(self) -> None:
         if self.recoverer is not None:
             self.recoverer.unscale_lr()
 
-    def apply(self, decision: Decision, engine: Any, step: int, control: Any) -> None:
-        """Carry out ``decision`` after optimizer step ``step``."""
-        rec = self.recoverer
-        if rec is None:
+    def applied(self, done: Applied, control: Any) -> None:
+        """After ``core.carry_out``: ask the Trainer to save or stop, and remember a rollback's
+        target, whose checkpoint (the next save) gets pinned."""
+        if self.recoverer is None:  # recovery is off: nothing was carried out
             return
-        if decision.rollback_to is not None:
-            snap = rec.restore(decision.rollback_to)
-            if snap.engine is not None and engine is not None:
-                engine.load_detector_state(snap.engine, decision.rollback_to)
-            if decision.actions and decision.actions[0].action is ActionKind.ROLLBACK:
-                decision.actions[0].details["restore_seconds"] = round(rec.last_rollback_seconds or 0.0, 6)
-            self.pin_target = decision.rollback_to
-        elif decision.snapshot or rec.due(step):
-            rec.snapshot(step, engine.frozen_detector_state() if engine is not None else None, require_finite=True)
-        if decision.save:
+        if done.rolled_back_to is not None:
+            self.pin_target = done.rolled_back_to
+        if done.save:
             control.should_save = True
-        if decision.stop:
+        if done.stop:
             control.should_training_stop = True
 
     def on_save(self, args: Any, state: Any, engine: Any, is_main: bool) -> list[Action]:
@@ -129,14 +164,17 @@ class TrainerRecovery:
                        f"rotation (resume from it with resume_from_checkpoint)", to_step=target,
                        details={"path": str(pinned)})]
 
-    def load_resumed(self, args: Any, state: Any, engine: Any) -> Path | None:
-        """On ``resume_from_checkpoint``, load lossguard's state saved in that checkpoint."""
+    def load_resumed(self, args: Any, state: Any, engine: Any, report: Reporter) -> Path | None:
+        """On ``resume_from_checkpoint``, load lossguard's state saved in that checkpoint and log
+        the ``resume``; the checkpoint."""
         if engine is None or int(state.global_step) <= 0:
             return None
-        ckpt = resume_checkpoint(args.output_dir, int(state.global_step))
+        ckpt = resumed_checkpoint(args, state)
         if ckpt is None or not (ckpt / STATE_FILE).is_file():
             return None
         engine.load_state_dict(json.loads((ckpt / STATE_FILE).read_text()))
+        report.write("resume", step=int(state.global_step), checkpoint=str(ckpt),
+                  rollbacks=engine.policy.rollbacks, phase=engine.policy.phase.value)
         return ckpt
 
 

@@ -30,12 +30,11 @@ import torch
 
 from lossguard.config import GuardConfig
 from lossguard.guard import Guard
-from lossguard.integrations import dist
-from lossguard.records import Action, Finding, Sample
+from lossguard.integrations import core, dist
+from lossguard.integrations.core import Reporter, carry_out
+from lossguard.records import Action, ActionKind, Finding, Sample
 from lossguard.recovery.apply import Recoverer
 from lossguard.recovery.snapshot import trainable_parameters
-from lossguard.telemetry.schema import EVENTS_FILE
-from lossguard.telemetry.writer import EventWriter, set_aside
 
 logger = logging.getLogger("lossguard")
 
@@ -68,15 +67,10 @@ class LoopGuard:
         self.model = model
         self.engine = Guard(self.config, max_steps=max_steps, num_train_epochs=num_train_epochs)
         self.global_step = start_step
-        self.findings: list[Finding] = []
-        self.actions: list[Action] = []
-        self._is_main = dist.rank() == 0
+        self.report = Reporter(self.config, is_main=dist.rank() == 0)
         self.log_dir = Path(log_dir) if log_dir is not None else None
-        self.writer: EventWriter | None = None
-        if self.log_dir is not None and self._is_main:
-            if start_step == 0:  # a fresh run, not a resumed one: its own log
-                set_aside(self.log_dir / EVENTS_FILE)
-            self.writer = EventWriter(self.log_dir / EVENTS_FILE)
+        if self.log_dir is not None:
+            self.report.open(self.log_dir, resumed=start_step > 0)
         self.recoverer: Recoverer | None = None
         self._remove_hooks = None
         self._optimizer_steps = 0
@@ -87,29 +81,21 @@ class LoopGuard:
             self.recoverer = Recoverer(model, optimizer, scheduler, config=self.config.recovery, spill_dir=spill)
             self._remove_hooks = self.recoverer.install_step_hooks(
                 lambda: self.engine.lr_multiplier(self.global_step + 1))
-            self.recoverer.snapshot(start_step, self.engine.detector_state())
+            self.recoverer.snapshot(start_step, self.engine.frozen_detector_state())
         self._post = optimizer.register_step_post_hook(self._after_optimizer_step)
         self._optimizer = optimizer
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in trainable_parameters(model).values())
-        self._write("run", world_size=dist.world_size(), total_params=total, trainable_params=trainable,
+        self.report.write("run", world_size=dist.world_size(), total_params=total, trainable_params=trainable,
                     max_steps=max_steps, start_step=start_step, capture="loop", config=self.config.to_dict())
 
-    # --- events --------------------------------------------------------------------------------
-    def _write(self, kind: str, **fields: Any) -> None:
-        if self.writer is not None:
-            self.writer.write(kind, **fields)
+    @property
+    def findings(self) -> list[Finding]:
+        return self.report.findings
 
-    def _emit(self, item: Finding | Action) -> None:
-        (self.findings if isinstance(item, Finding) else self.actions).append(item)  # type: ignore[arg-type]
-        if not self._is_main:
-            return
-        if self.writer is not None:
-            self.writer.write_record(item.to_record())
-        if self.config.console:
-            from lossguard.presentation.console import print_action, print_finding
-
-            print_finding(item) if isinstance(item, Finding) else print_action(item)
+    @property
+    def actions(self) -> list[Action]:
+        return self.report.actions
 
     def _after_optimizer_step(self, optimizer: Any, *args: Any) -> None:
         self._optimizer_steps += 1
@@ -134,47 +120,31 @@ class LoopGuard:
         value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else loss
         value, tokens = dist.mean_loss_and_sum_tokens(value, tokens)
         if grad_norm is None and not stepped:
-            grads = [p.grad.detach().float() for p in self.model.parameters() if p.grad is not None]
-            if grads:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            norm = core.grad_norm(self.model.parameters())
+            grad_norm = None if norm is None else float(norm)
         lr = self._last_lr if stepped else (
             float(self._optimizer.param_groups[0]["lr"]) * self.engine.lr_multiplier(step))
         sample = Sample(step=step, loss=value, grad_norm=grad_norm, lr=lr, tokens=tokens,
                         step_time_s=None if self._t0 is None else round(now - self._t0, 6))
         self._t0 = now
-        if self.writer is not None:
-            self.writer.write_record(sample.to_record())
+        self.report.write_record(sample.to_record())
         rec = self.recoverer
         label = step if stepped else step - 1  # the step whose weights a snapshot now would hold
         decision = self.engine.decide(sample, rec.ring.steps() if rec is not None else [],
                                       flush=rec is not None and (rec.due(label) or not len(rec.ring)))
-        result = StepResult(step, findings=decision.findings, actions=decision.actions, stop=decision.stop)
-        for finding in decision.findings:
-            self._emit(finding)
-        if rec is not None:
-            if decision.rollback_to is not None:
-                snap = rec.restore(decision.rollback_to)
-                if snap.engine is not None:
-                    self.engine.load_detector_state(snap.engine, decision.rollback_to)
-                result.rolled_back_to = decision.rollback_to
-                if decision.actions:
-                    decision.actions[0].details["restore_seconds"] = round(rec.last_rollback_seconds or 0.0, 6)
-            else:
-                if (decision.snapshot or rec.due(label) or not len(rec.ring)) and rec.params_finite():
-                    rec.snapshot(label, self.engine.detector_state())
-        for action in decision.actions:
-            self._emit(action)
-        return result
+        done = carry_out(decision, self.report, rec, self.engine, label)
+        return StepResult(step, findings=decision.findings, actions=decision.actions,
+                          rolled_back_to=done.rolled_back_to, stop=done.stop)
 
     @property
     def should_stop(self) -> bool:
-        return any(a.action.value == "give_up" for a in self.actions) and self.config.recovery.on_give_up == "stop"
+        return any(a.action is ActionKind.GIVE_UP for a in self.actions) and self.config.recovery.on_give_up == "stop"
 
     def close(self) -> None:
         """Report what the last held-back samples show, remove the optimizer hooks, close the log."""
         try:
             for finding in self.engine.flush():
-                self._emit(finding)
+                self.report.emit(finding)
         except Exception as err:  # lossguard must never break the user's training
             logger.warning("lossguard: last detection failed (%s: %s)", type(err).__name__, err)
         if self._remove_hooks is not None:
@@ -183,10 +153,7 @@ class LoopGuard:
         self._post.remove()
         if self.recoverer is not None:
             self.recoverer.close()  # its snapshots are scratch for this run
-        self._write("end", step=self.global_step, findings=len(self.findings), actions=len(self.actions))
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self.report.close(self.global_step)
 
     def __enter__(self) -> LoopGuard:
         return self

@@ -23,9 +23,12 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from lossguard.integrations.core import grad_norm
 
 logger = logging.getLogger("lossguard")
 
@@ -90,6 +93,17 @@ class TokenCount:
 
     def __repr__(self) -> str:
         return f"TokenCount({int(self)})"
+
+
+@dataclass(frozen=True, slots=True)
+class StepReading:
+    """What one optimizer step did, as ``StepCapture.end_step`` read it; None where not seen."""
+
+    loss: float | None
+    tokens: TokenCount | None
+    grad_norm: float | None
+    lr: float | None
+    seconds: float | None
 
 
 class StepCapture:
@@ -223,16 +237,14 @@ class StepCapture:
         if optimizer is not None and getattr(optimizer, "param_groups", None):
             self.lr = float(optimizer.param_groups[0]["lr"])
         if self.grad_norm is None and model is not None:
-            grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
-            if grads:
-                self.grad_norm = torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            norm = grad_norm(model.parameters())
+            if norm is not None:
+                self.grad_norm = norm
                 self.grad_norm_clipped = True
 
-    def end_step(self) -> tuple[float | None, TokenCount | None, float | None, float | None, float | None]:
-        """(loss, tokens, grad_norm, lr, seconds) of the step just finished; resets for the next.
-
-        ``tokens`` is counted when ``int()`` reads it (see ``TokenCount``)."""
+    def end_step(self) -> StepReading:
+        """The step just finished; resets for the next. Its ``tokens`` are counted when ``int()``
+        reads them (see ``TokenCount``)."""
         loss: float | None = None
         if self._loss is not None:
             total = self._loss
@@ -242,7 +254,7 @@ class StepCapture:
         tokens = TokenCount(self._tokens) if self._tokens else None
         seconds = self._clock() - self._t0 if self._t0 is not None else None
         norm = self.grad_norm
-        out = (loss, tokens, None if norm is None else float(norm), self.lr, seconds)
+        out = StepReading(loss, tokens, None if norm is None else float(norm), self.lr, seconds)
         self._loss = None
         self._tokens = []
         self._micro = 0

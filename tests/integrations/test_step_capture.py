@@ -35,7 +35,8 @@ def test_forward_hook_fallback_times_every_micro_batch_and_averages_the_loss():
         out.loss.backward()
         losses.append(float(out.loss.detach()))
     capture.before_optimizer_step(model, SimpleNamespace(param_groups=[{"lr": 0.5}]))
-    loss, tokens, grad_norm, lr, seconds = capture.end_step()
+    got = capture.end_step()
+    loss, tokens, grad_norm, lr, seconds = got.loss, got.tokens, got.grad_norm, got.lr, got.seconds
     assert loss == pytest.approx(sum(losses) / 2)  # (2-1)^2 and (2-4)^2: 1 and 4, mean 2.5
     assert loss == pytest.approx(2.5)
     assert tokens == 10 and lr == 0.5
@@ -45,7 +46,7 @@ def test_forward_hook_fallback_times_every_micro_batch_and_averages_the_loss():
     model.eval()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, target=0.0)  # evaluation: not part of any step
-    assert capture.end_step()[0] is None
+    assert capture.end_step().loss is None
     capture.uninstall()
     assert not model._forward_hooks and not model._forward_pre_hooks
 
@@ -62,8 +63,8 @@ def test_the_clipped_norm_is_read_at_the_end_of_the_step_not_between_clipping_an
     returned = trainer.accelerator.clip_grad_norm_([], 1.0)
     assert capture.grad_norm is returned  # kept as it came, not read
     trainer.accelerator.clip_grad_norm_([], 1.0)  # a second clip (another model part): the first norm stays
-    loss, tokens, grad_norm, lr, seconds = capture.end_step()
-    assert (loss, tokens, grad_norm) == (1.5, 4, 3.5) and type(grad_norm) is float
+    got = capture.end_step()
+    assert (got.loss, got.tokens, got.grad_norm) == (1.5, 4, 3.5) and type(got.grad_norm) is float
     trainer.accelerator.clip_grad_norm_([], float("inf"))  # a measuring call (max_norm inf) is the norm
-    assert capture.end_step()[2] == 0.25
+    assert capture.end_step().grad_norm == 0.25
     capture.uninstall()

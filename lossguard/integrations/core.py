@@ -1,0 +1,165 @@
+"""What the Trainer callback (``LossGuard``) and the loop guard (``LoopGuard``) both do, once.
+
+The two integrations differ in how they gather a step (wrapped Trainer methods, or the loss the
+user hands over) and in how they tell training to save or stop (the Trainer's ``control`` flags,
+or a returned ``StepResult``). Everything else is here: hooks that contain lossguard's own
+failures (``contained``), the run's log and console notices (``Reporter``), the gradient norm read
+from ``.grad`` (``grad_norm``), and carrying out the engine's ``Decision`` on the ``Recoverer``
+(``carry_out``, ``apply_decision``).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from lossguard.config import GuardConfig
+from lossguard.records import Action, ActionKind, Finding
+from lossguard.recovery.apply import Recoverer
+from lossguard.recovery.policy import Decision
+from lossguard.telemetry.schema import EVENTS_FILE
+from lossguard.telemetry.writer import EventWriter, set_aside
+
+logger = logging.getLogger("lossguard")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def contained(hook: F) -> F:
+    """Run a framework hook (a method); on an internal error, warn once per hook and let training
+    go on. The owner keeps ``_failed_hooks`` (a set) and ``hook_seconds`` (time spent inside its
+    hooks, for overhead figures)."""
+
+    @functools.wraps(hook)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception as err:
+            if hook.__name__ not in self._failed_hooks:
+                self._failed_hooks.add(hook.__name__)
+                logger.warning("lossguard: %s failed (%s: %s); training continues",
+                               hook.__name__, type(err).__name__, err)
+            return None
+        finally:
+            self.hook_seconds += time.perf_counter() - t0
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Reporter:
+    """The findings and actions of one run, written to ``events.jsonl`` and printed to the console.
+
+    Only the main process (global rank 0) writes and prints; every rank keeps the lists, so that
+    every rank knows what was decided.
+    """
+
+    def __init__(self, config: GuardConfig, *, is_main: bool = True) -> None:
+        self.config = config
+        self.is_main = is_main
+        self.writer: EventWriter | None = None
+        self.findings: list[Finding] = []
+        self.actions: list[Action] = []
+
+    def open(self, log_dir: str | os.PathLike[str], *, resumed: bool, background: bool = False) -> None:
+        """Start writing ``<log_dir>/events.jsonl`` (main process only). A fresh run first sets an
+        earlier run's log aside; a resumed one appends to its own."""
+        if not self.is_main or self.writer is not None:
+            return
+        path = Path(log_dir) / EVENTS_FILE
+        if not resumed:
+            set_aside(path)
+        self.writer = EventWriter(path, background=background)
+
+    def write(self, kind: str, **fields: Any) -> None:
+        if self.is_main and self.writer is not None:
+            self.writer.write(kind, **fields)
+
+    def write_record(self, record: dict[str, Any] | None) -> None:
+        if record is not None and self.is_main and self.writer is not None:
+            self.writer.write_record(record)
+
+    def emit(self, item: Finding | Action) -> None:
+        """Keep a finding or an action, write it to the log and print it."""
+        finding = isinstance(item, Finding)
+        (self.findings if finding else self.actions).append(item)  # type: ignore[arg-type]
+        if not self.is_main:
+            return
+        if self.writer is not None:
+            self.writer.write_record(item.to_record())
+        if self.config.console:
+            from lossguard.presentation.console import print_action, print_finding
+
+            print_finding(item) if finding else print_action(item)  # type: ignore[arg-type]
+
+    def rollbacks(self) -> int:
+        return sum(1 for a in self.actions if a.action is ActionKind.ROLLBACK)
+
+    def close(self, step: int) -> None:
+        """Write the ``end`` record and close the log (its queue drained)."""
+        self.write("end", step=step, findings=len(self.findings), actions=len(self.actions))
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:
+    """The global L2 norm of the parameters' gradients, as a tensor on their device (read it
+    with ``float()`` where a wait costs nothing); None when no parameter has a gradient."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What ``apply_decision`` did, and what the integration must still ask of training."""
+
+    rolled_back_to: int | None = None
+    save: bool = False
+    stop: bool = False
+
+
+def carry_out(decision: Decision, report: Reporter, recoverer: Recoverer | None, engine: Any, step: int) -> Applied:
+    """Report the decision's findings, apply it (``apply_decision``), then report its actions,
+    a rollback's with the time its restore took."""
+    for finding in decision.findings:
+        report.emit(finding)
+    done = apply_decision(decision, recoverer, engine, step)
+    for action in decision.actions:
+        report.emit(action)
+    return done
+
+
+def apply_decision(decision: Decision, recoverer: Recoverer | None, engine: Any, step: int) -> Applied:
+    """Carry out the engine's ``decision`` on the live training objects, after optimizer step
+    ``step`` (the step whose weights a snapshot taken now holds).
+
+    A rollback restores the snapshot's weights, optimizer state and RNGs, puts back the
+    detectors' memory of that moment and records how long the restore took on the rollback
+    action. Otherwise a snapshot is taken when the policy asks for one or one is due; a damaged
+    state (a non-finite parameter) is never snapshotted. Saving and stopping are the caller's:
+    the returned ``Applied`` says whether to.
+    """
+    rolled_back_to = None
+    if recoverer is not None:
+        if decision.rollback_to is not None:
+            snap = recoverer.restore(decision.rollback_to)
+            if snap.engine is not None and engine is not None:
+                engine.load_detector_state(snap.engine, decision.rollback_to)
+            rollback = next((a for a in decision.actions if a.action is ActionKind.ROLLBACK), None)
+            if rollback is not None:
+                rollback.details["restore_seconds"] = round(recoverer.last_rollback_seconds or 0.0, 6)
+            rolled_back_to = decision.rollback_to
+        elif decision.snapshot or recoverer.due(step):
+            state = engine.frozen_detector_state() if engine is not None else None
+            recoverer.snapshot(step, state, require_finite=True)
+    return Applied(rolled_back_to, decision.save, decision.stop)
