@@ -1,12 +1,24 @@
-"""Detection quality on labelled synthetic curves, and the throughput of ``watch --once``.
+"""Detection quality on labelled synthetic curves and real logs, beside the rules people use
+instead of lossguard, and the throughput of ``watch --once``.
 
-    .venv/bin/python benchmarks/detection.py [--quick] [--throughput-only]
+    .venv/bin/python benchmarks/detection.py [--quick] [--throughput-only] [--no-corpus]
 
-Prints, per detector, per logging interval (every step, every 10, every 20 steps) and per seed
-set (three independent sets of curves, so that figures tuned on one set are checked on two):
-precision, recall, false alarms per healthy run and median latency from the labelled onset,
-against the targets of issue 3. Then writes a 1,000,000-sample events.jsonl and times reading
-it alone (the baseline) against the full ``once()`` (read + detect + JSON).
+1. Synthetic curves (``lossguard/testing/synthetic.py``): per detector, per logging interval
+   (every step, every 10, every 20 steps) and per seed set (three independent sets of curves,
+   so that figures tuned on one set are checked on two): precision, recall, false alarms per
+   healthy run and median latency from the labelled onset, against the targets of issue 3.
+2. Peers side by side (issue 17): on the same curves, one table per reason with a row for
+   lossguard and each peer rule that speaks to that reason (``lossguard/testing/peers.py``),
+   scored alike (``lossguard/testing/scoring.py``): precision, recall, F1, healthy runs
+   alarmed, median latency.
+3. The same tables on the corpus of real logs (``benchmarks/corpus``), per split: ``dev`` to
+   look at, ``test`` for the figures in docs (nothing is tuned on it).
+4. Writes a 1,000,000-sample events.jsonl and times reading it alone (the baseline) against
+   the full ``once()`` (read + detect + JSON).
+
+lossguard is called through its public offline entry points only: ``DetectorSuite.observe``
+sample by sample on the synthetic curves (what the callback does), ``analysis.analyze`` on the
+real logs (what ``lossguard watch`` does); whatever they do when this runs is what is measured.
 """
 
 from __future__ import annotations
@@ -18,24 +30,39 @@ import sys
 import tempfile
 import time
 from contextlib import redirect_stdout
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lossguard.records import Reason
-from lossguard.signals.synthetic import SCORED, Curve, Score, score, standard_set
+from lossguard.records import Finding, Reason, Severity
+from lossguard.testing.peers import Alarm, PeerSpec, replay, standard_peers
+from lossguard.testing.scoring import LabelledRun, Tally, score_run
+from lossguard.testing.synthetic import PLATEAU_KINDS, SCORED, Curve, Score, detect, score, standard_set
 
 TARGET_RECALL = {Reason.SPIKE: 0.95, Reason.DIVERGENCE: 0.95, Reason.NONFINITE: 0.95, Reason.EARLY_CONVERGENCE: 0.9}
-
+COMPARED = (Reason.EARLY_CONVERGENCE, Reason.SPIKE, Reason.DIVERGENCE, Reason.NONFINITE, Reason.ZERO_LOSS)
+LOSSGUARD = "**lossguard**"
+LOSSGUARD_ACTING = "**lossguard**, warning or worse"
 
 SEED_SETS = (0, 77_000, 155_000)  # independent curve sets: a detector tuned on one must hold on all
-PLATEAU_KINDS = ("plateau", "stuck", "plateau_resolves")  # the curve kinds labelled early_convergence
 
 
-def quality(healthy: int, per_anomaly: int, seed_sets: tuple[int, ...] = SEED_SETS) -> bool:
+@dataclass
+class RunResult:
+    """One labelled run, lossguard's findings on it and every peer's alarms."""
+
+    run: LabelledRun
+    findings: list[Finding]
+    peers: dict[str, list[Alarm]] = field(default_factory=dict)
+
+
+def quality(healthy: int, per_anomaly: int, seed_sets: tuple[int, ...] = SEED_SETS,
+            results: list[RunResult] | None = None) -> bool:
     ok = True
     t0 = time.perf_counter()
+    t_peers = 0.0
     all_parts: list[dict[Reason, Score]] = []
     per_set = []
     by_kind: dict[tuple[str, int], list[int]] = {}  # (plateau kind, interval) -> latencies
@@ -45,10 +72,16 @@ def quality(healthy: int, per_anomaly: int, seed_sets: tuple[int, ...] = SEED_SE
             curves = standard_set(healthy=healthy, per_anomaly=per_anomaly, log_every=(k,), seed=1000 * k + base)
             print(f"\nseed set {base}, logging every {k} step(s): {len(curves)} curves, "
                   f"{sum(len(c.samples) for c in curves)} samples")
-            kinds: dict[str, list[Curve]] = {}
-            for c in curves:
-                kinds.setdefault(c.kind, []).append(c)
-            scored = {kind: score(group) for kind, group in kinds.items()}  # each curve once
+            found = [detect(c) for c in curves]
+            if results is not None:
+                t1 = time.perf_counter()
+                results.extend(_synthetic_result(c, f) for c, f in zip(curves, found))
+                t_peers += time.perf_counter() - t1
+            kinds: dict[str, list[int]] = {}
+            for i, c in enumerate(curves):
+                kinds.setdefault(c.kind, []).append(i)
+            scored = {kind: score([curves[i] for i in idx], findings=[found[i] for i in idx])
+                      for kind, idx in kinds.items()}  # each curve once
             for kind, sc in scored.items():
                 if kind in PLATEAU_KINDS:
                     by_kind.setdefault((kind, k), []).extend(sc[Reason.EARLY_CONVERGENCE].latencies)
@@ -85,7 +118,7 @@ def quality(healthy: int, per_anomaly: int, seed_sets: tuple[int, ...] = SEED_SE
         print(f"    {kind:<17} every step {cells[0]}, every 10 {cells[1]}, every 20 {cells[2]}; all {every}")
     cells = [_quartiles([v for kind in PLATEAU_KINDS for v in by_kind.get((kind, k), [])]) for k in (1, 10, 20)]
     print(f"    {'all kinds':<17} every step {cells[0]}, every 10 {cells[1]}, every 20 {cells[2]}")
-    print(f"  quality evaluation took {time.perf_counter() - t0:.1f} s")
+    print(f"  quality evaluation took {time.perf_counter() - t0:.1f} s ({t_peers:.1f} s of it the peers)")
     return ok
 
 
@@ -116,6 +149,144 @@ def _table(scores):
         print(f"  {reason.value:<18}{sc.labels:>7}{sc.recall:>8.3f}{sc.precision:>10.3f}"
               f"{sc.false_alarms_per_healthy_run:>11.3f}{sc.median_latency:>8.0f}")
     return scores
+
+
+def _peer_alarms(specs: list[PeerSpec], steps: np.ndarray, losses: np.ndarray, gns: np.ndarray,
+                 has_gn: np.ndarray, expected_values: int) -> dict[str, list[Alarm]]:
+    """Every peer's alarms over one log (only the values with a loss: the peers watch the loss)."""
+    finite = losses[np.isfinite(losses)]
+    first = float(finite[0]) if len(finite) else float("nan")
+    return {spec.label: replay(spec.build(expected_values, first), steps, losses, gns, has_gn) for spec in specs}
+
+
+def _synthetic_result(curve: Curve, findings: list[Finding]) -> RunResult:
+    steps = np.array([s.step for s in curve.samples])
+    losses = np.array([s.loss for s in curve.samples], dtype=float)
+    gns = np.array([s.grad_norm for s in curve.samples], dtype=float)
+    run = LabelledRun(name=f"{curve.kind}/{curve.log_every}", labels=tuple(curve.labels), healthy=curve.healthy,
+                      log_every=curve.log_every, max_steps=curve.max_steps)
+    return RunResult(run, findings, _peer_alarms(standard_peers(), steps, losses, gns, np.ones(len(steps), bool),
+                                                 curve.max_steps // curve.log_every))
+
+
+def _lossguard_alarms(findings: list[Finding], acting: bool) -> list[Alarm]:
+    return [Alarm(f.step, frozenset({f.reason}), f.severity.value) for f in findings
+            if not acting or f.severity.rank >= Severity.WARNING.rank]
+
+
+def compare(results: list[RunResult], title: str) -> dict[Reason, dict[str, Tally]]:
+    """One table per reason: lossguard and each peer that speaks to it, scored alike."""
+    specs = standard_peers()
+    print(f"\n### Peers side by side: {title}\n")
+    print(f"{len(results)} runs, {sum(r.run.healthy for r in results)} healthy; "
+          + ", ".join(f"{sum(1 for r in results for lr, _ in r.run.labels if lr == reason)} {reason.value}"
+                      for reason in COMPARED))
+    out: dict[Reason, dict[str, Tally]] = {}
+    for reason in COMPARED:
+        rows: dict[str, Tally] = {}
+        for name, acting in ((LOSSGUARD, False), (LOSSGUARD_ACTING, True)):
+            t = Tally(reason)
+            for r in results:
+                score_run(t, r.run, _lossguard_alarms(r.findings, acting))
+            rows[name] = t
+        if rows[LOSSGUARD_ACTING].__dict__ == rows[LOSSGUARD].__dict__:
+            del rows[LOSSGUARD_ACTING]  # no info findings for this reason: the same row twice
+        for spec in specs:
+            if reason in spec.shown_for:
+                t = Tally(reason)
+                for r in results:
+                    score_run(t, r.run, r.peers[spec.label])
+                rows[spec.label] = t
+        out[reason] = rows
+        n_labels = next(iter(rows.values())).labels
+        print(f"\n**{reason.value}** ({n_labels} labelled runs)\n")
+        print("| rule | precision | recall | F1 | healthy runs alarmed | median latency (steps) |")
+        print("|---|---|---|---|---|---|")
+        for name, t in rows.items():
+            print(f"| {name} | {_f(t.precision)} | {_f(t.recall)} ({t.detected}/{t.labels}) | {_f(t.f1)} | "
+                  f"{t.healthy_runs_alarmed}/{t.healthy_runs} | {_f(t.median_latency, 0)} |")
+        if reason is Reason.ZERO_LOSS:
+            _any_alarm_line(results, specs)
+    return out
+
+
+def _any_alarm_line(results: list[RunResult], specs: list[PeerSpec]) -> None:
+    """No peer has a zero-loss rule; say what their alarms of any kind do on zero-loss runs."""
+    from lossguard.testing.synthetic import max_latency
+
+    parts = []
+    for spec in specs:
+        n = hit = 0
+        for r in results:
+            for reason, onset in r.run.labels:
+                if reason is Reason.ZERO_LOSS:
+                    n += 1
+                    limit = max_latency(reason, r.run.log_every, r.run.max_steps)
+                    hit += any(onset <= a.step <= onset + limit for a in r.peers[spec.label])
+        if n and hit:
+            parts.append(f"{spec.label} {hit}/{n}")
+    if parts:
+        print("\nNo peer has a zero-loss rule. Alarms of any kind within the window on zero-loss runs: "
+              + "; ".join(parts) + ".")
+
+
+def _f(v: float, digits: int = 3) -> str:
+    return "-" if v != v else f"{v:.{digits}f}"
+
+
+def corpus(splits: tuple[str, ...]) -> None:
+    """lossguard (``analyze``, what ``lossguard watch`` runs) and the peers on the real logs."""
+    try:
+        from lossguard.testing.corpus import load_corpus
+    except ImportError:
+        print("\ncorpus: lossguard.testing.corpus is not in this checkout; skipped")
+        return
+    from lossguard.analysis import analyze
+    from lossguard.telemetry.runlog import SampleColumns
+
+    for split in splits:
+        t0 = time.perf_counter()
+        entries = load_corpus(split=split)
+        results = []
+        skipped = 0
+        for e in entries:
+            label = e.label.value
+            if label == "unusable":
+                skipped += 1
+                continue
+            log = e.log
+            cols = log.columns if log.columns is not None else SampleColumns.from_samples(log.samples)
+            keep = np.asarray(cols.has_loss, bool)
+            steps = np.asarray(cols.steps)[keep]
+            if len(steps) == 0:
+                skipped += 1
+                continue
+            losses = np.asarray(cols.loss, dtype=float)[keep]
+            gns = np.asarray(cols.grad_norm, dtype=float)[keep]
+            has_gn = np.asarray(cols.has_grad_norm, bool)[keep]
+            every = e.log_every or (int(np.median(np.diff(steps))) if len(steps) > 1 else 1)
+            horizon = int(log.max_steps or steps[-1])
+            labels = ()
+            reason = _CORPUS_REASONS.get(label)
+            if reason is not None and e.onset_step is not None:
+                labels = ((reason, int(e.onset_step)),)
+            run = LabelledRun(name=e.id, labels=labels, healthy=label in ("healthy", "staircase"),
+                              log_every=max(int(every), 1), max_steps=horizon)
+            expected = horizon // max(int(every), 1) if log.max_steps else len(steps)
+            findings = analyze(log).findings
+            results.append(RunResult(run, findings, _peer_alarms(standard_peers(), steps, losses, gns, has_gn,
+                                                                 max(expected, len(steps)))))
+        compare(results, f"real logs, {split} split ({skipped} unusable or empty left out; "
+                         f"{time.perf_counter() - t0:.1f} s)")
+
+
+_CORPUS_REASONS = {
+    "premature_plateau": Reason.EARLY_CONVERGENCE,
+    "divergence": Reason.DIVERGENCE,
+    "spike": Reason.SPIKE,
+    "nonfinite": Reason.NONFINITE,
+    "zero_loss": Reason.ZERO_LOSS,
+}
 
 
 def throughput(n: int) -> None:
@@ -211,12 +382,21 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer curves")
     ap.add_argument("--throughput-only", action="store_true")
+    ap.add_argument("--no-corpus", action="store_true", help="leave out the real logs")
+    ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--samples", type=int, default=1_000_000)
     args = ap.parse_args()
     ok = True
     if not args.throughput_only:
-        ok = quality(20 if args.quick else 50, 8 if args.quick else 20, SEED_SETS[:1] if args.quick else SEED_SETS)
-    throughput(args.samples)
+        results: list[RunResult] = []
+        ok = quality(20 if args.quick else 50, 8 if args.quick else 20, SEED_SETS[:1] if args.quick else SEED_SETS,
+                     results)
+        compare(results, "synthetic curves (" + ("seed set 0 only, --quick" if args.quick
+                                                  else f"{len(SEED_SETS)} seed sets") + ", every 1, 10 and 20 steps)")
+        if not args.no_corpus:
+            corpus(("dev", "test"))
+    if not args.no_throughput:
+        throughput(args.samples)
     return 0 if ok else 1
 
 

@@ -11,7 +11,7 @@ import pytest
 from lossguard.config import GuardConfig
 from lossguard.guard import Guard
 from lossguard.records import Finding, Reason, Sample, Severity
-from lossguard.signals.synthetic import ANOMALY_KINDS, make_curve
+from lossguard.testing.synthetic import ANOMALY_KINDS, make_curve
 
 
 class _PlateauAt:

@@ -7,7 +7,7 @@ import pytest
 
 from lossguard.records import Sample
 from lossguard.signals.suite import DetectorSuite
-from lossguard.signals.synthetic import ANOMALY_KINDS, HEALTHY_KINDS, make_curve
+from lossguard.testing.synthetic import ANOMALY_KINDS, HEALTHY_KINDS, make_curve
 
 
 def _arrays(samples):

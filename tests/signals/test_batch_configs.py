@@ -14,7 +14,7 @@ from lossguard.signals.divergence import DivergenceDetector
 from lossguard.signals.gradients import GradientDetector
 from lossguard.signals.nonfinite import NonfiniteDetector
 from lossguard.signals.spike import GradExplosionDetector, SpikeDetector
-from lossguard.signals.synthetic import make_curve
+from lossguard.testing.synthetic import make_curve
 
 CONFIGS = [
     DetectionConfig(),

@@ -4,7 +4,7 @@ import numpy as np
 
 from lossguard.records import Reason, Sample
 from lossguard.signals.plateau import PlateauDetector
-from lossguard.signals.synthetic import make_curve
+from lossguard.testing.synthetic import make_curve
 
 
 def _feed(det, samples):
@@ -156,10 +156,10 @@ def test_resting_after_a_far_from_firing_check_cuts_the_fits_and_delays_a_findin
     (h_rest, n_rest), (h_all, n_all) = run(healthy, True), run(healthy, False)
     assert h_rest == h_all == [] and n_all > 50 and n_rest < 0.7 * n_all
     delays = []
-    for seed in range(3, 9):
-        curve = make_curve("plateau", seed, max_steps=2000)
+    for seed in range(3, 9):  # a decay that turns flat (healthy since the label revision; a shape all the same)
+        curve = make_curve("decay_flat", seed, max_steps=2000)
         (found, _), (expected, _) = run(curve, True), run(curve, False)
-        assert len(found) == len(expected) == 1 and found[0][0] >= curve.labels[0][1]
+        assert len(found) == len(expected) == 1 and found[0][0] >= curve.flat_from
         delays.append(found[0][0] - expected[0][0])
     assert all(d in (0, 10) for d in delays) and delays.count(0) >= 4, delays  # one check is 10 steps here
 

@@ -6,7 +6,7 @@ import numpy as np
 from lossguard.config import DetectionConfig
 from lossguard.records import Reason, Sample
 from lossguard.signals.suite import DetectorSuite
-from lossguard.signals.synthetic import make_curve
+from lossguard.testing.synthetic import make_curve
 
 
 def _run(suite, samples):
