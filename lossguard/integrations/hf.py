@@ -89,7 +89,8 @@ class LossGuard(TrainerCallback):
             self.recovery = TrainerRecovery(self.config, log_dir)
             self.recovery.begin(trainer, model, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
             self.recovery.load_resumed(args, state, self.engine, self.report)
-        self.probe.begin(model, int(args.get_warmup_steps(int(state.max_steps))), int(state.max_steps))
+        self.probe.begin(model, int(args.get_warmup_steps(int(state.max_steps))), int(state.max_steps),
+                         micro_batches=int(args.gradient_accumulation_steps))
         self.probe.batches = self.capture.kept
 
     @contained

@@ -5,10 +5,14 @@ The probe runs when the plateau detector fires (``ProbeConfig.on_plateau``) and 
 every time, so probes compare). Its cost is bounded twice: ``max_seconds`` per probe, and all
 probes together get at most ``max_time_fraction`` of the run's expected training time
 (``max_steps`` x the mean step time so far): each probe's time limit is what is left of that
-budget, and a probe with nothing left is skipped. On a real model one Hessian-vector product
-costs a few training steps' worth of compute on the probe batch, so the budget, not the
-iteration count, is what keeps probing cheap. In DDP, rank 0 probes and broadcasts the record,
-so every rank sees the same verdict.
+budget, and a probe with nothing left is skipped. Inside that limit the probe sizes itself
+(``probes.hessian.probe_model``): one Hessian-vector product on one training micro-batch costs
+about 1.5-2.5 training steps (26M-parameter Llama on CPU), and the probe chooses how many
+micro-batches and products fit, or skips as ``too_expensive``. Before any probe has measured a
+product, the estimate is ``PRIOR_STEPS`` training micro-batch steps per product (a product takes
+two gradients, or one double backward), so a probe that clearly cannot fit costs nothing; after
+one, the measured figure is used. In DDP, rank 0 probes and broadcasts the record, so every rank
+sees the same verdict.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from lossguard.config import ProbeConfig
 from lossguard.integrations import dist
 
 logger = logging.getLogger("lossguard")
+
+PRIOR_STEPS = 0.75
 
 
 class TrainerProbe:
@@ -41,11 +47,23 @@ class TrainerProbe:
         self.max_steps = 0
         self._step_seconds = 0.0
         self._steps_timed = 0
+        self.micro_batches = 1
+        self._product_seconds: float | None = None
 
-    def begin(self, model: Any, warmup_steps: int, max_steps: int) -> None:
+    def begin(self, model: Any, warmup_steps: int, max_steps: int, micro_batches: int = 1) -> None:
+        """``micro_batches``: training micro-batches per optimizer step (gradient accumulation)."""
         self.model = model
         self.warmup_steps = warmup_steps
         self.max_steps = max_steps
+        self.micro_batches = max(1, int(micro_batches))
+
+    def product_seconds(self) -> float | None:
+        """Seconds of one Hessian-vector product on one micro-batch: measured, or estimated."""
+        if self._product_seconds is not None:
+            return self._product_seconds
+        if self._steps_timed:
+            return PRIOR_STEPS * self._step_seconds / self._steps_timed / self.micro_batches
+        return None
 
     def observe_step(self, seconds: float | None) -> None:
         """One training step's duration, for the budget."""
@@ -96,10 +114,13 @@ class TrainerProbe:
             t0 = self._clock()
             config = replace(self.config, max_seconds=min(self.config.max_seconds, left))
             result = probe_model(self.model, self.batches, config=config, seed=step, step=step,
-                                 warmup_steps=self.warmup_steps)
+                                 warmup_steps=self.warmup_steps, product_seconds=self.product_seconds())
             self.seconds += self._clock() - t0
             self.count += 1
         record = result.to_record(step=step)
+        measured = record.get("product_seconds")
+        if isinstance(measured, float) and measured > 0 and "hvp" in record:
+            self._product_seconds = measured
         record["trigger"] = why
         if isinstance(result, CurvatureResult) and lr:
             record["edge_of_stability"] = sharpness_report(result.lambda_max, lr, self.optimizer_kind)

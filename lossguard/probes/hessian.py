@@ -19,6 +19,7 @@ or any random number generator (python, numpy, torch CPU and CUDA).
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import math
 import os
@@ -32,8 +33,17 @@ import numpy as np
 import torch
 
 from lossguard.config import ProbeConfig
-from lossguard.probes.hvp import METHODS, LossFn, ParamSpace, make_hvp
-from lossguard.probes.lanczos import lanczos
+from lossguard.probes.deadline import BudgetSpent, Deadline
+from lossguard.probes.hvp import METHODS, LossFn, LossPiece, ParamSpace, as_pieces, make_hvp
+from lossguard.probes.hvp_choice import MethodChoice, choose_method, free_cuda_cache
+from lossguard.probes.lanczos import lanczos, unit
+from lossguard.probes.probe_cost import (
+    BasisPlace,
+    ProbeMemory,
+    choose_basis,
+    math_attention_bytes,
+    plan_probe,
+)
 
 logger = logging.getLogger("lossguard")
 
@@ -160,11 +170,16 @@ class CurvatureResult:
 
 @dataclass
 class ProbeSkipped:
-    """The probe did not run, and why (``reason`` is a short code, ``message`` a sentence)."""
+    """The probe did not run, and why (``reason`` is a short code, ``message`` a sentence).
+
+    ``details`` holds the numbers behind a cost skip (``too_expensive``: the plan and the
+    seconds per micro-batch product; ``no_memory``: the memory estimate); they go into the record.
+    """
 
     reason: str
     message: str
     step: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self, step: int | None = None) -> dict[str, Any]:
         """The telemetry ``probe`` record with ``skipped: true`` (``step`` overrides ``self.step``)."""
@@ -172,6 +187,7 @@ class ProbeSkipped:
         step = self.step if step is None else step
         if step is not None:
             rec["step"] = step
+        rec.update(self.details)
         return rec
 
 
@@ -193,8 +209,13 @@ class _PreservedRng:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
+def _start(space: ParamSpace, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(space.size, generator=gen, dtype=torch.float64).to(space.device, space.dtype)
+
+
 def probe_curvature(
-    loss_fn: LossFn,
+    loss_fn: LossFn | Sequence[LossPiece],
     params: Sequence[torch.Tensor],
     *,
     max_iter: int = 30,
@@ -206,23 +227,26 @@ def probe_curvature(
     min_steps: int = 20,
     clock: Callable[[], float] = time.perf_counter,
 ) -> CurvatureResult:
-    """Largest and most negative curvature of ``loss_fn()`` w.r.t. ``params``, and the verdict.
+    """Largest and most negative curvature of the loss w.r.t. ``params``, and the verdict.
 
     Args:
-        loss_fn: zero-argument callable returning the scalar loss; called once for the double
-            backward graph (plus twice per finite-difference product). Put the model in eval
-            mode first: a new dropout mask per product fakes negative curvature.
+        loss_fn: zero-argument callable returning the scalar loss, or the loss in micro-batch
+            pieces (``LossPiece``s: ``sum(weight * fn())``), each computed and freed in turn so
+            that a product holds one micro-batch's graph. Put the model in eval mode first: a
+            new dropout mask per product fakes negative curvature.
         params: the tensors to differentiate (``requires_grad``), e.g. the LoRA adapters.
         max_iter: Lanczos steps, one Hessian-vector product each (20-60 is sensible).
         seed: start vector seed (a private generator; ``None`` draws one from the OS and records it).
         tol: early stop after ``min_steps`` once both extreme residuals are ``<= tol * max|theta|``.
-        max_seconds: stop the iteration once this much time is spent (after two products).
+        max_seconds: the time budget, choosing the product method included: the clock is read
+            before every micro-batch, so the probe ends at most one micro-batch product past it.
         return_direction: also return the unit direction of most negative curvature.
-        hvp: ``auto`` (double backward, checked once against finite differences),
-            ``double_backward`` or ``finite_difference``.
+        hvp: ``auto`` (see ``probes.hvp_choice.choose_method``), ``double_backward`` or
+            ``finite_difference``.
 
     Raises:
         ValueError: no parameters, a parameter without ``requires_grad``, or a bad ``hvp``/``max_iter``.
+        BudgetSpent: the budget ran out before a single Lanczos product was done.
     """
     params = list(params)
     if not params:
@@ -234,47 +258,63 @@ def probe_curvature(
         raise ValueError(f"hvp={hvp!r}; allowed {', '.join(METHODS)}")
     if max_iter < 1:
         raise ValueError(f"max_iter={max_iter!r} must be >= 1")
+    pieces = as_pieces(loss_fn)
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
-    t0 = clock()
+    deadline = Deadline(max_seconds, clock)
     with _PreservedRng(), torch.enable_grad():
         space = ParamSpace(params)
-        gen = torch.Generator().manual_seed(seed)
-        start = torch.randn(space.size, generator=gen, dtype=torch.float64).to(space.device, space.dtype)
-        op = make_hvp(loss_fn, params, hvp)
-        try:
-            budget = None if max_seconds is None else max(0.0, max_seconds - (clock() - t0))
-            run = lanczos(
-                op, start, max_iter=max_iter, tol=tol, min_steps=min_steps, max_seconds=budget,
-                clock=clock, want_vectors=return_direction,
-            )
-            loss_value = getattr(getattr(op, "db", op), "loss_value", None)
-            method = op.method
-            n_hvp = op.count
-            fallback = getattr(op, "fallback_reason", None)
-            check_error = getattr(op, "check_error", None)
-        finally:
-            op.close()
-    seconds = clock() - t0
+        start = _start(space, seed)
+        choice = choose_method(pieces[0], space, unit(start), hvp=hvp, deadline=deadline, clock=clock,
+                               products_ahead=max_iter * len(pieces))
+        first = choice.product if len(pieces) == 1 else None
+        return _solve(pieces, space, choice, start, seed=seed, max_iter=max_iter, tol=tol, min_steps=min_steps,
+                      deadline=deadline, return_direction=return_direction, first_product=first,
+                      calibration_products=choice.products)
+
+
+def _solve(
+    pieces: list[LossPiece], space: ParamSpace, choice: MethodChoice, start: torch.Tensor, *, seed: int,
+    max_iter: int, tol: float, min_steps: int, deadline: Deadline, return_direction: bool,
+    first_product: torch.Tensor | None, calibration_products: int, memory: ProbeMemory | None = None,
+) -> CurvatureResult:
+    """Lanczos with the chosen product method on ``pieces``; the result, timed from ``deadline.start``."""
+    op = make_hvp(pieces, space, choice.method, step=choice.fd_step, deadline=deadline)
+    host = memory is not None and memory.basis_place is BasisPlace.HOST
+    try:
+        run = lanczos(
+            op, start, max_iter=max_iter, tol=tol, min_steps=min_steps, clock=deadline.clock,
+            want_vectors=return_direction, deadline=deadline, first_product=first_product,
+            basis_device="cpu" if host else None,
+            basis_dtype=torch.bfloat16 if memory is not None and memory.basis_half else None,
+        )
+        loss_value = getattr(op, "loss_value", None)
+        n_hvp = calibration_products + op.count
+    finally:
+        op.close()
+    if run.steps == 0:
+        raise BudgetSpent("the time budget ran out before the first Lanczos product")
+    seconds = deadline.spent()
     theta = run.ritz_values
     lam_min, lam_max = float(theta[0]), float(theta[-1])
     res_max, res_min = float(run.residuals[-1]), float(run.residuals[0])
     scale = float(np.max(np.abs(theta)))
-    converged = run.stop_reason in ("converged", "invariant_subspace") or max(res_max, res_min) <= tol * scale
+    tol_met = max(res_max, res_min) <= tol * scale
+    converged = run.stop_reason in ("converged", "invariant_subspace") or tol_met
     verdict, ratio = classify(lam_max, lam_min, residual_min=res_min)
     message = (
         f"{verdict.value}: lambda_min {lam_min:.4g}, lambda_max {lam_max:.4g} ({_rule(verdict, ratio)}) "
-        f"from {n_hvp} Hessian-vector products ({method}) in {seconds:.2f} s"
+        f"from {n_hvp} Hessian-vector products ({choice.method}) in {seconds:.2f} s"
     )
     direction = None
     if return_direction and run.min_vector is not None:
         direction = [t.detach().clone() for t in space.unflatten(run.min_vector)]
     return CurvatureResult(
         lambda_max=lam_max, lambda_min=lam_min, ratio=ratio, verdict=verdict, residuals=(res_max, res_min),
-        n_hvp=n_hvp, seconds=seconds, method=method, steps=run.steps, converged=bool(converged),
+        n_hvp=n_hvp, seconds=seconds, method=choice.method, steps=run.steps, converged=bool(converged),
         stop_reason=run.stop_reason, seed=seed, n_params=space.size, message=message,
-        fallback_reason=fallback, check_error=check_error, loss=loss_value, direction=direction,
-        history=run.history,
+        fallback_reason=choice.fallback_reason, check_error=choice.check_error, loss=loss_value,
+        direction=direction, history=run.history, extra={"hvp": choice.summary()},
     )
 
 
@@ -324,25 +364,96 @@ def _count_targets(batch: Batch) -> int:
     return int((labels[..., 1:] != -100).sum())
 
 
-def _model_loss_fn(model: Any, group: list[Batch], device: torch.device) -> tuple[LossFn, int, int]:
-    moved = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in group]
-    counts = [_count_targets(b) for b in moved]
-    total = sum(counts)
+@dataclass
+class _MicroBatch:
+    """One kept training micro-batch: its loss (the model's kernels, and math attention), its size."""
 
-    def loss_fn() -> torch.Tensor:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    fn: LossFn
+    twice: LossFn
+    tokens: int
+    rows: int
+    seq_len: int
 
-        # token-weighted mean, so the probe sees the loss of the whole group, not a mean of means
-        acc = torch.zeros((), device=device)
-        # the math SDPA backend is twice differentiable; the fused kernels (flash, efficient,
-        # CPU flash) are not, and would force the slower finite-difference products
-        with sdpa_kernel([SDPBackend.MATH]):
-            for batch, n in zip(moved, counts, strict=True):
-                if n > 0:
-                    acc = acc + model(**batch).loss * (n / total)
-        return acc
 
-    return loss_fn, total, sum(_rows(b) for b in moved)
+def _own_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def _math_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # the math SDPA backend is twice differentiable; the fused kernels (flash, efficient, CPU
+    # flash) are not
+    with sdpa_kernel([SDPBackend.MATH]):
+        return model(**batch).loss
+
+
+def _micro_batches(model: Any, group: list[Batch], device: torch.device) -> list[_MicroBatch]:
+    out = []
+    for batch in group:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        tokens = _count_targets(moved)
+        if tokens > 0:
+            labels = moved["labels"]
+            seq = int(labels.shape[-1]) if labels.dim() > 0 else 1
+            out.append(_MicroBatch(functools.partial(_own_loss, model, moved), functools.partial(_math_loss, model, moved),
+                                   tokens, _rows(moved), seq))
+    return out
+
+
+def _pieces(chosen: list[_MicroBatch]) -> list[LossPiece]:
+    # token-weighted, so the probe sees the mean loss over the chosen sequences' label tokens
+    total = sum(mb.tokens for mb in chosen)
+    return [LossPiece(mb.fn, mb.tokens / total, mb.twice) for mb in chosen]
+
+
+def free_memory(device: torch.device) -> tuple[int | None, int | None]:
+    """Free bytes on ``device`` (CUDA: the driver's free plus the allocator's cached blocks) and on
+    the host (``MemAvailable``); ``None`` where unknown."""
+    host: int | None = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    host = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        host = None
+    dev: int | None = None
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+            dev = int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        except RuntimeError:
+            dev = None
+    return dev, host
+
+
+def _attention_risk(model: Any, mbs: list[_MicroBatch], free: int | None, fraction: float) -> str | None:
+    """Why double backward should not be tried (its math-attention graph would not fit), or None."""
+    cfg = getattr(model, "config", None)
+    layers, heads = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "num_attention_heads", None)
+    if free is None or not isinstance(layers, int) or not isinstance(heads, int) or not mbs:
+        return None
+    dtype = getattr(model, "dtype", torch.float32)
+    value = torch.finfo(dtype).bits // 8 if isinstance(dtype, torch.dtype) and dtype.is_floating_point else 4
+    big = max(mbs, key=lambda mb: mb.rows * mb.seq_len * mb.seq_len)
+    need = math_attention_bytes(layers=layers, heads=heads, rows=big.rows, seq_len=big.seq_len, value_bytes=value)
+    if need <= fraction * free:
+        return None
+    return (f"double backward would need about {need / 2**30:.1f} GiB for math attention on one micro-batch "
+            f"({layers} layers x {big.rows} x {heads} heads x {big.seq_len}^2) and {fraction:.0%} of the free "
+            f"memory is {fraction * free / 2**30:.1f} GiB: finite differences on the model's own kernels")
+
+
+def _pass_seconds(v: torch.Tensor, clock: Callable[[], float]) -> float:
+    """One pass over a trainable-sized vector (a dot product), the unit of the solver's own work."""
+    best = math.inf
+    for _ in range(3):
+        t = clock()
+        float(torch.dot(v, v))
+        best = min(best, clock() - t)
+    return best
 
 
 def probe_model(
@@ -355,25 +466,38 @@ def probe_model(
     warmup_steps: int = 0,
     return_direction: bool = False,
     clock: Callable[[], float] = time.perf_counter,
+    product_seconds: float | None = None,
 ) -> CurvatureResult | ProbeSkipped:
-    """Probe a Hugging Face causal LM on kept training batches; never raises into training.
+    """Probe a Hugging Face causal LM on kept training micro-batches; never raises into training.
 
     The loss is the model's own (``model(**batch).loss``, batches with ``labels``), averaged over
     target tokens, on the trainable parameters only, with every module in eval mode for the
-    probe and each module's previous mode restored after. Attention runs on PyTorch's math SDPA
-    backend during the probe, so exact double-backward products work with ``sdpa`` models.
+    probe and each module's previous mode restored after. Every Hessian-vector product is summed
+    micro-batch by micro-batch (each kept batch is one training micro-batch), token-weighted, each
+    graph freed before the next: a product needs one micro-batch's double backward in memory.
+
+    The budget, ``config.max_seconds``, covers everything: before spending anything, when
+    ``product_seconds`` (one micro-batch product, measured by an earlier probe or estimated from
+    the training step) says that even the smallest probe (``groups`` x ``min_iter`` products on
+    one micro-batch) cannot fit, the probe is skipped as ``too_expensive``. Otherwise the product
+    method is chosen and timed on the first micro-batch (``probes.hvp_choice``), and
+    ``probes.probe_cost.plan_probe`` sizes the probe, micro-batches and products, to the time
+    left; the Lanczos basis is placed by ``choose_basis`` within ``max_memory_fraction`` of the
+    free memory (``no_memory`` when nowhere). The clock is read before every micro-batch, so a
+    probe ends at most one micro-batch product past its budget.
 
     Two-batch rule: the batches are split into ``config.groups`` disjoint groups (see
-    ``split_groups``; pass a list of lists to choose them), each group is probed with its own
-    seed and ``max_seconds / groups``, and the verdict stands only when all groups agree;
-    otherwise it is ``inconclusive``. The returned numbers are the first group's; ``groups``
-    holds every group's summary, and ``n_hvp``/``seconds`` are totals. Give each group at
-    least ``config.batch_size`` sequences where the data allows (``batch_sequences`` records it).
+    ``split_groups``; pass a list of lists to choose them), each probed with its own seed and an
+    equal share of the time left, and the verdict stands only when all groups agree; otherwise
+    (or when a group got no time) it is ``inconclusive``. The returned numbers are the first
+    group's; ``groups`` holds every group's summary, and ``n_hvp``/``seconds`` are totals.
 
     Skipped (``ProbeSkipped``, reason recorded) when disabled, during warmup
     (``step < warmup_steps``), without trainable parameters or target tokens, while any LoRA B
     matrix is all zeros (the adapter's Hessian is indefinite by construction at PEFT's init),
-    or when the probe itself fails (out of memory, say), which is logged as a warning.
+    when it cannot fit in time (``too_expensive``, ``time``) or memory (``no_memory``), or when
+    the probe itself fails (``out_of_memory``, after freeing what it held; ``error``), which is
+    logged as a warning.
     """
     cfg = config or ProbeConfig()
     if not cfg.enabled:
@@ -397,31 +521,106 @@ def probe_model(
     if any("labels" not in b for g in group_list for b in g):
         return ProbeSkipped("no_labels", "a probe batch has no 'labels'; the probe needs the training loss", step)
     params = [p for _, p in named]
+    device = params[0].device
+    groups = [_micro_batches(model, g, device) for g in group_list]
+    if not all(groups):
+        return ProbeSkipped("no_labels", "the probe batches have no target tokens (all labels are -100)", step)
+    return _probe_groups(model, params, groups, cfg, seed=seed, step=step, return_direction=return_direction,
+                         clock=clock, product_seconds=product_seconds)
+
+
+def _probe_groups(
+    model: Any, params: list[torch.Tensor], groups: list[list[_MicroBatch]], cfg: ProbeConfig, *, seed: int,
+    step: int | None, return_direction: bool, clock: Callable[[], float], product_seconds: float | None,
+) -> CurvatureResult | ProbeSkipped:
+    device = params[0].device
+    accelerator = device.type != "cpu"
+    n_params = sum(p.numel() for p in params)
+    n_mb = min(len(g) for g in groups)
+    min_iter = min(cfg.min_iter, cfg.max_iter)
+    spent = {"product_seconds": product_seconds}
+    if product_seconds is not None and product_seconds > 0:
+        deciding = (2 if cfg.hvp == "auto" else 1) * product_seconds
+        pre = plan_probe(budget_s=cfg.max_seconds - deciding, product_s=product_seconds, micro_batches=n_mb,
+                         groups=len(groups), max_iter=cfg.max_iter, min_iter=min_iter)
+        if not pre.fits:
+            return ProbeSkipped("too_expensive", f"{pre.message} (estimated before probing, {deciding:.3g} s "
+                                f"more to choose the product method)", step, {**spent, "plan": pre.summary()})
+    dev_free, host_free = free_memory(device)
+    room = choose_basis(n_params, vectors=min_iter, min_vectors=min_iter, device_free=dev_free,
+                        host_free=host_free, accelerator=accelerator, fraction=cfg.max_memory_fraction)
+    if not room.fits:
+        return ProbeSkipped("no_memory", room.message, step, {"memory": room.memory.summary()})
+    avoid = _attention_risk(model, groups[0], dev_free if accelerator else host_free, cfg.max_memory_fraction)
+    if avoid and cfg.hvp == "double_backward":
+        return ProbeSkipped("no_memory", avoid, step)
     modes = {m: m.training for m in model.modules()}
-    t0 = clock()
+    deadline = Deadline(cfg.max_seconds, clock)
     results: list[CurvatureResult] = []
     sizes: list[tuple[int, int]] = []
+    failure: ProbeSkipped | None = None
+    plan = choice = basis = None
     try:
         model.eval()
-        for i, group in enumerate(group_list):
-            loss_fn, tokens, rows = _model_loss_fn(model, group, params[0].device)
-            if tokens == 0:
-                return ProbeSkipped("no_labels", "the probe batches have no target tokens (all labels are -100)", step)
-            share = cfg.max_seconds / len(group_list)
-            results.append(
-                probe_curvature(
-                    loss_fn, params, max_iter=cfg.max_iter, seed=seed + i, tol=cfg.tol, max_seconds=share,
-                    return_direction=return_direction and i == 0, hvp=cfg.hvp, clock=clock,
-                )
-            )
-            sizes.append((rows, tokens))
+        with _PreservedRng(), torch.enable_grad():
+            space = ParamSpace(params)
+            first = groups[0][0]
+            start = _start(space, seed)
+            choice = choose_method(LossPiece(first.fn, 1.0, first.twice), space, unit(start), hvp=cfg.hvp,
+                                   deadline=deadline, clock=clock, avoid_double_backward=avoid,
+                                   products_ahead=len(groups) * cfg.max_iter * n_mb)
+            spent["product_seconds"] = choice.product_seconds
+            plan = plan_probe(budget_s=deadline.left(), product_s=choice.product_seconds, micro_batches=n_mb,
+                              groups=len(groups), max_iter=cfg.max_iter, min_iter=min_iter,
+                              pass_s=_pass_seconds(choice.product, clock))
+            if not plan.fits:
+                return ProbeSkipped("too_expensive", plan.message, step,
+                                    {**spent, "plan": plan.summary(), "hvp": choice.summary()})
+            dev_free, host_free = free_memory(device)
+            basis = choose_basis(n_params, vectors=plan.products, min_vectors=min(min_iter, plan.products),
+                                 device_free=dev_free, host_free=host_free, accelerator=accelerator,
+                                 graph_bytes=choice.peak_bytes, fraction=cfg.max_memory_fraction)
+            if not basis.fits:
+                return ProbeSkipped("no_memory", basis.message, step, {"memory": basis.memory.summary()})
+            for i, group in enumerate(groups):
+                chosen = group[: plan.micro_batches]
+                share = deadline.sooner(deadline.left() / (len(groups) - i))
+                single = i == 0 and len(chosen) == 1
+                try:
+                    results.append(_solve(
+                        _pieces(chosen), space, choice, start if i == 0 else _start(space, seed + i),
+                        seed=seed + i, max_iter=basis.vectors, tol=cfg.tol, min_steps=20, deadline=share,
+                        return_direction=return_direction and i == 0,
+                        first_product=choice.product if single else None,
+                        calibration_products=choice.products if i == 0 else 0, memory=basis.memory,
+                    ))
+                except BudgetSpent:
+                    if not results:
+                        raise
+                    break
+                sizes.append((sum(mb.rows for mb in chosen), sum(mb.tokens for mb in chosen)))
+    except BudgetSpent:
+        failure = ProbeSkipped("time", f"the probe's budget ({cfg.max_seconds:.3g} s) ran out before the first "
+                               f"Lanczos product ({deadline.spent():.3g} s spent)", step, dict(spent))
+    except torch.OutOfMemoryError as err:
+        failure = ProbeSkipped("out_of_memory", f"the probe ran out of memory ({str(err)[:160]}); it freed what it "
+                               "held and training continues", step, dict(spent))
     except Exception as err:  # noqa: BLE001 - the probe must never take training down
         logger.warning("lossguard: Hessian probe failed (%s: %s); training continues", type(err).__name__, err)
-        return ProbeSkipped("error", f"the probe failed: {type(err).__name__}: {str(err)[:200]}", step)
+        failure = ProbeSkipped("error", f"the probe failed: {type(err).__name__}: {str(err)[:200]}", step)
     finally:
         for module, was_training in modes.items():
             module.training = was_training
-    return _combine(results, sizes, clock() - t0)
+    if failure is not None:
+        if failure.reason == "out_of_memory":
+            logger.warning("lossguard: %s", failure.message)
+            free_cuda_cache(device)
+        return failure
+    assert plan is not None and choice is not None and basis is not None
+    result = _combine(results, sizes, deadline.spent(), expected=len(groups))
+    result.extra.update({"product_seconds": choice.product_seconds, "plan": plan.summary(),
+                         "memory": basis.memory.summary(), "budget_seconds": cfg.max_seconds})
+    return result
 
 
 def agreed_verdict(verdicts: Sequence[Verdict]) -> Verdict:
@@ -432,14 +631,22 @@ def agreed_verdict(verdicts: Sequence[Verdict]) -> Verdict:
     return first if all(v is first for v in verdicts) else Verdict.INCONCLUSIVE
 
 
-def _combine(results: list[CurvatureResult], sizes: list[tuple[int, int]], seconds: float) -> CurvatureResult:
+def _combine(results: list[CurvatureResult], sizes: list[tuple[int, int]], seconds: float, *,
+             expected: int | None = None) -> CurvatureResult:
     first = results[0]
     verdicts = [r.verdict for r in results]
     groups = [{**r.summary(), "sequences": rows, "tokens": tok} for r, (rows, tok) in zip(results, sizes, strict=True)]
     n_hvp = sum(r.n_hvp for r in results)
-    extra = {"batch_sequences": [rows for rows, _ in sizes], "tokens": [tok for _, tok in sizes]}
-    verdict = agreed_verdict(verdicts)
-    if len(set(verdicts)) == 1:
+    extra = {**first.extra, "batch_sequences": [rows for rows, _ in sizes], "tokens": [tok for _, tok in sizes]}
+    missing = (expected or len(results)) - len(results)
+    verdict = agreed_verdict(verdicts) if not missing else Verdict.INCONCLUSIVE
+    if missing:
+        message = (
+            f"inconclusive: the time ran out after {len(results)} of {expected} probe batches ("
+            + ", ".join(f"{r.verdict.value} at r {r.ratio:.3f}" for r in results)
+            + f"); {n_hvp} Hessian-vector products in {seconds:.2f} s"
+        )
+    elif len(set(verdicts)) == 1:
         message = first.message if len(results) == 1 else (
             f"{verdict.value} on all {len(results)} probe batches: "
             + "; ".join(f"r {r.ratio:.3f} (lambda_min {r.lambda_min:.4g}, lambda_max {r.lambda_max:.4g})" for r in results)

@@ -1,18 +1,24 @@
 """Hessian-vector products of a loss with respect to a list of parameters, without side effects.
 
+The loss may come in pieces, one per training micro-batch: ``sum(piece.weight * piece.fn())``
+(for a language model, each micro-batch weighted by its share of the label tokens). A product is
+linear in the loss, so it is computed piece by piece, each piece's graph freed before the next:
+the memory of a product is one micro-batch's, whatever the number of sequences probed. With a
+``Deadline`` the clock is read before every piece.
+
 Two ways to multiply by the Hessian:
 
-* ``double_backward``: one ``autograd.grad(loss, params, create_graph=True)``; every product is a
-  second backward through that one retained graph. Exact, about the cost of two backward passes.
+* ``double_backward``: ``autograd.grad(loss, params, create_graph=True)`` then a second backward
+  through it. Exact. With a single piece the graph is built once and kept for every product;
+  with several it is rebuilt per piece and product (the forward and first backward again, about
+  a sixth more time on a 26M-parameter Llama on CPU) so that only one piece's graph lives at once.
 * ``finite_difference``: ``(g(w + h v) - g(w - h v)) / 2h`` with two plain gradients. Works where
   double backward does not (reentrant gradient checkpointing, once-differentiable custom kernels,
-  fused attention backward, quantized bases); less accurate (its step is calibrated on the first
-  product, which costs a few more gradients), and it moves the parameters for the duration of
-  each product (restored bit for bit afterwards).
+  fused attention backward, quantized bases), and runs the model's own (fused) kernels; less
+  accurate (its step is calibrated, which costs a few more gradients), and it moves the
+  parameters for the duration of each product (restored bit for bit afterwards).
 
-``auto`` tries double backward and checks its first product against finite differences: some
-unsupported ops raise, but others (``@once_differentiable`` functions, in torch 2.13) silently
-drop their second-order terms, and a wrong Hessian would give a wrong verdict.
+Which one a probe uses, and why, is decided by ``probes.hvp_choice.choose_method``.
 
 None of them touches ``.grad`` (a gradient taken with ``backward()``, the only way reentrant
 checkpointing allows, is saved and restored), the optimizer, or the parameters' values.
@@ -22,11 +28,47 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
+from lossguard.probes.deadline import BudgetSpent, Deadline
+
 LossFn = Callable[[], torch.Tensor]
 METHODS = ("auto", "double_backward", "finite_difference")
+
+
+@dataclass(frozen=True)
+class LossPiece:
+    """One micro-batch's share of the probed loss: ``weight * fn()``.
+
+    ``twice`` computes the same loss through twice-differentiable kernels (PyTorch's math
+    attention, say) for double backward; ``fn`` may use fused kernels, which finite differences
+    can use since they need plain gradients only.
+    """
+
+    fn: LossFn
+    weight: float = 1.0
+    twice: LossFn | None = None
+
+    @property
+    def exact_fn(self) -> LossFn:
+        return self.fn if self.twice is None else self.twice
+
+
+def as_pieces(loss: LossFn | Sequence[LossPiece]) -> list[LossPiece]:
+    """A plain loss callable is one piece of weight 1."""
+    if callable(loss):
+        return [LossPiece(loss)]
+    pieces = list(loss)
+    if not pieces:
+        raise ValueError("the loss has no pieces; pass a callable or at least one LossPiece")
+    return pieces
+
+
+def is_fatal(err: BaseException) -> bool:
+    """Errors no fallback may swallow: the budget is spent, or memory ran out."""
+    return isinstance(err, (BudgetSpent, torch.OutOfMemoryError))
 
 
 def work_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
@@ -45,6 +87,9 @@ class ParamSpace:
         self.dtype = work_dtype(self.params)
         self.device = self.params[0].device
 
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.size, dtype=self.dtype, device=self.device)
+
     def flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         parts = [
             torch.zeros(n, dtype=self.dtype, device=self.device) if t is None else t.reshape(-1).to(self.dtype)
@@ -59,37 +104,58 @@ class ParamSpace:
         return out
 
 
+def _check(deadline: Deadline | None) -> None:
+    if deadline is not None:
+        deadline.check()
+
+
 class Gradient:
-    """Plain gradients of ``loss_fn`` w.r.t. ``params``; falls back to ``backward()`` if needed.
+    """Plain gradients of the pieced loss w.r.t. the parameters; falls back to ``backward()``.
 
     Reentrant checkpointing refuses ``autograd.grad``; then ``backward()`` is used with every
-    parameter's ``.grad`` saved beforehand and put back afterwards.
+    parameter's ``.grad`` saved beforehand and put back afterwards. ``count`` counts the
+    micro-batch gradients taken.
     """
 
-    def __init__(self, loss_fn: LossFn, space: ParamSpace):
-        self.loss_fn = loss_fn
+    def __init__(self, loss: LossFn | Sequence[LossPiece], space: ParamSpace, *,
+                 deadline: Deadline | None = None):
+        self.pieces = as_pieces(loss)
         self.space = space
+        self.deadline = deadline
         self.use_backward = False
         self.count = 0
 
     def __call__(self) -> torch.Tensor:
+        acc = self.space.zeros()
+        self.accumulate(acc, 1.0)
+        return acc
+
+    def accumulate(self, acc: torch.Tensor, sign: float) -> None:
+        """``acc += sign * gradient``, one piece at a time."""
+        for piece in self.pieces:
+            _check(self.deadline)
+            acc.add_(self._one(piece.fn), alpha=sign * piece.weight)
+
+    def _one(self, loss_fn: LossFn) -> torch.Tensor:
         self.count += 1
         if not self.use_backward:
             try:
                 # no allow_unused: reentrant checkpointing shows up as "not used in the graph"
-                grads = torch.autograd.grad(self.loss_fn(), self.space.params)
+                grads = torch.autograd.grad(loss_fn(), self.space.params)
                 return self.space.flatten(grads)
-            except RuntimeError:
+            except RuntimeError as err:
+                if is_fatal(err):
+                    raise
                 self.use_backward = True
-        return self._by_backward()
+        return self._by_backward(loss_fn)
 
-    def _by_backward(self) -> torch.Tensor:
+    def _by_backward(self, loss_fn: LossFn) -> torch.Tensor:
         params = self.space.params
         saved = [p.grad for p in params]
         try:
             for p in params:
                 p.grad = None
-            self.loss_fn().backward()
+            loss_fn().backward()
             return self.space.flatten([p.grad for p in params]).clone()
         finally:
             for p, g in zip(params, saved, strict=True):
@@ -97,63 +163,99 @@ class Gradient:
 
 
 class DoubleBackwardHVP:
-    """Exact products through one retained double-backward graph (built on construction)."""
+    """Exact products by double backward, micro-batch by micro-batch.
+
+    With ``retain`` (the default for a single piece) each piece's graph is built on construction
+    and kept for every product; otherwise it is rebuilt for each piece and product and freed
+    before the next piece. ``loss_value`` is the weighted loss seen on the first pass.
+    """
 
     method = "double_backward"
 
-    def __init__(self, loss_fn: LossFn, space: ParamSpace):
+    def __init__(self, loss: LossFn | Sequence[LossPiece], space: ParamSpace, *,
+                 deadline: Deadline | None = None, retain: bool | None = None):
+        self.pieces = as_pieces(loss)
         self.space = space
+        self.deadline = deadline
+        self.retain = len(self.pieces) == 1 if retain is None else retain
         self.count = 0
-        loss = loss_fn()
-        grads = torch.autograd.grad(loss, space.params, create_graph=True, allow_unused=True)
-        self.loss_value = float(loss.detach())
-        self.grad = space.flatten([None if g is None else g.detach() for g in grads])
+        self.loss_value: float | None = None
+        self._loss_sum = 0.0
+        self._graphs: list[list[tuple[int, torch.Tensor]]] = []
+        if self.retain:
+            for piece in self.pieces:
+                _check(deadline)
+                self._graphs.append(self._build(piece))
+            self.loss_value = self._loss_sum
+
+    def _build(self, piece: LossPiece) -> list[tuple[int, torch.Tensor]]:
+        loss = piece.exact_fn()
+        grads = torch.autograd.grad(loss, self.space.params, create_graph=True, allow_unused=True)
+        self._loss_sum += piece.weight * float(loss.detach())
         # A gradient without grad_fn is constant in the parameters (zero Hessian block) or, with a
         # once-differentiable op, silently wrong; the finite-difference check in auto mode tells.
-        self._outputs = [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        return [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
 
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        self.count += 1
-        if not self._outputs:
-            return torch.zeros_like(v)
-        vs = self.space.unflatten(v)
-        outs = [g for _, g in self._outputs]
-        grad_outputs = [vs[i] for i, _ in self._outputs]
+    def _second(self, outputs: list[tuple[int, torch.Tensor]], vs: list[torch.Tensor], retain: bool) -> torch.Tensor:
+        if not outputs:
+            return self.space.zeros()
         hv = torch.autograd.grad(
-            outs, self.space.params, grad_outputs=grad_outputs, retain_graph=True, allow_unused=True
+            [g for _, g in outputs], self.space.params, grad_outputs=[vs[i] for i, _ in outputs],
+            retain_graph=retain, allow_unused=True,
         )
         return self.space.flatten(hv)
 
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        vs = self.space.unflatten(v)
+        acc = self.space.zeros()
+        if self.retain:
+            for piece, outputs in zip(self.pieces, self._graphs, strict=True):
+                _check(self.deadline)
+                acc.add_(self._second(outputs, vs, retain=True), alpha=piece.weight)
+            return acc
+        first = self.loss_value is None
+        for piece in self.pieces:
+            _check(self.deadline)
+            outputs = self._build(piece)
+            acc.add_(self._second(outputs, vs, retain=False), alpha=piece.weight)
+            del outputs
+        if first:
+            self.loss_value = self._loss_sum
+        return acc
+
     def close(self) -> None:
-        self._outputs = []
+        self._graphs = []
 
 
 class FiniteDifferenceHVP:
     """Central differences of plain gradients: ``(g(w + h v) - g(w - h v)) / 2h``.
 
-    The step is calibrated on the first product. It starts at a perturbation of norm
-    ``max(1e-3, eps**(1/3)) * (1 + |w|)`` and shrinks 4x at a time; the smallest step whose
-    estimate agrees within ``rtol`` with the one before it is kept. The search goes on past
-    disagreements that shrink (a feature narrower than the step appears only once the step is
-    below its width, and two coarse steps that both straddle it agree with each other) and
-    stops, after an agreement, at two growing ones in a row (rounding has taken over), or when
-    the perturbation no longer changes the gradient. The smallest step matters: along a
-    direction of sharp curvature the loss can bend on a far smaller scale than along a random
-    one. On the demo's stalled LoRA adapter (|w| ~ 28) a random direction was within 1% at a
-    perturbation of 0.035, but the most negative curvature direction needed ~1e-4 (at 0.14, the
-    fixed step this replaces, its curvature came out -0.04 instead of -10.7). Every later
-    product uses the calibrated perturbation norm.
+    The step is calibrated on the first product (or given as ``step``, a perturbation norm
+    calibrated elsewhere). It starts at a perturbation of norm ``max(1e-3, eps**(1/3)) * (1 +
+    |w|)`` and shrinks 4x at a time; the smallest step whose estimate agrees within ``rtol`` with
+    the one before it is kept. The search goes on past disagreements that shrink (a feature
+    narrower than the step appears only once the step is below its width, and two coarse steps
+    that both straddle it agree with each other) and stops, after an agreement, at two growing
+    ones in a row (rounding has taken over), or when the perturbation no longer changes the
+    gradient. The smallest step matters: along a direction of sharp curvature the loss can bend
+    on a far smaller scale than along a random one. On the demo's stalled LoRA adapter (|w| ~ 28)
+    a random direction was within 1% at a perturbation of 0.035, but the most negative curvature
+    direction needed ~1e-4 (at 0.14, the fixed step this replaces, its curvature came out -0.04
+    instead of -10.7). Every later product uses the calibrated perturbation norm.
 
     The parameters are moved in place (through ``.data``, so autograd's version counters do
-    not change) and restored from a copy after every product, also when the loss raises.
+    not change) and restored from a copy after every product, also when the loss raises or the
+    deadline passes between the two gradients.
     """
 
     method = "finite_difference"
 
-    def __init__(self, loss_fn: LossFn, space: ParamSpace, *, rel_step: float | None = None,
-                 rtol: float = 0.05, max_shrinks: int = 10):
+    def __init__(self, loss: LossFn | Sequence[LossPiece], space: ParamSpace, *, rel_step: float | None = None,
+                 rtol: float = 0.05, max_shrinks: int = 10, step: float | None = None,
+                 deadline: Deadline | None = None):
         self.space = space
-        self.gradient = Gradient(loss_fn, space)
+        self.gradient = Gradient(loss, space, deadline=deadline)
         self.count = 0
         params = space.params
         self._saved = [p.detach().clone() for p in params]
@@ -165,7 +267,7 @@ class FiniteDifferenceHVP:
         self._w_norm = norm
         self.rtol = rtol
         self.max_shrinks = max_shrinks
-        self.step: float | None = None  # the perturbation's norm, once calibrated
+        self.step: float | None = step  # the perturbation's norm, once calibrated
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         v_norm = float(torch.linalg.vector_norm(v))
@@ -176,28 +278,32 @@ class FiniteDifferenceHVP:
             return self.calibrate(v)
         return self._product(v, self.step / v_norm)
 
-    def calibrate(self, v: torch.Tensor, *, agree_with: torch.Tensor | None = None,
-                  rtol: float = 0.0) -> torch.Tensor:
+    def calibrate(self, v: torch.Tensor, *, agree_with: torch.Tensor | None = None, rtol: float = 0.0,
+                  start: tuple[float, torch.Tensor] | None = None) -> torch.Tensor:
         """The product with ``v`` at the calibrated step (which later products then use).
 
         With ``agree_with`` (another method's product) the search stops as soon as an estimate
         is within ``rtol`` of it: that method is confirmed, and this one need not be exact.
+        ``start`` (a perturbation norm and its estimate) resumes a search from there.
         """
         v_norm = float(torch.linalg.vector_norm(v))
-        step = self.rel_step * (1.0 + self._w_norm)
-        est = self._product(v, step / v_norm)
+        if start is None:
+            step = self.rel_step * (1.0 + self._w_norm)
+            est = self._product(v, step / v_norm)
+        else:
+            step, est = start
         best: tuple[float, torch.Tensor] | None = None  # the smallest step that agreed with the one before
         closest = (math.inf, step, est)  # failing that, the pair that came closest
         misses, last = 0, math.inf  # disagreements in a row that grew, the last difference
         for _ in range(self.max_shrinks):
-            if agree_with is not None and _rel_diff(est, agree_with) <= rtol:
+            if agree_with is not None and rel_diff(est, agree_with) <= rtol:
                 best = (step, est)
                 break
             smaller = step / 4.0
             nxt = self._product(v, smaller / v_norm)
             if not bool(torch.isfinite(nxt).all()) or not bool(torch.any(nxt != 0)):
                 break  # the perturbation no longer moves the parameters (or the loss broke)
-            diff = _rel_diff(nxt, est)
+            diff = rel_diff(nxt, est)
             step, est = smaller, nxt
             if diff <= self.rtol:
                 best, misses = (step, est), 0
@@ -213,14 +319,15 @@ class FiniteDifferenceHVP:
 
     def _product(self, v: torch.Tensor, h: float) -> torch.Tensor:
         self.count += 1
+        acc = self.space.zeros()
         try:
             self._shift(v, h)
-            g_plus = self.gradient()
+            self.gradient.accumulate(acc, 1.0)
             self._shift(v, -h)
-            g_minus = self.gradient()
+            self.gradient.accumulate(acc, -1.0)
         finally:
             self._restore()
-        return (g_plus - g_minus) / (2.0 * h)
+        return acc.div_(2.0 * h)
 
     def _shift(self, v: torch.Tensor, h: float) -> None:
         with torch.no_grad():
@@ -236,91 +343,28 @@ class FiniteDifferenceHVP:
         self._saved = []
 
 
-class AutoHVP:
-    """Double backward, checked once against finite differences; finite differences if it fails.
-
-    The first product is computed both ways. Double backward is kept when a finite difference
-    agrees with it within ``check_rtol`` (relative to the larger of the two products), trying
-    steps from coarse to as fine as rounding allows (a coarse step can miss sharp curvature that
-    double backward gets right); otherwise, or when double backward raises, every later product
-    uses finite differences at the calibrated step. ``fallback_reason`` says why.
-    """
-
-    def __init__(self, loss_fn: LossFn, space: ParamSpace, *, check_rtol: float = 0.05):
-        self.space = space
-        self.loss_fn = loss_fn
-        self.check_rtol = check_rtol
-        self.fallback_reason: str | None = None
-        self.check_error: float | None = None
-        self.fd = FiniteDifferenceHVP(loss_fn, space)
-        self.db: DoubleBackwardHVP | None = None
-        try:
-            self.db = DoubleBackwardHVP(loss_fn, space)
-        except RuntimeError as err:
-            self.fallback_reason = f"double backward failed: {_first_line(err)}"
-        self._checked = self.db is None
-
-    @property
-    def method(self) -> str:
-        return "double_backward" if self.db is not None else "finite_difference"
-
-    @property
-    def count(self) -> int:
-        return self.fd.count + (self.db.count if self.db is not None else 0)
-
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        if self._checked:
-            return self.db(v) if self.db is not None else self.fd(v)
-        self._checked = True
-        assert self.db is not None
-        try:
-            exact = self.db(v)
-        except RuntimeError as err:
-            self._drop_db(f"double backward failed: {_first_line(err)}")
-            return self.fd(v)
-        # finite differences as fine as rounding allows, unless a coarser step already agrees
-        approx = self.fd.calibrate(v, agree_with=exact, rtol=self.check_rtol)
-        self.check_error = _rel_diff(exact, approx)
-        if self.check_error > self.check_rtol:
-            self._drop_db(
-                f"double backward differs from finite differences by {self.check_error:.1%} "
-                f"(> {self.check_rtol:.0%}): some op is not twice differentiable"
-            )
-            return approx
-        return exact
-
-    def _drop_db(self, reason: str) -> None:
-        self.fallback_reason = reason
-        if self.db is not None:
-            self.db.close()
-        self.db = None
-
-    def close(self) -> None:
-        if self.db is not None:
-            self.db.close()
-        self.fd.close()
-
-
-def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """``|a - b|`` relative to the larger of ``|a|`` and ``|b|`` (0 when both are zero)."""
     scale = max(float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b)))
     return float(torch.linalg.vector_norm(a - b)) / scale if scale > 0 else 0.0
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:200] if text else type(err).__name__
 
 
 def make_hvp(
-    loss_fn: LossFn, params: Sequence[torch.Tensor], method: str = "auto"
-) -> DoubleBackwardHVP | FiniteDifferenceHVP | AutoHVP:
-    """The Hessian-vector product operator for ``method`` (one of ``METHODS``)."""
-    space = ParamSpace(params)
+    loss: LossFn | Sequence[LossPiece], params: Sequence[torch.Tensor] | ParamSpace, method: str = "double_backward",
+    *, step: float | None = None, deadline: Deadline | None = None,
+) -> DoubleBackwardHVP | FiniteDifferenceHVP:
+    """The product operator for a fixed ``method``; ``step`` is a calibrated finite-difference step.
+
+    ``auto`` is not a method here: ``probes.hvp_choice.choose_method`` decides it first.
+    """
+    space = params if isinstance(params, ParamSpace) else ParamSpace(params)
     if method == "double_backward":
-        return DoubleBackwardHVP(loss_fn, space)
+        return DoubleBackwardHVP(loss, space, deadline=deadline)
     if method == "finite_difference":
-        return FiniteDifferenceHVP(loss_fn, space)
-    if method == "auto":
-        return AutoHVP(loss_fn, space)
-    raise ValueError(f"hvp={method!r}; allowed {', '.join(METHODS)}")
+        return FiniteDifferenceHVP(loss, space, step=step, deadline=deadline)
+    raise ValueError(f"method={method!r}; allowed 'double_backward' or 'finite_difference'")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from lossguard.probes.deadline import BudgetSpent
 from lossguard.probes.hessian import (
     CurvatureResult,
     ProbeSkipped,
@@ -18,6 +19,7 @@ from lossguard.probes.hessian import (
     probe_curvature,
     sharpness_report,
 )
+from lossguard.probes.hvp import LossPiece
 from lossguard.telemetry.schema import encode
 
 
@@ -102,14 +104,41 @@ def test_same_seed_same_answer_and_recorded_seed_reproduces() -> None:
     assert (c.lambda_min, c.lambda_max) == (d.lambda_min, d.lambda_max)
 
 
-def test_time_budget_stops_the_iteration() -> None:
+def timed(loss_fn, now: list[float], cost: float = 1.0):
+    """``loss_fn`` on a fake clock: every evaluation (one micro-batch's forward) costs ``cost`` s."""
+
+    def run() -> torch.Tensor:
+        now[0] += cost
+        return loss_fn()
+
+    return run
+
+
+def test_time_budget_stops_the_iteration_within_one_micro_batch_product() -> None:
     eigs, _ = SPECTRA["negative_bulk_edge"]
     loss_fn, params, _ = quadratic(eigs, torch.float32)
-    ticks = iter(range(10_000))
-    res = probe_curvature(loss_fn, params, seed=0, max_seconds=5.0, clock=lambda: float(next(ticks)))
-    assert res.stop_reason == "time"
+    now = [0.0]
+    step = timed(loss_fn, now)
+    # two micro-batches of half weight: a double-backward product rebuilds both graphs (2 s)
+    pieces = [LossPiece(step, 0.5), LossPiece(step, 0.5)]
+    res = probe_curvature(pieces, params, seed=0, max_seconds=20.0, clock=lambda: now[0])
+    assert res.stop_reason == "time" and res.method == "double_backward"
     assert 2 <= res.steps < 10
-    assert res.n_hvp < 12
+    assert res.seconds <= 20.0 + 1.0  # past the budget by at most one micro-batch product
+    full = probe_curvature([LossPiece(loss_fn, 0.5), LossPiece(loss_fn, 0.5)], params, seed=0)
+    assert res.history == full.history[: res.steps]
+
+
+def test_budget_spent_while_choosing_the_method_raises_and_restores_the_weights() -> None:
+    eigs, _ = SPECTRA["isolated_saddle"]
+    loss_fn, params, _ = quadratic(eigs, torch.float32)
+    before = [p.detach().clone() for p in params]
+    now = [0.0]
+    # double backward's product costs 1 s; the deadline passes inside the first finite difference
+    with pytest.raises(BudgetSpent):
+        probe_curvature(timed(loss_fn, now), params, seed=0, max_seconds=1.5, clock=lambda: now[0])
+    assert now[0] <= 1.5 + 1.0
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
 
 
 def test_small_space_stops_on_invariant_subspace_with_exact_values() -> None:

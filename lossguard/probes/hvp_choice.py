@@ -1,0 +1,232 @@
+"""Which Hessian-vector product a probe uses, decided on one micro-batch before the probe starts.
+
+Double backward is exact, but every op on the way must be twice differentiable: attention has to
+run on PyTorch's math backend, since the fused kernels training uses (flash, memory-efficient,
+CPU flash) are not, and some ops (``@once_differentiable`` functions) silently drop their second
+derivative. Finite differences take two plain gradients through the model's own kernels, but
+their step has to be calibrated. ``choose_method`` measures both on the first micro-batch:
+
+1. one double-backward product (its seconds and, on CUDA, its peak memory; a second one before
+   acting on a difference in cost, since the first carries one-time warm-up);
+2. finite differences from coarse to fine until one agrees with it (within 5%): double backward
+   is confirmed, or, when none agrees, found wrong and dropped;
+3. when finite differences are clearly cheaper per product (<= 0.75x) and the products the
+   time left allows save more than a full step calibration costs (about 4 more products) plus a
+   second, then that calibration runs and, if its finest step still agrees with the exact
+   product, finite differences are used.
+
+The choice, the seconds per micro-batch product of each method and the reason are recorded.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lossguard.probes.deadline import BudgetSpent, Deadline
+from lossguard.probes.hvp import (
+    DoubleBackwardHVP,
+    FiniteDifferenceHVP,
+    LossPiece,
+    ParamSpace,
+    first_line,
+    rel_diff,
+)
+
+SWITCH_BELOW = 0.75
+SWITCH_SAVES_S = 1.0
+REFINE_PRODUCTS = 4  # finite-difference products a full step calibration typically adds
+CHECK_RTOL = 0.05
+
+
+@dataclass
+class MethodChoice:
+    """The product method a probe uses, why, and what deciding it measured and cost.
+
+    ``product`` is the calibration piece's product with the vector it was decided on, by the
+    chosen method. ``seconds`` holds the measured seconds per micro-batch product by method;
+    ``products`` the micro-batch products spent deciding; ``peak_bytes`` (CUDA only) an upper
+    bound of the extra device memory of one micro-batch product (the larger of the two measured).
+    """
+
+    method: str
+    reason: str
+    product: torch.Tensor
+    fd_step: float | None = None
+    check_error: float | None = None
+    fallback_reason: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    products: int = 0
+    peak_bytes: int | None = None
+
+    @property
+    def product_seconds(self) -> float:
+        """Seconds per micro-batch product with the chosen method."""
+        return self.seconds[self.method]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "why": self.reason,
+            "seconds_per_micro_batch": {k: round(v, 4) for k, v in self.seconds.items()},
+            "calibration_products": self.products,
+            "fd_step": self.fd_step,
+            "peak_bytes": self.peak_bytes,
+        }
+
+
+class _Meter:
+    """Seconds and (on CUDA) peak extra memory of the work done inside ``with``."""
+
+    def __init__(self, device: torch.device, clock: Callable[[], float]) -> None:
+        self.device = device
+        self.clock = clock
+        self.seconds = 0.0
+        self.peak: int | None = None
+
+    def __enter__(self) -> _Meter:
+        self._cuda = self.device.type == "cuda"
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+        self._t0 = self.clock()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+            # an upper bound without resetting the user's peak statistics: the peak since the
+            # last reset is at least this product's
+            self.peak = max(0, torch.cuda.max_memory_allocated(self.device) - self._before)
+        self.seconds = self.clock() - self._t0
+
+
+def _max(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def free_cuda_cache(device: torch.device) -> None:
+    """Give memory the probe held back to the device (after an out-of-memory, say)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def choose_method(
+    piece: LossPiece,
+    space: ParamSpace,
+    v: torch.Tensor,
+    *,
+    hvp: str = "auto",
+    deadline: Deadline | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    products_ahead: int = 0,
+    avoid_double_backward: str | None = None,
+) -> MethodChoice:
+    """Decide the product method on ``piece`` (one micro-batch) with the unit vector ``v``.
+
+    Args:
+        hvp: ``auto``, or ``double_backward`` / ``finite_difference`` to force one (no check).
+        products_ahead: micro-batch products the probe could run after this (capped by the time
+            left); the saving of a cheaper method is weighed against the cost of calibrating it.
+        avoid_double_backward: a reason not to try double backward at all (an estimate that its
+            math-attention graph will not fit in memory); ``auto`` then goes straight to finite
+            differences.
+
+    Raises:
+        BudgetSpent: the deadline passed before a product was done.
+    """
+    device = space.device
+    if hvp == "double_backward":
+        db = DoubleBackwardHVP([piece], space, deadline=deadline, retain=False)
+        with _Meter(device, clock) as m:
+            exact = db(v)
+        return MethodChoice("double_backward", "hvp='double_backward' in the configuration", exact,
+                            seconds={"double_backward": m.seconds}, products=1, peak_bytes=m.peak)
+    fd = FiniteDifferenceHVP([piece], space, deadline=deadline)
+    try:
+        if hvp == "finite_difference" or avoid_double_backward:
+            why = avoid_double_backward or "hvp='finite_difference' in the configuration"
+            return _finite_differences(fd, v, device, clock, why, fallback=avoid_double_backward)
+        fallback = None
+        exact = None
+        db_meter = _Meter(device, clock)
+        db_products = 1
+        try:
+            with db_meter:
+                exact = DoubleBackwardHVP([piece], space, deadline=deadline, retain=False)(v)
+        except BudgetSpent:
+            raise
+        except torch.OutOfMemoryError as err:
+            fallback = f"double backward ran out of memory ({first_line(err)[:80]})"
+        except RuntimeError as err:
+            fallback = f"double backward failed: {first_line(err)}"
+        if exact is None:
+            free_cuda_cache(device)
+            choice = _finite_differences(fd, v, device, clock, fallback or "", fallback=fallback)
+            choice.products += 1
+            return choice
+        t_db = db_meter.seconds
+        with _Meter(device, clock) as m:
+            approx = fd.calibrate(v, agree_with=exact, rtol=CHECK_RTOL)
+        t_fd = m.seconds / max(fd.count, 1)
+        peak = _max(db_meter.peak, m.peak)
+        check_error = rel_diff(exact, approx)
+        seconds = {"double_backward": t_db, "finite_difference": t_fd}
+        if check_error > CHECK_RTOL:
+            fallback = (f"double backward differs from finite differences by {check_error:.1%} "
+                        f"(> {CHECK_RTOL:.0%}): some op is not twice differentiable")
+            return MethodChoice("finite_difference", fallback, approx, fd_step=fd.step, check_error=check_error,
+                                fallback_reason=fallback, seconds=seconds, products=db_products + fd.count, peak_bytes=peak)
+        def saving() -> float:
+            # only the products the time left allows, less a typical step calibration
+            ahead = products_ahead if deadline is None else min(products_ahead, max(deadline.left(), 0.0) / t_db)
+            return ahead * (t_db - t_fd) - REFINE_PRODUCTS * t_fd
+
+        saves = saving()
+        if t_fd <= SWITCH_BELOW * t_db and saves >= SWITCH_SAVES_S:
+            # the first double backward of a process carries one-time warm-up (2.5 s on a
+            # 400-parameter quadratic): time a second one before acting on the difference
+            with _Meter(device, clock) as again:
+                DoubleBackwardHVP([piece], space, deadline=deadline, retain=False)(v)
+            db_products += 1
+            seconds["double_backward"] = t_db = min(t_db, again.seconds)
+            saves = saving()
+        if t_fd <= SWITCH_BELOW * t_db and saves >= SWITCH_SAVES_S:
+            n0 = fd.count
+            with _Meter(device, clock) as m2:
+                fine = fd.calibrate(v, start=(float(fd.step or 0.0), approx))
+            if fd.count > n0:
+                seconds["finite_difference"] = t_fd = (m.seconds + m2.seconds) / fd.count
+            fine_error = rel_diff(exact, fine)
+            if fine_error <= CHECK_RTOL:
+                why = (f"finite differences on the model's own kernels: {t_fd:.3g} s per micro-batch product "
+                       f"against {t_db:.3g} s by double backward (math attention), about {saves:.0f} s saved "
+                       f"over the probe; they agree with double backward within {fine_error:.1%}")
+                return MethodChoice("finite_difference", why, fine, fd_step=fd.step, check_error=fine_error,
+                                    seconds=seconds, products=db_products + fd.count, peak_bytes=_max(peak, m2.peak))
+            why = (f"double backward: finite differences would be cheaper ({t_fd:.3g} s against {t_db:.3g} s per "
+                   f"micro-batch product) but at their finest step differ from it by {fine_error:.1%}")
+        elif t_fd <= SWITCH_BELOW * t_db:
+            why = (f"double backward: finite differences are cheaper ({t_fd:.3g} s against {t_db:.3g} s per "
+                   f"micro-batch product) but would save under {SWITCH_SAVES_S:.0f} s over this probe")
+        else:
+            why = f"double backward: {t_db:.3g} s per micro-batch product against {t_fd:.3g} s by finite differences"
+        return MethodChoice("double_backward", why, exact, check_error=check_error, seconds=seconds,
+                            products=db_products + fd.count, peak_bytes=peak)
+    finally:
+        fd.close()
+
+
+def _finite_differences(fd: FiniteDifferenceHVP, v: torch.Tensor, device: torch.device,
+                        clock: Callable[[], float], why: str, *, fallback: str | None) -> MethodChoice:
+    with _Meter(device, clock) as m:
+        est = fd.calibrate(v)
+    return MethodChoice("finite_difference", why, est, fd_step=fd.step, fallback_reason=fallback,
+                        seconds={"finite_difference": m.seconds / max(fd.count, 1)}, products=fd.count,
+                        peak_bytes=m.peak)
