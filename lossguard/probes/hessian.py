@@ -446,6 +446,20 @@ def _attention_risk(model: Any, mbs: list[_MicroBatch], free: int | None, fracti
             f"memory is {fraction * free / 2**30:.1f} GiB: finite differences on the model's own kernels")
 
 
+def _first_product(pieces: list[LossPiece], space: ParamSpace, choice: MethodChoice, start: torch.Tensor,
+                   deadline: Deadline) -> torch.Tensor:
+    """The first Lanczos product of the first group: the method was chosen on its first micro-batch
+    with the same vector, so that micro-batch's share is already known."""
+    known = choice.product * pieces[0].weight
+    if len(pieces) == 1:
+        return known
+    rest = make_hvp(pieces[1:], space, choice.method, step=choice.fd_step, deadline=deadline)
+    try:
+        return known + rest(unit(start))
+    finally:
+        rest.close()
+
+
 def _pass_seconds(v: torch.Tensor, clock: Callable[[], float]) -> float:
     """One pass over a trainable-sized vector (a dot product), the unit of the solver's own work."""
     best = math.inf
@@ -584,14 +598,14 @@ def _probe_groups(
                 return ProbeSkipped("no_memory", basis.message, step, {"memory": basis.memory.summary()})
             for i, group in enumerate(groups):
                 chosen = group[: plan.micro_batches]
+                pieces = _pieces(chosen)
                 share = deadline.sooner(deadline.left() / (len(groups) - i))
-                single = i == 0 and len(chosen) == 1
                 try:
+                    first = _first_product(pieces, space, choice, start, share) if i == 0 else None
                     results.append(_solve(
-                        _pieces(chosen), space, choice, start if i == 0 else _start(space, seed + i),
+                        pieces, space, choice, start if i == 0 else _start(space, seed + i),
                         seed=seed + i, max_iter=basis.vectors, tol=cfg.tol, min_steps=20, deadline=share,
-                        return_direction=return_direction and i == 0,
-                        first_product=choice.product if single else None,
+                        return_direction=return_direction and i == 0, first_product=first,
                         calibration_products=choice.products if i == 0 else 0, memory=basis.memory,
                     ))
                 except BudgetSpent:
