@@ -112,6 +112,10 @@ class RecoveryConfig:
     relapse_lr_scale: float = 0.3
     reset_optimizer_moments: bool = False
     plateau_needs_saddle: bool = False
+    # the safety net: every rollback is judged against the branch it abandoned (guide.md)
+    safety_net: bool = True
+    judge_sequences: int = 64
+    judge_z: float = 2.0
 
     def __post_init__(self) -> None:
         self.triggers = tuple(Reason(t) for t in self.triggers)
@@ -131,6 +135,8 @@ class RecoveryConfig:
         _check_int("relapse_watch_steps", self.relapse_watch_steps, 0)
         _check_range("relapse_fraction", self.relapse_fraction, 0.0, 1.0, lo_open=True)
         _check_range("relapse_lr_scale", self.relapse_lr_scale, 0.0, 1.0, lo_open=True)
+        _check_int("judge_sequences", self.judge_sequences, 2, 1_000_000)
+        _check_range("judge_z", self.judge_z, 0.0, 10.0)
 
 
 @dataclass

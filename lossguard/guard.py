@@ -14,6 +14,7 @@ from typing import Any
 from lossguard.config import GuardConfig
 from lossguard.records import Finding, Reason, Sample
 from lossguard.recovery.policy import Decision, RecoveryPolicy
+from lossguard.recovery.verdict import Scores
 
 
 class Guard:
@@ -67,7 +68,7 @@ class Guard:
 
     def decide(self, sample: Sample, snapshots: Sequence[int] = (),
                probe: Callable[[Finding], dict[str, Any] | None] | None = None, *,
-               flush: bool = False) -> Decision:
+               flush: bool = False, judge: Callable[[], Scores | None] | None = None) -> Decision:
         """Detection and recovery for one step; ``snapshots`` are the steps a rollback can return to.
 
         The detectors run over the samples of up to ``detection.batch_steps`` steps at once:
@@ -85,6 +86,10 @@ class Guard:
         the policy sees it; the verdict is added to the finding, and with
         ``recovery.plateau_needs_saddle`` a plateau the probe calls a minimum triggers nothing.
         The decision's ``findings`` hold the detectors' and the policy's own (relapse, gave up).
+
+        ``judge`` scores the model as it is now on the safety net's evaluation batches (None when
+        it cannot): called when a trial's verdict is due, and when a rollback keeps its head.
+        Without it, rollbacks are not judged.
         """
         self.pending.append(sample)
         found = self.flush() if flush or self._due(sample) else []
@@ -95,7 +100,31 @@ class Guard:
                     verdict = _attach_verdict(finding, probe(finding))
                     if self.config.recovery.plateau_needs_saddle and verdict in ("minimum", "degenerate"):
                         triggers.remove(finding)
-        decision = self.policy.step(sample.step, sample.loss, triggers, snapshots)
+        judged = None
+        if judge is not None and self.policy.verdict_due(sample.step):
+            judged = judge()
+            if judged is None:
+                unjudged = self.policy.unjudged(sample.step, "the recovered branch could not be scored")
+                decision = self.policy.step(sample.step, sample.loss, triggers, snapshots)
+                decision.actions[:0] = unjudged.actions
+                decision.drop_head = True
+                return self._with_findings(decision, found)
+        decision = self.policy.step(sample.step, sample.loss, triggers, snapshots, judged=judged)
+        if decision.keep_head:
+            self.policy.head_scored(decision, judge() if judge is not None else None)
+        return self._with_findings(decision, found)
+
+    def conclude(self, step: int, judge: Callable[[], Scores | None] | None) -> Decision:
+        """At train end: a rollback still on trial is judged on the branch as it ends (see
+        ``RecoveryPolicy.conclude``)."""
+        if not self.policy.judging or judge is None:
+            return Decision()
+        scores = judge()
+        if scores is None:
+            return self.policy.unjudged(step, "the recovered branch could not be scored")
+        return self.policy.conclude(step, scores)
+
+    def _with_findings(self, decision: Decision, found: list[Finding]) -> Decision:
         self.findings.extend(decision.findings)
         decision.findings = found + decision.findings
         return decision

@@ -52,6 +52,8 @@ class ActionKind(str, enum.Enum):
     SAVE = "save"
     PROBE = "probe"
     GIVE_UP = "give_up"
+    KEEP = "keep"  # the safety net's verdict: the recovered branch beat the one it abandoned
+    REVERT = "revert"  # it did not: back to the abandoned branch's head
 
 
 def _opt_float(value: Any) -> float | None:

@@ -13,11 +13,17 @@ What a rollback restores: parameters, optimizer state (moments and step counts),
 detector state. The scheduler's position keeps following the global step (the step counter
 keeps counting forward); a metric-driven scheduler (ReduceLROnPlateau) has its state and the LRs
 it chose restored from the snapshot, since the metrics it reacted to were rolled back too.
+
+The safety net's head: at a rollback under trial, ``keep_head`` captures the state being
+abandoned exactly as a snapshot is captured (kept apart from the ring, so no rollback ever picks
+it as a target), in memory while the ring and it fit ``snapshot_memory_mb``, else spilled to
+``<spill dir>/head``; ``revert_to_head`` puts it back the way ``restore`` puts a snapshot back.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +37,9 @@ from lossguard.recovery.snapshot import (
     Snapshot,
     SnapshotRing,
     clone_tree,
+    load_snapshot,
     remove_stale,
+    save_snapshot,
     set_rng_state,
     trainable_parameters,
     unwrap,
@@ -62,10 +70,11 @@ class Recoverer:
         # the caller's folder (one per DDP rank) wins over the configured one it was made from
         spill = spill_dir if spill_dir is not None else self.config.snapshot_dir
         if spill is not None:
-            stale = remove_stale(Path(spill))
+            stale = remove_stale(Path(spill)) + remove_stale(Path(spill) / "head")
             if stale:
                 logger.info("lossguard: removed %d snapshot(s) an earlier run left in %s", stale, spill)
         self.ring = SnapshotRing(self.config.snapshot_memory_mb, spill, self.config.snapshot_disk_keep)
+        self.head: Snapshot | None = None  # the abandoned branch's head while a rollback is on trial
         self.capturer = Capturer(model, optimizer)
         self._opt = unwrap(optimizer) if optimizer is not None else None
         self._scheduled: list[float] | None = None
@@ -77,6 +86,7 @@ class Recoverer:
         """Free the snapshots, in memory and on disk: they are scratch for this run only (a
         resumed run starts its own; the checkpoints lossguard pins are kept)."""
         self.ring.clear()
+        self.drop_head()
 
     # --- snapshots -----------------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -102,12 +112,19 @@ class Recoverer:
         """Put the snapshot of ``step`` back in place; returns it (its ``engine`` state for the caller)."""
         t0 = self._clock()
         snap = self.ring.get(step)
+        self._put_back(snap)
+        self.ring.drop_after(step)
+        self.last_rollback_seconds = self._clock() - t0
+        return snap
+
+    def _put_back(self, snap: Snapshot) -> None:
+        """Trainable parameters (pending gradients dropped), optimizer state and RNGs from ``snap``, bitwise."""
         assert snap.params is not None
         self.capturer.refresh()
         params = trainable_parameters(self.model)
         missing = set(snap.params) ^ set(params)
         if missing:
-            raise RuntimeError(f"snapshot of step {step} does not match the model's trainable parameters "
+            raise RuntimeError(f"snapshot of step {snap.step} does not match the model's trainable parameters "
                                f"({len(missing)} differ, e.g. {sorted(missing)[0]})")
         with torch.no_grad():
             for name, p in params.items():
@@ -116,9 +133,59 @@ class Recoverer:
         self._restore_optimizer(snap)
         if snap.rng is not None:
             set_rng_state(snap.rng)
-        self.ring.drop_after(step)
+
+    # --- the abandoned branch's head -----------------------------------------------------------
+    def keep_head(self, step: int, engine_state: dict[str, Any] | bytes | None = None) -> Snapshot:
+        """Keep the state about to be rolled back from (the trial's fallback), replacing any earlier head."""
+        t0 = self._clock()
+        self.drop_head()
+        head = self.capturer.capture(step, self.scheduler, engine_state)
+        assert head is not None
+        spill = self.ring.spill_dir
+        if spill is not None and self.ring.memory_nbytes() + head.nbytes > self.ring.memory_bytes:
+            try:
+                head.path = save_snapshot(head, spill / "head")
+                head.params = head.optimizer = head.scheduler = head.rng = head.engine = None
+            except OSError as err:
+                logger.warning("lossguard: cannot spill the abandoned head (%s); keeping it in memory", err)
+        self.head = head
+        self.snapshot_seconds += self._clock() - t0
+        return head
+
+    def drop_head(self) -> None:
+        """Forget the head (the recovery was kept), in memory and on disk."""
+        if self.head is not None and self.head.path is not None:
+            shutil.rmtree(self.head.path, ignore_errors=True)
+        self.head = None
+
+    def revert_to_head(self, abandon_after: int) -> Snapshot:
+        """Put the kept head back in place, bitwise, and forget the rejected branch's snapshots
+        (those after ``abandon_after``, the rollback's target); returns the head (its ``engine``
+        state for the caller)."""
+        if self.head is None:
+            raise RuntimeError("no abandoned head is kept: nothing to revert to")
+        t0 = self._clock()
+        head = load_snapshot(self.head.path) if self.head.on_disk and self.head.path is not None else self.head
+        self._put_back(head)
+        self.ring.drop_after(abandon_after)
+        self.drop_head()
         self.last_rollback_seconds = self._clock() - t0
-        return snap
+        return head
+
+    def save_head(self, directory: Path) -> Path | None:
+        """Write the kept head under ``directory`` (a checkpoint taken mid-trial carries it)."""
+        if self.head is None:
+            return None
+        head = load_snapshot(self.head.path) if self.head.on_disk and self.head.path is not None else self.head
+        return save_snapshot(head, directory)
+
+    def load_head(self, path: Path) -> Snapshot:
+        """Take the head a checkpoint carries (``save_head``) as this run's kept head."""
+        head = load_snapshot(path)
+        self.drop_head()
+        self.head = Snapshot(head.step, head.params, head.optimizer, head.scheduler, head.rng, head.engine,
+                             head.nbytes)
+        return self.head
 
     def _restore_optimizer(self, snap: Snapshot) -> None:
         if self.optimizer is None or snap.optimizer is None:

@@ -4,6 +4,12 @@ Given each step's loss, the findings the detectors raised and the steps that hav
 ``RecoveryPolicy.step`` returns a ``Decision``: what to roll back to, which LR multiplier to use,
 when to save, when to give up. It never touches training; ``recovery/apply.py`` and the
 integrations carry the decision out. Stdlib only.
+
+The safety net: a rollback is a ``Trial``. The integration keeps the abandoned branch's head and
+its score on the judge's fixed evaluation sequences (``head_scored``); once the recovered branch
+has trained as many steps as were discarded, it is scored on the same sequences (``step(...,
+judged=...)``) and ``verdict.judge`` keeps it or reverts to the head. A reverted trigger is a
+false alarm: its reason starts no recovery for the rest of the run.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 from lossguard.config import RecoveryConfig
 from lossguard.records import Action, ActionKind, Finding, Reason, Severity
+from lossguard.recovery.verdict import Scores, Verdict, judge
 
 
 class Phase(str, enum.Enum):
@@ -30,7 +37,13 @@ class Phase(str, enum.Enum):
 
 @dataclass
 class Decision:
-    """What the integration must do after this step."""
+    """What the integration must do after this step.
+
+    ``keep_head``: before rolling back, keep the current state (the abandoned branch's head) and
+    score it (``RecoveryPolicy.head_scored``). ``revert_to``: put back the head kept at that step,
+    and forget the snapshots the rejected branch took after ``abandon_after``. ``drop_head``: the
+    recovery was kept, the head is no longer needed.
+    """
 
     actions: list[Action] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
@@ -38,6 +51,38 @@ class Decision:
     snapshot: bool = False
     save: bool = False
     stop: bool = False
+    keep_head: bool = False
+    revert_to: int | None = None
+    abandon_after: int | None = None
+    drop_head: bool = False
+
+
+@dataclass
+class Trial:
+    """A rollback under judgement: the abandoned head, its score, and when the verdict is due.
+
+    ``due_step`` is the step at which the recovered branch has trained as many steps as were
+    discarded (a nested rollback inside the branch moves it by the steps that one discarded).
+    ``before`` is the policy's own state at the moment of rolling back, put back on a revert.
+    """
+
+    reason: str
+    head_step: int
+    target_step: int
+    due_step: int
+    before: dict[str, Any]
+    head: Scores | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return {"reason": self.reason, "head_step": self.head_step, "target_step": self.target_step,
+                "due_step": self.due_step, "before": self.before,
+                "head": None if self.head is None else self.head.to_record()}
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> Trial:
+        head = rec.get("head")
+        return cls(str(rec["reason"]), int(rec["head_step"]), int(rec["target_step"]), int(rec["due_step"]),
+                   dict(rec["before"]), None if head is None else Scores.from_record(head))
 
 
 def pick_target(snapshots: Sequence[int], onset: int, rollback_steps: int, detected: int) -> int | None:
@@ -90,6 +135,9 @@ class RecoveryPolicy:
         self.restore_level = math.nan
         self.watch_until = -1
         self.watch_level = False
+        self.trial: Trial | None = None
+        self.false_alarms: list[str] = []  # reasons whose rollback was reverted: they trigger nothing now
+        self.verdicts: dict[str, int] = {"keep": 0, "revert": 0}
         # (step, loss) of the last finite losses: the smoothing window and the ``lookback`` steps
         # after it. Findings reach the policy up to ``lookback`` steps late (the detectors run in
         # batches), and the level a recovery must get back under is the one from before the
@@ -116,6 +164,11 @@ class RecoveryPolicy:
         return (self.phase is Phase.NORMAL or self.phase is Phase.GAVE_UP) and step > self.watch_until \
             and step >= self.cooldown_until
 
+    def verdict_due(self, step: int) -> bool:
+        """Whether the recovered branch under trial has now trained as many steps as were
+        discarded: score it (after this step's optimizer step) and pass the scores to ``step``."""
+        return self.trial is not None and self.trial.head is not None and step >= self.trial.due_step
+
     def lr_multiplier(self, step: int) -> float:
         """The factor on the scheduled LR for the optimizer step that produces sample ``step``."""
         if self.phase is Phase.LOW_LR:
@@ -128,10 +181,18 @@ class RecoveryPolicy:
 
     # --- the decision --------------------------------------------------------------------------
     def step(self, step: int, loss: float | None, findings: Sequence[Finding],
-             snapshots: Sequence[int]) -> Decision:
-        """Decide what to do after the optimizer step that produced ``step``'s ``loss``."""
+             snapshots: Sequence[int], *, judged: Scores | None = None) -> Decision:
+        """Decide what to do after the optimizer step that produced ``step``'s ``loss``.
+
+        ``judged``: the recovered branch's scores when ``verdict_due(step)``; the verdict comes
+        first, and a revert ends the step's decision (the findings came from the rejected branch).
+        """
         decision = Decision()
         cfg = self.config
+        if judged is not None and self.verdict_due(step):
+            self._verdict(step, judged, decision)
+            if decision.revert_to is not None:
+                return decision
         if findings and self.phase is not Phase.GAVE_UP and cfg.enabled:
             trigger = self._trigger(step, findings)
             # the level before the finding's step (its loss, and any after it, not included)
@@ -150,12 +211,12 @@ class RecoveryPolicy:
             self._maybe_restore(step, decision)
         elif self.phase is Phase.RAMP and step >= self.ramp_start + cfg.restore_ramp_steps:
             self.phase = Phase.NORMAL
-        elif self.phase is Phase.NORMAL and step <= self.watch_until:
+        elif self._watching(step):
             self._watch_relapse(step, snapshots, decision)
         return decision
 
     def _trigger(self, step: int, findings: Sequence[Finding]) -> Finding | None:
-        wanted = [f for f in findings if f.reason in self.config.triggers]
+        wanted = [f for f in findings if f.reason in self.config.triggers and f.reason.value not in self.false_alarms]
         if not wanted:
             return None
         wanted.sort(key=lambda f: (_PRIORITY.get(f.reason, 9), f.onset_step))
@@ -167,7 +228,118 @@ class RecoveryPolicy:
         return first
 
     def _watching(self, step: int) -> bool:
-        return self.phase is Phase.NORMAL and step <= self.watch_until
+        return self.phase is Phase.NORMAL and step <= self.watch_until and Reason.RELAPSE.value not in self.false_alarms
+
+    # --- the safety net ------------------------------------------------------------------------
+    def _begin_trial(self, step: int, reason: str, target: int, before: dict[str, Any],
+                     decision: Decision) -> dict[str, Any]:
+        """A rollback from ``step`` to ``target``: start its trial, or fold it into the one running
+        (a rollback inside the branch under trial: the verdict waits for the steps it discards)."""
+        discarded = step - target
+        if self.trial is not None:
+            self.trial.due_step += discarded
+            return {"safety_net": "inside the branch under trial", "verdict_step": self.trial.due_step}
+        if not self.config.safety_net:
+            return {}
+        self.trial = Trial(reason, step, target, step + discarded, before)
+        decision.keep_head = True
+        return {"verdict_step": step + discarded}
+
+    def head_scored(self, decision: Decision, scores: Scores | None, why_not: str = "") -> None:
+        """The abandoned head's scores, taken before the rollback was carried out; None (or a
+        head whose loss is not finite, or fewer than two units) runs the recovery unjudged."""
+        trial = self.trial
+        if trial is None or trial.head is not None or not decision.keep_head:
+            return
+        rollback = next((a for a in decision.actions if a.action is ActionKind.ROLLBACK), None)
+        if scores is None or scores.units < 2 or not math.isfinite(scores.mean):
+            if scores is not None and scores.units >= 2:
+                why_not = f"the abandoned head's held-out loss is {_fmt(scores.mean)}: nothing to go back to"
+            elif scores is not None:
+                why_not = f"{scores.units} evaluation unit(s): too few to estimate the noise"
+            self.trial = None
+            decision.keep_head = False
+            if rollback is not None:
+                rollback.details.pop("verdict_step", None)
+                rollback.details["safety_net"] = f"off for this rollback: {why_not or 'no evaluation batches'}"
+            return
+        trial.head = scores
+        if rollback is not None:
+            rollback.details["head_score"] = scores.mean
+            rollback.message += (f"; the abandoned head (held-out loss {_fmt(scores.mean)}) is kept, and the "
+                                 f"recovery is judged against it at step {trial.due_step}")
+
+    @property
+    def judging(self) -> bool:
+        """Whether a rollback is under trial (its head kept and scored)."""
+        return self.trial is not None and self.trial.head is not None
+
+    def conclude(self, step: int, judged: Scores) -> Decision:
+        """At train end, a trial whose verdict is not due yet is judged now, on ``judged`` (the
+        branch as it ends): the run has no more steps to give the recovery, and it ends with the
+        better of the two branches."""
+        decision = Decision()
+        if self.judging:
+            self._verdict(step, judged, decision)
+        return decision
+
+    def unjudged(self, step: int, why: str) -> Decision:
+        """The branch under trial could not be scored (``why``): the recovery stays, unjudged."""
+        decision = Decision()
+        trial, self.trial = self.trial, None
+        if trial is not None:
+            decision.drop_head = True
+            decision.actions.append(Action(
+                ActionKind.KEEP, step, f"kept the recovery from the {trial.reason} rollback at step {step} "
+                f"without a verdict: {why}", from_step=trial.head_step, to_step=trial.target_step,
+                reason=trial.reason, details={"unjudged": why, "head_step": trial.head_step,
+                                              "target_step": trial.target_step}))
+        return decision
+
+    def _verdict(self, step: int, branch: Scores, decision: Decision) -> None:
+        trial = self.trial
+        assert trial is not None and trial.head is not None
+        self.trial = None
+        verdict = judge(trial.head, branch, self.config.judge_z)
+        early = step < trial.due_step
+        when = (f"at step {step}, before equal compute (training ended)" if early
+                else f"at step {step}, after as many steps as the rollback from step {trial.head_step} discarded")
+        details = {**verdict.details(), "head_step": trial.head_step, "target_step": trial.target_step,
+                   "equal_compute": not early}
+        if verdict.keep:
+            self.verdicts["keep"] += 1
+            decision.drop_head = True
+            decision.actions.append(Action(
+                ActionKind.KEEP, step, f"kept the recovery from the {trial.reason} rollback {when}: {verdict.why}",
+                from_step=trial.head_step, to_step=trial.target_step, reason=trial.reason, details=details))
+            return
+        self._revert(step, trial, verdict, when, details, decision)
+
+    def _revert(self, step: int, trial: Trial, verdict: Verdict, when: str, details: dict[str, Any],
+                decision: Decision) -> None:
+        cfg = self.config
+        self.verdicts["revert"] += 1
+        rollbacks, gave_up = self.rollbacks, self.phase is Phase.GAVE_UP
+        self._load_fields(trial.before)
+        self.rollbacks = rollbacks  # the budget stays spent: a trial is a rollback too
+        if gave_up:
+            self.phase = Phase.GAVE_UP
+        self.cooldown_until = step + cfg.cooldown_steps * 2 ** max(0, self.rollbacks - 1)
+        false_alarm = trial.reason != Reason.NONFINITE.value  # a NaN is never a false alarm
+        if false_alarm and trial.reason not in self.false_alarms:
+            self.false_alarms.append(trial.reason)
+        effect = (f"{trial.reason} findings start no recovery for the rest of the run (still reported)"
+                  if false_alarm else "non-finite losses still trigger recovery")
+        details.update({"false_alarm": trial.reason if false_alarm else None, "effect": effect,
+                        "lr_multiplier": self.ceiling})
+        decision.revert_to = trial.head_step
+        decision.abandon_after = trial.target_step
+        decision.snapshot = True
+        decision.actions.append(Action(
+            ActionKind.REVERT, step,
+            f"reverted the {trial.reason} rollback {when}: {verdict.why}; back to the abandoned branch's head "
+            f"(the state of step {trial.head_step}, bitwise) and its LR schedule; {effect}",
+            from_step=step, to_step=trial.head_step, lr_factor=self.ceiling, reason=trial.reason, details=details))
 
     def _give_up(self, step: int, why: str, decision: Decision) -> None:
         self.phase = Phase.GAVE_UP
@@ -191,6 +363,7 @@ class RecoveryPolicy:
             self._give_up(step, f"{finding.reason.value} but no snapshot before step {step} to roll back to",
                           decision)
             return
+        fields = self._fields()
         self.factor = min(cfg.lr_factor * cfg.escalation ** self.rollbacks, self.ceiling)
         self.rollbacks += 1
         self.trigger_level = before if math.isfinite(before) else math.inf
@@ -207,6 +380,7 @@ class RecoveryPolicy:
         gap = finding.onset_step - target
         decision.rollback_to = target
         decision.save = True
+        trial = self._begin_trial(step, finding.reason.value, target, fields, decision)
         decision.actions.append(Action(
             ActionKind.ROLLBACK, step,
             f"rolled back from step {step} to the snapshot of step {target} ({gap} steps before the "
@@ -214,7 +388,7 @@ class RecoveryPolicy:
             f"data loader keeps moving, so the {replay} discarded steps' batches are not replayed",
             from_step=step, to_step=target, lr_factor=self.factor, reason=finding.reason.value,
             details={"onset_step": finding.onset_step, "rollback": self.rollbacks,
-                     "discarded_steps": replay, "data_replayed": False}))
+                     "discarded_steps": replay, "data_replayed": False, **trial}))
         level = "a non-finite loss" if not math.isfinite(self.trigger_level) else _fmt(self.trigger_level)
         decision.actions.append(Action(
             ActionKind.LR_OVERRIDE, step,
@@ -281,6 +455,7 @@ class RecoveryPolicy:
         target = max((s for s in snapshots if s <= self.restore_step), default=None)
         if target is None:
             return
+        fields = self._fields()
         self.rollbacks += 1
         self.ceiling *= cfg.relapse_lr_scale
         self.factor = min(self.factor, self.ceiling)
@@ -292,12 +467,14 @@ class RecoveryPolicy:
         self._recent.clear()
         decision.rollback_to = target
         decision.save = True
+        trial = self._begin_trial(step, Reason.RELAPSE.value, target, fields, decision)
         decision.actions.append(Action(
             ActionKind.ROLLBACK, step,
             f"rolled back from step {step} to the post-recovery snapshot of step {target} after a relapse; "
             f"the data loader keeps moving, so the {step - target} discarded steps' batches are not replayed",
             from_step=step, to_step=target, lr_factor=self.ceiling, reason=Reason.RELAPSE.value,
-            details={"rollback": self.rollbacks, "discarded_steps": step - target, "data_replayed": False}))
+            details={"rollback": self.rollbacks, "discarded_steps": step - target, "data_replayed": False,
+                     **trial}))
         decision.actions.append(Action(
             ActionKind.LR_OVERRIDE, step,
             f"LR kept at {_fmt(self.ceiling)} x schedule from step {step} on, because the full schedule relapsed",
@@ -308,7 +485,8 @@ class RecoveryPolicy:
                "detected_step", "target_step", "low_until_min", "low_deadline", "ramp_start",
                "restore_step", "restore_level", "watch_until", "watch_level")
 
-    def state_dict(self) -> dict[str, Any]:
+    def _fields(self) -> dict[str, Any]:
+        """The state machine's own fields (JSON-ready), without the trial and the verdict tallies."""
         out: dict[str, Any] = {name: getattr(self, name) for name in self._FIELDS}
         for key in ("trigger_level", "restore_level"):
             value = out[key]
@@ -318,7 +496,7 @@ class RecoveryPolicy:
         out["recent"] = [list(pair) for pair in self._recent]
         return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def _load_fields(self, state: dict[str, Any]) -> None:
         for name in self._FIELDS:
             if name in state:
                 setattr(self, name, state[name])
@@ -328,3 +506,17 @@ class RecoveryPolicy:
         # a state saved before "recent" existed: its window, as if logged just before the next step
         recent = state.get("recent") or [(-1, v) for v in state.get("window", [])]
         self._recent = deque(((int(s), float(v)) for s, v in recent), maxlen=self._recent.maxlen)
+
+    def state_dict(self) -> dict[str, Any]:
+        out = self._fields()
+        out["trial"] = None if self.trial is None else self.trial.to_record()
+        out["false_alarms"] = list(self.false_alarms)
+        out["verdicts"] = dict(self.verdicts)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load_fields(state)
+        trial = state.get("trial")
+        self.trial = None if trial is None else Trial.from_record(trial)
+        self.false_alarms = [str(r) for r in state.get("false_alarms", [])]
+        self.verdicts = {"keep": 0, "revert": 0, **state.get("verdicts", {})}

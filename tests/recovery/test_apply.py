@@ -116,3 +116,90 @@ def test_step_hooks_make_the_used_lr_exactly_factor_times_schedule(setup, name):
         assert opt.param_groups[0]["lr"] == reference_opt.param_groups[0]["lr"]  # scheduler never sees it
     remove()
     spy.remove()
+
+
+def _state(model, opt):
+    return ({n: p.detach().clone() for n, p in trainable_parameters(model).items()},
+            {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in opt.state_dict()["state"].items()})
+
+
+def _assert_state(model, opt, state):
+    params, opt_state = state
+    for n, p in trainable_parameters(model).items():
+        assert torch.equal(p, params[n]) and p.grad is None
+    now = opt.state_dict()["state"]
+    assert now.keys() == opt_state.keys()
+    for k in now:
+        for kk in now[k]:
+            assert torch.equal(now[k][kk], opt_state[k][kk])
+
+
+@pytest.mark.parametrize("memory_mb", [512.0, 1e-6])
+def test_the_abandoned_head_is_kept_apart_and_reverted_to_bitwise(setup, tmp_path, memory_mb):
+    model, opt, sched, batch = _fresh(setup)
+    rec = Recoverer(model, opt, sched, config=RecoveryConfig(snapshot_memory_mb=memory_mb), spill_dir=tmp_path)
+    _train(model, opt, sched, batch, 2)
+    rec.snapshot(2, {"detector": 2})
+    _train(model, opt, sched, batch, 3)
+    rec.snapshot(5, {"detector": 5})
+    _train(model, opt, sched, batch, 2)
+    head_state = _state(model, opt)
+    torch.manual_seed(5)
+    draw = torch.rand(3)
+    torch.manual_seed(5)
+    head = rec.keep_head(7, {"detector": 7})
+    assert rec.head is head and rec.ring.steps() == (2, 5)  # not a rollback target
+    assert head.on_disk == (memory_mb < 1)  # past the memory cap it waits on disk, like a snapshot
+    if head.on_disk:
+        assert head.path.parent == tmp_path / "head"
+    rec.restore(2)  # the rollback, then the recovered branch trains and snapshots
+    _train(model, opt, sched, batch, 4)
+    rec.snapshot(11, {"detector": 11})
+    sched_position = sched.state_dict()["last_epoch"]
+    back = rec.revert_to_head(abandon_after=2)
+    assert back.engine == {"detector": 7} and back.step == 7
+    _assert_state(model, opt, head_state)
+    assert torch.equal(torch.rand(3), draw)  # RNG as at the moment of rolling back
+    assert sched.state_dict()["last_epoch"] == sched_position  # the schedule keeps the global step's position
+    assert rec.ring.steps() == (2,)  # the rejected branch's snapshot is gone
+    assert rec.head is None and not (tmp_path / "head" / "step-000000007").exists()
+    with pytest.raises(RuntimeError, match="no abandoned head"):
+        rec.revert_to_head(2)
+
+
+def test_a_kept_head_goes_into_a_checkpoint_and_comes_back(setup, tmp_path):
+    model, opt, sched, batch = _fresh(setup)
+    rec = Recoverer(model, opt, sched)
+    _train(model, opt, sched, batch, 2)
+    rec.snapshot(2)
+    _train(model, opt, sched, batch, 2)
+    head_state = _state(model, opt)
+    rec.keep_head(4, {"detector": 4})
+    path = rec.save_head(tmp_path / "ckpt")
+    assert path == tmp_path / "ckpt" / "step-000000004"
+    rec.restore(2)
+    resumed = Recoverer(model, opt, sched)  # a new process resuming from that checkpoint
+    resumed.snapshot(2)
+    _train(model, opt, sched, batch, 1)
+    head = resumed.load_head(path)
+    assert head.step == 4 and head.engine == {"detector": 4}
+    resumed.revert_to_head(abandon_after=2)
+    _assert_state(model, opt, head_state)
+    assert path.is_dir()  # the checkpoint's copy stays where the checkpoint is
+    assert resumed.head is None and resumed.save_head(tmp_path / "other") is None
+
+
+def test_dropping_the_head_frees_its_spilled_copy(setup, tmp_path):
+    model, opt, sched, batch = _fresh(setup)
+    rec = Recoverer(model, opt, sched, config=RecoveryConfig(snapshot_memory_mb=1e-6), spill_dir=tmp_path)
+    _train(model, opt, sched, batch, 1)
+    rec.snapshot(1)
+    head = rec.keep_head(3)
+    assert head.path.is_dir()
+    rec.keep_head(4)  # a new trial's head replaces the old one
+    assert not head.path.exists() and rec.head.step == 4
+    rec.close()
+    assert rec.head is None and list((tmp_path / "head").iterdir()) == []
+    (tmp_path / "head" / "step-000000009").mkdir()  # a crashed run's head: removed by the next run
+    Recoverer(model, opt, sched, spill_dir=tmp_path)
+    assert list((tmp_path / "head").iterdir()) == []
