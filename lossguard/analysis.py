@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lossguard.config import DetectionConfig
-from lossguard.records import Action, Finding, worst_severity
+from lossguard.records import Action, ActionKind, Finding, worst_severity
 from lossguard.signals.suite import DetectorSuite
 from lossguard.telemetry.runlog import RunLog, SampleColumns
 
@@ -54,6 +54,7 @@ class Analysis:
             "last_step": self.last_step,
             "findings": [f.summary() for f in self.findings],
             "actions": actions,
+            "verdicts": [_verdict(a) for a in self.actions if a.action in (ActionKind.KEEP, ActionKind.REVERT)],
             "status": self.status,
         }
 
@@ -84,6 +85,14 @@ def analyze(log: RunLog, config: DetectionConfig | None = None) -> Analysis:
         findings=merged,
         actions=list(log.actions),
     )
+
+
+def _verdict(action: Action) -> dict[str, Any]:
+    """The safety net's verdict on one rollback, from its ``keep`` / ``revert`` action."""
+    d = action.details
+    return {"step": action.step, "verdict": action.action.value, "reason": action.reason,
+            "head_step": d.get("head_step"), "head_score": d.get("head_score"), "branch_score": d.get("branch_score"),
+            "gain": d.get("gain"), "stderr": d.get("stderr"), "false_alarm": d.get("false_alarm")}
 
 
 def _config_from_run(cfg: dict[str, Any]) -> DetectionConfig | None:

@@ -47,7 +47,7 @@ def test_foreign_trainer_state_never_raises(tmp_path, n, grad_norm):
     _trainer_state(tmp_path / "checkpoint-10", n, grad_norm=grad_norm)
     code, out = _once(tmp_path, True, "warning")
     doc = json.loads(out)
-    assert set(doc) == {"run_dir", "source", "steps", "last_step", "findings", "actions", "status"}
+    assert set(doc) == {"run_dir", "source", "steps", "last_step", "findings", "actions", "verdicts", "status"}
     assert doc["source"] == "trainer_state" and doc["steps"] == n and doc["last_step"] == n * 10
     assert doc["status"] in ("healthy", "warning", "critical")
     assert code == (0 if doc["status"] == "healthy" else 1)
@@ -126,3 +126,20 @@ def test_damaged_steps_and_huge_numbers_are_skipped_not_raised(tmp_path, source)
     doc = json.loads(out)
     assert code == 0 and doc["steps"] == 60 and doc["last_step"] == 60
     assert any(f["reason"] == "nonfinite" and f["step"] == 31 for f in doc["findings"])  # 10**400 is inf
+
+
+def test_json_lists_the_safety_nets_verdicts(tmp_path):
+    with EventWriter(tmp_path / "lossguard" / "events.jsonl", clock=lambda: 1.0) as w:
+        w.write("run", max_steps=400)
+        for i in range(1, 201):
+            w.write("sample", step=i, loss=2.0, grad_norm=1.0)
+        w.write("action", action="rollback", step=100, from_step=100, to_step=50, reason="spike", message="rb",
+                details={"verdict_step": 150})
+        w.write("action", action="revert", step=150, from_step=150, to_step=100, reason="spike", message="rv",
+                details={"head_score": 1.0, "branch_score": float("nan"), "gain": float("nan"), "stderr": 0.01,
+                         "head_step": 100, "false_alarm": "spike"})
+    doc = analyze(open_run(tmp_path)).to_json(str(tmp_path))
+    assert doc["verdicts"] == [{"step": 150, "verdict": "revert", "reason": "spike", "head_step": 100,
+                                "head_score": 1.0, "branch_score": "nan", "gain": "nan", "stderr": 0.01,
+                                "false_alarm": "spike"}]
+    json.dumps(doc, allow_nan=False)  # strict JSON, as watch --once --json prints it

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lossguard.presentation.downsample import MinMaxBuckets
-from lossguard.records import Severity
+from lossguard.records import ActionKind, Severity, as_step
 from lossguard.telemetry.schema import as_float
 
 if TYPE_CHECKING:
@@ -230,26 +230,50 @@ def _latest_values(live: LiveRun) -> Text:
     return t
 
 
+_STATE_ACTIONS = (ActionKind.ROLLBACK, ActionKind.LR_OVERRIDE, ActionKind.LR_RESTORE, ActionKind.GIVE_UP,
+                  ActionKind.REVERT)
+
+
+def pending_verdict(actions: list[Any]) -> int | None:
+    """The step at which the safety net judges the last rollback, while no verdict came yet."""
+    for a in reversed(actions):
+        if a.action in (ActionKind.KEEP, ActionKind.REVERT):
+            return None
+        if a.action is ActionKind.ROLLBACK and "verdict_step" in a.details:
+            return as_step(a.details["verdict_step"])
+    return None
+
+
 def recovery_state(live: LiveRun) -> Text:
-    """NORMAL / LOW LR / GAVE UP, from the action records, with the rollback count."""
-    rollbacks = sum(1 for a in live.actions if a.action.value == "rollback")
+    """NORMAL / LOW LR / GAVE UP, from the action records, with the rollback count and the
+    safety net's verdicts (kept, reverted, and when a pending one is due)."""
+    rollbacks = sum(1 for a in live.actions if a.action is ActionKind.ROLLBACK)
     t = Text()
-    last = next((a for a in reversed(live.actions) if a.action.value in
-                 ("rollback", "lr_override", "lr_restore", "give_up")), None)
+    last = next((a for a in reversed(live.actions) if a.action in _STATE_ACTIONS), None)
     if last is None:
         t.append("NORMAL", style="bold green")
-    elif last.action.value == "give_up":
+    elif last.action is ActionKind.GIVE_UP:
         t.append("GAVE UP", style="bold red")
         t.append(f" at step {last.step}")
-    elif last.action.value == "lr_restore":
+    elif last.action is ActionKind.LR_RESTORE:
         t.append("NORMAL", style="bold green")
         t.append(f" (LR restored at step {last.step})")
+    elif last.action is ActionKind.REVERT:
+        t.append("NORMAL", style="bold green")
+        t.append(f" (reverted to the head of step {last.to_step} at step {last.step})")
     else:
         phase = live.lr_phases()
         factor = phase[-1][2] if phase and phase[-1][1] is None else last.lr_factor
         t.append("LOW LR", style="bold yellow")
         t.append(f" x{num(factor, 3)} since step {last.step}" if factor is not None else f" since step {last.step}")
     t.append(f"   rollbacks {rollbacks}", style="dim")
+    kept = sum(1 for a in live.actions if a.action is ActionKind.KEEP)
+    reverted = sum(1 for a in live.actions if a.action is ActionKind.REVERT)
+    if kept or reverted:
+        t.append(f"  kept {kept}  reverted {reverted}", style="dim")
+    due = pending_verdict(live.actions)
+    if due is not None:
+        t.append(f"  verdict due at step {due}", style="yellow")
     if live.actions:
         a = live.actions[-1]
         t.append(f"\nstep {a.step} {a.action.value}: ", style="magenta")

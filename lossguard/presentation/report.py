@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lossguard.presentation.downsample import MinMaxBuckets
-from lossguard.records import Severity
+from lossguard.records import ActionKind, Severity
 from lossguard.telemetry.schema import as_float
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def _loss_figure(live: LiveRun) -> dict[str, Any]:
         for f in fs[:200]:
             shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": f.step, "x1": f.step, "y0": 0,
                            "y1": 1, "line": {"color": _SEVERITY_COLOR[sev], "width": 1, "dash": "dot"}})
-    rollbacks = [a for a in live.actions if a.action.value == "rollback"]
+    rollbacks = [a for a in live.actions if a.action is ActionKind.ROLLBACK]
     if rollbacks:
         data.append({
             "type": "scatter", "mode": "markers", "name": f"rollbacks ({len(rollbacks)})",
@@ -103,6 +103,16 @@ def _loss_figure(live: LiveRun) -> dict[str, Any]:
             if a.to_step is not None:
                 shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": a.to_step, "x1": a.to_step,
                                "y0": 0, "y1": 1, "line": {"color": "#9467bd", "width": 1.5}})
+    verdicts = [a for a in live.actions if a.action in (ActionKind.KEEP, ActionKind.REVERT)]
+    if verdicts:
+        data.append({
+            "type": "scatter", "mode": "markers", "name": f"verdicts ({len(verdicts)})",
+            "x": [a.step for a in verdicts], "y": [0.83] * len(verdicts), "yaxis": "y2",
+            "marker": {"symbol": ["circle" if a.action is ActionKind.KEEP else "x" for a in verdicts], "size": 11,
+                       "color": ["#2ca02c" if a.action is ActionKind.KEEP else "#ff7f0e" for a in verdicts]},
+            "hovertext": [_hover(f"step {a.step}: {a.action.value}. {a.message}") for a in verdicts],
+            "hoverinfo": "text",
+        })
     last_x = live.loss.last[0] if live.loss.last else None
     for start, end, factor in live.lr_phases()[:200]:
         stop = end if end is not None else last_x
@@ -255,7 +265,8 @@ def render_html(live: LiveRun, *, title: str | None = None, plotly_js: str | Non
         ["last loss", "-" if last is None or last.loss is None else f"{last.loss:.4g}"],
         ["smoothed loss", "-" if live.smoothed is None else f"{live.smoothed:.4g}"],
         ["findings", len(live.findings)],
-        ["rollbacks", sum(1 for a in live.actions if a.action.value == "rollback")],
+        ["rollbacks", sum(1 for a in live.actions if a.action is ActionKind.ROLLBACK)],
+        ["verdicts on rollbacks", _verdict_counts(live.actions)],
         ["run ended", "yes" if live.ended else "no (or not recorded)"],
         ["report written", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))],
     ]
@@ -300,3 +311,9 @@ def render_html(live: LiveRun, *, title: str | None = None, plotly_js: str | Non
     parts.append(f"<script type=\"text/javascript\">{_BOOT}</script>")
     parts.append("</body></html>\n")
     return "".join(parts)
+
+
+def _verdict_counts(actions: list[Any]) -> str:
+    kept = sum(1 for a in actions if a.action is ActionKind.KEEP)
+    reverted = sum(1 for a in actions if a.action is ActionKind.REVERT)
+    return f"kept {kept}, reverted {reverted}" if kept or reverted else "-"

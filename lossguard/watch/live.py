@@ -19,7 +19,7 @@ from typing import Any
 
 from lossguard.config import DetectionConfig
 from lossguard.presentation.downsample import MinMaxBuckets
-from lossguard.records import Action, Finding, Sample, Severity, as_step, worst_severity
+from lossguard.records import Action, ActionKind, Finding, Sample, Severity, as_step, worst_severity
 from lossguard.telemetry.schema import as_float
 from lossguard.watch.follow import Batch
 
@@ -266,11 +266,11 @@ class LiveRun:
         phases: list[tuple[int, int | None, float | None]] = []
         open_at: tuple[int, float | None] | None = None
         for a in self.actions:
-            if a.action.value == "lr_override":
+            if a.action is ActionKind.LR_OVERRIDE:
                 if open_at is not None:
                     phases.append((open_at[0], a.step, open_at[1]))
                 open_at = (a.step, a.lr_factor)
-            elif a.action.value in ("lr_restore", "give_up") and open_at is not None:
+            elif a.action in (ActionKind.LR_RESTORE, ActionKind.GIVE_UP, ActionKind.REVERT) and open_at is not None:
                 phases.append((open_at[0], a.step, open_at[1]))
                 open_at = None
         if open_at is not None:

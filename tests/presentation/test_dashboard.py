@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lossguard.presentation.dashboard import line_chart, render, sparkline
+from lossguard.presentation.dashboard import line_chart, recovery_state, render, sparkline
 from lossguard.presentation.downsample import MinMaxBuckets
 from lossguard.telemetry import EventWriter
 from lossguard.watch.live import read_run
@@ -100,3 +100,34 @@ def test_dashboard_nonfinite_and_waiting(tmp_path: Path) -> None:
     live.waiting = "waiting for training to start: no log in X yet"
     out = _text(render(live, width=90, now=0))
     assert "waiting for training to start: no log in X yet" in out
+
+
+def _judged_run(run_dir: Path, verdict: str | None) -> None:
+    """A spike rolled back at step 121 and put on trial; ``verdict`` (keep / revert) at step 142, or none yet."""
+    with EventWriter(run_dir / "lossguard" / "events.jsonl", clock=lambda: 1000.0) as w:
+        w.write("run", max_steps=400)
+        for i in range(1, 161 if verdict else 131):
+            w.write("sample", step=i, loss=2.0, grad_norm=1.0, lr=1e-3, step_time_s=0.5, t=1000.0 + i)
+        w.write_record({"kind": "action", "action": "rollback", "step": 121, "from_step": 121, "to_step": 100,
+                        "reason": "spike", "message": "rolled back", "details": {"verdict_step": 142}})
+        w.write_record({"kind": "action", "action": "lr_override", "step": 121, "lr_factor": 0.1, "message": "low"})
+        if verdict:
+            w.write_record({"kind": "action", "action": verdict, "step": 142, "from_step": 142, "to_step": 121,
+                            "reason": "spike", "message": f"{verdict}: head 1.02, branch 1.1",
+                            "details": {"head_score": 1.02, "branch_score": 1.1, "head_step": 121,
+                                        "false_alarm": "spike" if verdict == "revert" else None}})
+
+
+def test_dashboard_shows_the_safety_nets_verdicts(tmp_path: Path) -> None:
+    _judged_run(tmp_path / "pending", None)
+    out = _text(recovery_state(read_run(tmp_path / "pending")))
+    assert "LOW LR x0.1 since step 121   rollbacks 1  verdict due at step 142" in out
+    _judged_run(tmp_path / "reverted", "revert")
+    live = read_run(tmp_path / "reverted")
+    out = _text(recovery_state(live))
+    assert "NORMAL (reverted to the head of step 121 at step 142)   rollbacks 1  kept 0  reverted 1" in out
+    assert "verdict due" not in out and "step 142 revert: revert: head 1.02, branch 1.1" in out
+    assert live.lr_phases() == [(121, 142, 0.1)]  # the revert ended the reduced LR
+    _judged_run(tmp_path / "kept", "keep")
+    out = _text(recovery_state(read_run(tmp_path / "kept")))
+    assert "rollbacks 1  kept 1  reverted 0" in out and "LOW LR" in out and "verdict due" not in out

@@ -84,3 +84,16 @@ def test_summary_rounds_the_last_loss(tmp_path: Path) -> None:
         w.write("sample", step=2, loss=0.901636004447937, grad_norm=1.0, lr=1e-3)
     page = render_html(read_run(tmp_path), plotly_js="/* plotly */")
     assert "<td>last loss</td><td>0.9016</td>" in page
+
+
+def test_verdicts_are_marked_and_counted(tmp_path: Path) -> None:
+    _run(tmp_path, 500, 250)
+    with EventWriter(tmp_path / "lossguard" / "events.jsonl", clock=lambda: 2.0) as w:
+        w.write_record({"kind": "action", "action": "revert", "step": 301, "from_step": 301, "to_step": 251,
+                        "reason": "spike", "message": "reverted: no better", "details": {"false_alarm": "spike"}})
+    page = render_html(read_run(tmp_path), plotly_js="/* plotly */")
+    assert "<td>verdicts on rollbacks</td><td>kept 0, reverted 1</td>" in page
+    data = json.loads(re.search(r'id="fig-data-loss">(.*?)</script>', page).group(1))  # type: ignore[union-attr]
+    trace = next(t for t in data["data"] if t.get("name") == "verdicts (1)")
+    assert trace["x"] == [301] and trace["marker"]["symbol"] == ["x"]
+    assert "revert. reverted: no better" in trace["hovertext"][0]
