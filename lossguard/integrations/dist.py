@@ -36,7 +36,8 @@ def snapshot_folder(configured: str | None, log_dir: Path | None) -> Path | None
     return rank_path(log_dir / "snapshots") if log_dir is not None else None
 
 
-def _device() -> torch.device:
+def device() -> torch.device:
+    """Where a collective's buffer must live: the current CUDA device under NCCL, else the CPU."""
     backend = torch.distributed.get_backend()
     if backend == "nccl" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -55,7 +56,7 @@ def mean_loss_and_sum_tokens(loss: float | None, tokens: int | None) -> tuple[fl
     buf = torch.tensor(
         [math.nan if loss is None else loss, 0.0 if tokens is None else float(tokens)],
         dtype=torch.float64,
-        device=_device(),
+        device=device(),
     )
     torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
     total_loss, total_tokens = buf.tolist()
