@@ -145,21 +145,38 @@ def apply_decision(decision: Decision, recoverer: Recoverer | None, engine: Any,
 
     A rollback restores the snapshot's weights, optimizer state and RNGs, puts back the
     detectors' memory of that moment and records how long the restore took on the rollback
-    action. Otherwise a snapshot is taken when the policy asks for one or one is due; a damaged
+    action; one put on trial by the safety net first keeps the state it abandons (the head). A
+    revert puts that head back the same way, then snapshots it (the rejected branch's snapshots
+    are gone). Otherwise a snapshot is taken when the policy asks for one or one is due; a damaged
     state (a non-finite parameter) is never snapshotted. Saving and stopping are the caller's:
     the returned ``Applied`` says whether to.
     """
     rolled_back_to = None
     if recoverer is not None:
+        if decision.drop_head:
+            recoverer.drop_head()
         if decision.rollback_to is not None:
+            if decision.keep_head:
+                recoverer.keep_head(step, engine.frozen_detector_state() if engine is not None else None)
             snap = recoverer.restore(decision.rollback_to)
-            if snap.engine is not None and engine is not None:
-                engine.load_detector_state(snap.engine, decision.rollback_to)
-            rollback = next((a for a in decision.actions if a.action is ActionKind.ROLLBACK), None)
-            if rollback is not None:
-                rollback.details["restore_seconds"] = round(recoverer.last_rollback_seconds or 0.0, 6)
+            _restored(decision, ActionKind.ROLLBACK, snap, decision.rollback_to, recoverer, engine)
             rolled_back_to = decision.rollback_to
+        elif decision.revert_to is not None and decision.abandon_after is not None:
+            head = recoverer.revert_to_head(decision.abandon_after)
+            _restored(decision, ActionKind.REVERT, head, head.step, recoverer, engine)
+            recoverer.snapshot(step, engine.frozen_detector_state() if engine is not None else None,
+                               require_finite=True)
         elif decision.snapshot or recoverer.due(step):
             state = engine.frozen_detector_state() if engine is not None else None
             recoverer.snapshot(step, state, require_finite=True)
     return Applied(rolled_back_to, decision.save, decision.stop)
+
+
+def _restored(decision: Decision, kind: ActionKind, snap: Any, step: int, recoverer: Recoverer, engine: Any) -> None:
+    """After a snapshot or head of ``step`` was put back: the detectors' memory of that moment,
+    and the restore's time on the action that did it."""
+    if snap.engine is not None and engine is not None:
+        engine.load_detector_state(snap.engine, step)
+    action = next((a for a in decision.actions if a.action is kind), None)
+    if action is not None:
+        action.details["restore_seconds"] = round(recoverer.last_rollback_seconds or 0.0, 6)

@@ -20,6 +20,10 @@ def rank() -> int:
     return torch.distributed.get_rank() if is_distributed() else 0
 
 
+def barrier() -> None:
+    torch.distributed.barrier()
+
+
 def rank_path(path: Path) -> Path:
     """``path`` for this rank: itself on rank 0, ``<path>-rank<N>`` on the others. Ranks on one
     machine (or a shared filesystem) spilling snapshots into one folder would replace and

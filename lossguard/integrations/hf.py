@@ -21,6 +21,7 @@ from lossguard.integrations.hf_extras import interval_logs, run_first, run_prefl
 from lossguard.integrations.hf_probe import TrainerProbe
 from lossguard.integrations.hf_recovery import TrainerRecovery
 from lossguard.integrations.run_info import run_record
+from lossguard.integrations.safety_net import Judge, trainer_judge
 from lossguard.integrations.step_capture import StepCapture, find_trainer
 from lossguard.records import Action, Finding, Sample
 
@@ -54,6 +55,7 @@ class LossGuard(TrainerCallback):
         self.gpu: Any = None
         self._gpu_backend = gpu_backend
         self.hook_seconds = 0.0  # time spent inside lossguard's hooks, for overhead figures
+        self.judge: Judge | None = None  # the safety net's judge (recovery.safety_net)
 
     @property
     def findings(self) -> list[Finding]:
@@ -73,6 +75,7 @@ class LossGuard(TrainerCallback):
         trainer = find_trainer()
         run_first(trainer, self)
         self.capture.keep_rows = self.probe.rows_wanted
+        self.judge = trainer_judge(trainer, model, self.config.recovery, self.capture)
         mode = self.capture.install(trainer, model)
         self.report.write("run", **run_record(args, state, model, self.config, mode))
         run_preflight(self.report, self.config, args, model, kwargs.get("train_dataloader"), trainer)
@@ -127,10 +130,14 @@ class LossGuard(TrainerCallback):
         rec = self.recovery
         decision = self.engine.decide(sample, rec.steps() if rec is not None else [],
                                       probe=self._probe_plateau if self.config.probe.enabled else None,
-                                      flush=rec is not None and rec.due(step))
+                                      flush=rec is not None and rec.due(step), judge=self._judge())
         done = carry_out(decision, self.report, rec.recoverer if rec is not None else None, self.engine, step)
         if rec is not None:
             rec.applied(done, control)
+
+    def _judge(self) -> Judge | None:
+        rec = self.recovery
+        return self.judge if rec is not None and rec.recoverer is not None else None
 
     def _probe_plateau(self, finding: Finding) -> dict[str, Any] | None:
         # the weights probed are this step's, which is up to batch_steps - 1 past the finding's
@@ -161,6 +168,9 @@ class LossGuard(TrainerCallback):
             for finding in self.engine.flush():
                 self.report.emit(finding)
         if self.recovery is not None:
+            if self.engine is not None:  # a rollback still on trial: the run ends with the better branch
+                carry_out(self.engine.conclude(int(state.global_step), self._judge()), self.report,
+                          self.recovery.recoverer, self.engine, int(state.global_step))
             self.recovery.end()
         if self.gpu is not None:
             self.gpu.stop(step=int(state.global_step))

@@ -32,6 +32,7 @@ logger = logging.getLogger("lossguard")
 STATE_FILE = "lossguard_state.json"
 TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME
 FALLBACK_PREFIX = "lossguard-fallback-"
+HEAD_DIR = "lossguard_head"  # a checkpoint taken while a rollback is on trial: the head it may revert to
 
 
 def resumed_checkpoint(args: Any, state: Any) -> Path | None:
@@ -145,8 +146,10 @@ class TrainerRecovery:
             control.should_training_stop = True
 
     def on_save(self, args: Any, state: Any, engine: Any, is_main: bool) -> list[Action]:
-        """Write lossguard's state into the new checkpoint; pin it when it holds a rollback target."""
+        """Write lossguard's state into the new checkpoint (and, while a rollback is on trial, each
+        rank's abandoned head); pin it when it holds a rollback target."""
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        self._save_head(ckpt)
         if not is_main or not ckpt.is_dir():
             return []
         if engine is not None:
@@ -175,7 +178,30 @@ class TrainerRecovery:
         engine.load_state_dict(json.loads((ckpt / STATE_FILE).read_text()))
         report.write("resume", step=int(state.global_step), checkpoint=str(ckpt),
                   rollbacks=engine.policy.rollbacks, phase=engine.policy.phase.value)
+        if engine.policy.judging and not self._load_head(ckpt):
+            for action in engine.policy.unjudged(int(state.global_step), f"{ckpt.name} holds no abandoned head").actions:
+                report.emit(action)
         return ckpt
+
+    def _save_head(self, ckpt: Path) -> None:
+        rec = self.recoverer
+        if rec is None or rec.head is None:
+            return
+        try:
+            if ckpt.is_dir():
+                rec.save_head(dist.rank_path(ckpt / HEAD_DIR))
+        except OSError as err:
+            logger.warning("lossguard: the abandoned head was not saved into %s (%s)", ckpt, err)
+        if dist.is_distributed():  # every rank's head is in before rank 0 may move the folder (pinning)
+            dist.barrier()
+
+    def _load_head(self, ckpt: Path) -> bool:
+        folder = dist.rank_path(ckpt / HEAD_DIR)
+        heads = sorted(folder.glob("step-*")) if folder.is_dir() else []
+        if self.recoverer is None or not heads:
+            return False
+        self.recoverer.load_head(heads[-1])
+        return True
 
 
 def _fallback_path(output_dir: Path, target: int, step: int) -> Path:

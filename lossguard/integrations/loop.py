@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from lossguard.config import GuardConfig
 from lossguard.guard import Guard
 from lossguard.integrations import core, dist
 from lossguard.integrations.core import Reporter, carry_out
+from lossguard.integrations.safety_net import Judge, TrainingRows, per_rank
 from lossguard.records import Action, ActionKind, Finding, Sample
 from lossguard.recovery.apply import Recoverer
 from lossguard.recovery.snapshot import trainable_parameters
@@ -58,11 +60,15 @@ class LoopGuard:
         config: a ``GuardConfig`` (or keyword sections, as for ``LossGuard``).
         log_dir: where ``events.jsonl`` goes; nothing is written when None.
         max_steps, num_train_epochs: the planned length (tells a premature plateau from convergence).
+        judge_batches: held-out batches (dicts of tensors with ``labels``, as ``model(**batch)``
+            takes them) on which the safety net judges every rollback; by default the first
+            ``recovery.judge_sequences`` training sequences the model is called with.
     """
 
     def __init__(self, model: Any, optimizer: Any, scheduler: Any = None, *, config: GuardConfig | None = None,
                  log_dir: str | os.PathLike[str] | None = None, max_steps: int | None = None,
-                 num_train_epochs: float | None = None, start_step: int = 0, **sections: Any) -> None:
+                 num_train_epochs: float | None = None, start_step: int = 0,
+                 judge_batches: Sequence[Mapping[str, Any]] | None = None, **sections: Any) -> None:
         self.config = config if config is not None else GuardConfig(**sections)
         self.model = model
         self.engine = Guard(self.config, max_steps=max_steps, num_train_epochs=num_train_epochs)
@@ -82,6 +88,14 @@ class LoopGuard:
             self._remove_hooks = self.recoverer.install_step_hooks(
                 lambda: self.engine.lr_multiplier(self.global_step + 1))
             self.recoverer.snapshot(start_step, self.engine.frozen_detector_state())
+        self.judge: Judge | None = None
+        self._rows: TrainingRows | None = None
+        cfg = self.config.recovery
+        if cfg.enabled and cfg.safety_net:
+            if judge_batches is None:
+                self._rows = TrainingRows(model, per_rank(cfg.judge_sequences))
+            self.judge = Judge(model, judge_batches if judge_batches is not None else self._rows.kept,
+                               cfg.judge_sequences)
         self._post = optimizer.register_step_post_hook(self._after_optimizer_step)
         self._optimizer = optimizer
         total = sum(p.numel() for p in model.parameters())
@@ -131,7 +145,8 @@ class LoopGuard:
         rec = self.recoverer
         label = step if stepped else step - 1  # the step whose weights a snapshot now would hold
         decision = self.engine.decide(sample, rec.ring.steps() if rec is not None else [],
-                                      flush=rec is not None and (rec.due(label) or not len(rec.ring)))
+                                      flush=rec is not None and (rec.due(label) or not len(rec.ring)),
+                                      judge=self.judge)
         done = carry_out(decision, self.report, rec, self.engine, label)
         return StepResult(step, findings=decision.findings, actions=decision.actions,
                           rolled_back_to=done.rolled_back_to, stop=done.stop)
@@ -145,8 +160,13 @@ class LoopGuard:
         try:
             for finding in self.engine.flush():
                 self.report.emit(finding)
+            # a rollback still on trial: the run ends with the better branch
+            carry_out(self.engine.conclude(self.global_step, self.judge), self.report, self.recoverer, self.engine,
+                      self.global_step)
         except Exception as err:  # lossguard must never break the user's training
             logger.warning("lossguard: last detection failed (%s: %s)", type(err).__name__, err)
+        if self._rows is not None:
+            self._rows.remove()
         if self._remove_hooks is not None:
             self._remove_hooks()
             self._remove_hooks = None

@@ -27,3 +27,22 @@ def test_nan_on_one_rank_every_rank_rolls_back_to_the_same_step(tmp_path, torchr
     assert ranks[0]["left_on_disk"] == ranks[1]["left_on_disk"] == []
     events = [json.loads(line) for line in (tmp_path / "lossguard" / "events.jsonl").read_text().splitlines()]
     assert [e["to_step"] for e in events if e["kind"] == "action" and e["action"] == "rollback"] == [5]
+
+
+def test_every_rank_takes_the_same_verdict_on_pooled_scores(tmp_path, torchrun):
+    torchrun(Path(__file__).with_name("ddp_safety_net_script.py"), str(tmp_path))
+    ranks = [json.loads((tmp_path / f"safety.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    verdicts = []
+    for r in ranks:
+        assert r["judge_rows"] == 16  # each rank scores its half of the 32 sequences
+        rollback = [a for a in r["actions"] if a["action"] == "rollback"]
+        revert = [a for a in r["actions"] if a["action"] == "revert"]
+        assert [(a["step"], a["to_step"]) for a in rollback] == [(10, 5)]
+        assert [(a["step"], a["to_step"]) for a in revert] == [(15, 10)]
+        assert revert[0]["details"]["units"] == 16  # unit i pools sequence i of each rank
+        verdicts.append({k: revert[0]["details"][k] for k in ("head_score", "branch_score", "gain", "stderr")})
+        assert r["after_revert"] == r["head"]  # the head put back, bitwise
+        assert r["final_step"] == 24
+    assert verdicts[0] == verdicts[1]  # the same scores on both ranks
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]

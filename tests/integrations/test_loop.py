@@ -114,3 +114,59 @@ def test_close_reports_what_the_last_held_back_steps_show(tmp_path):
     assert [(f.reason.value, f.step) for f in guard.findings] == [("spike", 93)]
     kinds = [(r["kind"], r.get("reason")) for r in read_events(tmp_path / "lossguard" / "events.jsonl")]
     assert kinds[-2:] == [("finding", "spike"), ("end", None)]
+
+
+def _force(guard: LoopGuard, reason, at: dict[int, int]) -> None:
+    from lossguard.records import Finding, Severity
+
+    observe = guard.engine.detectors.observe
+
+    def forced(sample):
+        found = observe(sample)
+        if sample.step in at:
+            found.append(Finding(reason, Severity.WARNING, sample.step, at[sample.step], "forced", detector="test"))
+        return found
+
+    guard.engine.detectors.observe = forced
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_loop_safety_net_reverts_a_false_alarm_to_the_head(tmp_path, given):
+    from lossguard.records import Reason
+
+    setup = tiny_setup(n_train=128)
+    model = setup.model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sched = get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=40)
+    judge = [setup.collator(setup.eval[i:i + 8]) for i in range(0, 32, 8)] if given else None
+    config = _config(judge_sequences=32, lr_factor=0.1, max_low_lr_steps=40)
+    guard = LoopGuard(model, opt, sched, config=config, log_dir=tmp_path / "lossguard", max_steps=40,
+                      judge_batches=judge)
+    _force(guard, Reason.EARLY_CONVERGENCE, {20: 20})  # the whole trial at 0.1 x the LR: behind the head
+    rng = random.Random(0)
+    head = None
+    for step in range(1, 41):
+        model(**setup.collator(rng.sample(setup.train, 8))).loss.backward()
+        loss = model(**setup.collator(rng.sample(setup.train, 8))).loss.detach()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if step == 20:
+            head = ({n: p.detach().clone() for n, p in trainable_parameters(model).items()},
+                    {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in opt.state_dict()["state"].items()})
+        result = guard.step(loss)
+        if step == 30:
+            assert [a.action.value for a in result.actions][:1] == ["revert"]
+            for n, p in trainable_parameters(model).items():
+                assert torch.equal(p, head[0][n])
+            for k, v in opt.state_dict()["state"].items():
+                for kk, vv in v.items():
+                    assert torch.equal(vv, head[1][k][kk])
+    guard.close()
+    revert = [r for r in read_events(tmp_path / "lossguard" / "events.jsonl")
+              if r["kind"] == "action" and r["action"] == "revert"]
+    assert len(revert) == 1 and revert[0]["details"]["units"] == 32
+    assert revert[0]["details"]["false_alarm"] == "early_convergence"
+    assert guard.judge.rows == 32
+    if not given:  # the first 32 training sequences the model saw, kept by a hook that is gone now
+        assert guard._rows.kept and guard._rows._handle is None

@@ -2,7 +2,7 @@
 
 import torch
 
-from lossguard.integrations.judge import Judge, TrainingRows, eval_batches
+from lossguard.integrations.safety_net import Judge, TrainingRows, eval_batches
 from lossguard.recovery.judge import rows, score_model
 from lossguard.testing.tiny import make_trainer, tiny_setup
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from lossguard.config import RecoveryConfig
 from lossguard.integrations import dist
 from lossguard.recovery.judge import Batch, rows, score_model, take_rows
 from lossguard.recovery.snapshot import rng_state, set_rng_state
@@ -115,6 +116,19 @@ def eval_batches(trainer: Any, sequences: int) -> list[dict[str, Any]]:
         return kept
     finally:
         set_rng_state(state)
+
+
+def trainer_judge(trainer: Any, model: Any, config: RecoveryConfig, capture: Any) -> Judge | None:
+    """The Trainer callback's judge (None without the safety net): on the first sequences of the
+    Trainer's evaluation set, set aside now, else on the first training rows ``capture`` (a
+    ``StepCapture``) keeps, whose ``keep_rows`` it raises to what the judge needs."""
+    if not (config.enabled and config.safety_net):
+        return None
+    batches = eval_batches(trainer, config.judge_sequences) if trainer is not None else []
+    if batches:
+        return Judge(model, batches, config.judge_sequences)
+    capture.keep_rows = max(capture.keep_rows, per_rank(config.judge_sequences))
+    return Judge(model, capture.kept, config.judge_sequences)
 
 
 class TrainingRows:
