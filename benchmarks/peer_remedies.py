@@ -1,27 +1,25 @@
-"""The remedies users have today, as Trainer callbacks, for ``benchmarks/recovery.py``.
+"""The remedies users have today, as Trainer callbacks that act, for ``benchmarks/recovery.py``.
 
-Re-implemented from their sources' descriptions (no code copied), each as close to its defaults
-as a Hugging Face ``Trainer`` allows:
+Each is as close to its source's defaults as a Hugging Face ``Trainer`` allows; where the
+project already re-implemented a rule's decision (``lossguard.testing.peers``, with its sources),
+the callback only carries that decision out:
 
-- ``SkipStep``: OLMo-core's ``SkipStepOptimizer`` (``olmo_core/optim/skip_step_optimizer.py``):
-  the update is dropped when the step's loss or its gradient norm (before clipping) is more than
-  ``sigma_factor`` (6) standard deviations above the mean of the previous values in a rolling
-  window of ``rolling_interval_length`` (128), once at least half a window has been seen. A
-  dropped step changes nothing: no weight decay, no moment update, no step count (their
-  ``step_increment_bugfix``); here, by taking every gradient away before AdamW's step, which
-  then skips every parameter. The values of skipped steps stay in the window, as there, and a
-  NaN in the window fails the comparison, so every step is skipped until it has left the window
-  (torch's mean and std of a window holding a NaN are NaN there too).
-- ``ZClip``: adaptive gradient clipping (bluorion-com/ZClip, ``zclip/zclip.py``, defaults):
-  an EMA (alpha 0.97) of the gradient norm's mean and variance, started from the mean and
-  variance of the first 25 norms (warmup, clipped to ``max_grad_norm`` only); after that a norm
-  whose z-score exceeds 2.5 is clipped to mean + 2.5 std / (z / 2.5) ("adaptive_scaling"),
-  never above ``max_grad_norm`` (1.0), and the EMA is fed the clipped value. It replaces the
-  Trainer's own clipping (run with ``max_grad_norm=0``; ZClip clips to 1.0 itself, the
-  Trainer's default).
-- ``PlateauCut``: torch's ``ReduceLROnPlateau`` with its defaults (factor 0.1, patience 10,
-  relative threshold 1e-4), stepped with the mean training loss of every ``window`` (25) steps,
-  its LR cut applied as a multiplier on top of the run's schedule.
+- ``SkipStep``: OLMo-core's skip-step optimizers (``peers.OLMoSkipStep`` decides: loss or grad
+  norm before clipping more than 6 standard deviations above the mean of the previous 128, once
+  64 are seen; a NaN anywhere in the window fails the check). A skipped step changes nothing, as
+  there (no weight decay, no moment update, no step count): every gradient is taken away before
+  AdamW's step, which then leaves every parameter alone.
+- ``ZClip``: adaptive gradient clipping (bluorion-com/ZClip, ``zclip/zclip.py``, defaults): an
+  EMA (alpha 0.97) of the gradient norm's mean and variance, started from the mean and variance
+  of the first 25 norms (warmup: clipped to ``max_grad_norm`` only); after that a norm whose
+  z-score exceeds 2.5 is clipped to mean + 2.5 std / (z / 2.5) ("adaptive_scaling"), never above
+  ``max_grad_norm`` (1.0), and the EMA is fed the clipped value.
+- ``PlateauCut``: a plain LR cut on plateau (``peers.TorchReduceLROnPlateau`` decides: torch's
+  defaults, factor 0.1, patience 10, relative threshold 1e-4) over the mean training loss of
+  every ``window`` (25) steps, each cut multiplying the run's own schedule by 0.1.
+
+SkipStep and ZClip clip the gradients themselves (to 1.0, the Trainer's default): run them with
+``max_grad_norm=0`` so that the norm they read is the one before clipping.
 
 Each keeps ``seconds``, the time spent in its own code, for the extra-compute column.
 """
@@ -35,6 +33,8 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
+
+from lossguard.testing.peers import OLMoSkipStep, TorchReduceLROnPlateau
 
 
 def _trainable(model: Any) -> list[torch.nn.Parameter]:
@@ -72,34 +72,22 @@ class SkipStep(_StepLoss):
 
     name = "skip-step"
 
-    def __init__(self, window: int = 128, sigmas: float = 6.0, max_grad_norm: float = 1.0) -> None:
+    def __init__(self, max_grad_norm: float = 1.0) -> None:
         super().__init__()
-        self.window, self.sigmas, self.max_grad_norm = window, sigmas, max_grad_norm
-        self.losses: list[float] = []
-        self.norms: list[float] = []
+        self.rule = OLMoSkipStep()
+        self.max_grad_norm = max_grad_norm
         self.skipped: list[int] = []
-
-    def _within(self, values: list[float]) -> bool:
-        """As OLMo-core compares: a NaN anywhere in the window (or now) fails it, so the step is skipped."""
-        history, latest = values[:-1], values[-1]
-        mean = sum(history) / len(history)
-        std = math.sqrt(sum((v - mean) ** 2 for v in history) / (len(history) - 1))  # torch.std: unbiased
-        return latest - mean <= self.sigmas * std
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         t0 = time.perf_counter()
         params = _trainable(model)
         norm = _norm(params)
         torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)  # the Trainer's clipping, moved here
-        loss = self.loss if self.loss is not None else float("nan")
-        for values, value in ((self.losses, loss), (self.norms, norm)):
-            values.append(value)
-            del values[:-(self.window + 1)]
-        if len(self.losses) >= max(2, self.window // 2):
-            if not (self._within(self.losses) and self._within(self.norms)):
-                for p in params:
-                    p.grad = None  # AdamW leaves a parameter without a gradient untouched
-                self.skipped.append(int(state.global_step) + 1)
+        step = int(state.global_step) + 1
+        if self.rule.update(step, self.loss if self.loss is not None else math.nan, norm) is not None:
+            for p in params:
+                p.grad = None  # AdamW leaves a parameter without a gradient untouched
+            self.skipped.append(step)
         self.seconds += time.perf_counter() - t0
 
 
@@ -154,30 +142,24 @@ class ZClip(TrainerCallback):
 
 
 class PlateauCut(_StepLoss):
-    """torch ReduceLROnPlateau (defaults) on the mean training loss of each ``window`` steps, as an LR multiplier."""
+    """ReduceLROnPlateau (torch's defaults) on the mean training loss of each ``window`` steps, as an LR multiplier."""
 
     name = "plateau-cut"
 
-    def __init__(self, window: int = 25) -> None:
+    def __init__(self, window: int = 25, factor: float = 0.1) -> None:
         super().__init__()
-        self.window = window
-        self._dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(self._dummy)
+        self.window, self.factor = window, factor
+        self.rule = TorchReduceLROnPlateau()
+        self.multiplier = 1.0
         self._losses: list[float] = []
         self._scheduled: list[float] | None = None
         self.cuts: list[int] = []
 
-    @property
-    def multiplier(self) -> float:
-        return float(self._dummy.param_groups[0]["lr"])
-
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kw: Any) -> None:
-        t0 = time.perf_counter()
         groups = optimizer.param_groups
         self._scheduled = [g["lr"] for g in groups]
         for g in groups:
             g["lr"] *= self.multiplier
-        self.seconds += time.perf_counter() - t0
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kw: Any) -> None:
         if self._scheduled is not None:  # the scheduler never sees the cut
@@ -187,12 +169,11 @@ class PlateauCut(_StepLoss):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         t0 = time.perf_counter()
-        if self.loss is not None and self.loss == self.loss:
-            self._losses.append(self.loss)
-        if int(state.global_step) % self.window == 0 and self._losses:
-            before = self.multiplier
-            self.plateau.step(statistics.fmean(self._losses))
+        self._losses.append(self.loss if self.loss is not None else math.nan)
+        step = int(state.global_step)
+        if step % self.window == 0:
+            if self.rule.update(step, statistics.fmean(self._losses), None) is not None:
+                self.multiplier *= self.factor
+                self.cuts.append(step)
             self._losses = []
-            if self.multiplier < before:
-                self.cuts.append(int(state.global_step))
         self.seconds += time.perf_counter() - t0
