@@ -84,10 +84,11 @@ def draw(ax, c: CorpusLog) -> None:
     if len(bounds) <= 30:  # more is a tiny dataset run for hundreds of epochs: lines would hide the curve
         for b in bounds:
             ax.axvline(b, color="k", ls=":", lw=0.6)
-    ax.set_ylim(lo, hi)
     vals = sorted(v for _, v in fin)
     if vals and vals[0] > 0 and vals[-1] > 50 * vals[len(vals) // 2]:
         ax.set_yscale("log")  # spikes of several orders of magnitude would flatten the rest
+        lo, hi = vals[0] / 1.5, vals[-1] * 1.5
+    ax.set_ylim(lo, hi)
     ax.tick_params(labelsize=6)
     ax.set_title(f"{c.id} {c.task}/{c.adapter} n={c.n_values} [{c.label.value}]", fontsize=7)
 

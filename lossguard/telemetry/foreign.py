@@ -62,7 +62,7 @@ def read_trainer_state(path: str | os.PathLike[str]) -> RunLog:
                     step=step,
                     loss=as_float(entry.get("loss")),
                     grad_norm=as_float(entry.get("grad_norm")),
-                    lr=as_float(entry.get("learning_rate")),
+                    lr=as_float(entry.get("learning_rate", entry.get("lr"))),
                     epoch=as_float(entry.get("epoch")),
                 )
             )

@@ -187,3 +187,16 @@ def test_lightning_csv_with_only_an_epoch_level_train_loss(tmp_path):
     log = read_lightning_csv(p)
     assert [(s.step, s.loss) for s in log.samples] == [(3, 2.282355308532715), (7, 1.6110919713974)]
     assert log.evals == [{"kind": "eval", "step": 7, "eval_loss": 1.5}]
+
+
+def test_trainer_state_with_a_custom_trainer_logging_lr_instead_of_learning_rate(tmp_path):
+    # The first entry of a real trainer_state.json (HangerYang/Star, found by the real-log
+    # corpus): a custom Trainer logs "lr" (and a "remaining_time" string), not "learning_rate";
+    # the reader dropped the learning rate.
+    p = tmp_path / "trainer_state.json"
+    p.write_text(json.dumps({"global_step": 40000, "log_history": [
+        {"epoch": 0.0015824036711765172, "grad_norm": 4.8393846636618925,
+         "loss": 24.79317626953125, "lr": 0.0001, "remaining_time": "59h:30m:19s", "step": 20},
+    ]}))
+    (s,) = read_trainer_state(p).samples
+    assert (s.step, s.loss, s.lr, s.grad_norm) == (20, 24.79317626953125, 0.0001, 4.8393846636618925)
