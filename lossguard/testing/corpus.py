@@ -54,7 +54,7 @@ ADAPTERS = ("lora", "qlora", "full", "unknown")
 FLAGS = (
     "staircase", "sparse", "short", "warmup", "eval_only", "overfit", "resumed", "last_value",
     "grad_spike", "grad_nonfinite", "lr_zero", "noisy", "seq2seq_small", "prefix", "rounded",
-    "fast_drop", "short_run",
+    "fast_drop", "short_run", "slow_start",
 )
 ANOMALIES = (Label.PREMATURE_PLATEAU, Label.DIVERGENCE, Label.SPIKE, Label.NONFINITE, Label.ZERO_LOSS)
 """Labels that carry an ``onset_step``: where the trouble starts."""
