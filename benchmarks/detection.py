@@ -334,8 +334,7 @@ def throughput(n: int) -> None:
         print(f"  columnar read (open_run columns=True): {t_cols:6.2f} s")
         t0 = time.perf_counter()
         suite = DetectorSuite(max_steps=n)
-        suite.observe_many(cols.steps, cols.loss, cols.grad_norm, cols.lr, cols.epoch,
-                           has_loss=cols.has_loss, has_grad_norm=cols.has_grad_norm)
+        suite.observe_many(cols)
         t_many = time.perf_counter() - t0
         print(f"  batch path (observe_many, all):        {t_many:6.2f} s  ({1e6 * t_many / n:.2f} us/sample)")
         parts = _per_detector(DetectorSuite(max_steps=n), cols)
@@ -358,23 +357,12 @@ def throughput(n: int) -> None:
 
 
 def _per_detector(suite: Any, cols: Any) -> dict[str, float]:
-    """Seconds in each detector's batch path over the whole log (the suite's order and inputs)."""
-    st, loss, gn, lr, ep = cols.steps, cols.loss, cols.grad_norm, cols.lr, cols.epoch
-    hl, hg = cols.has_loss, cols.has_grad_norm
-    calls = {
-        "nonfinite": lambda: suite.nonfinite.update_many(st, loss, gn, hl, hg),
-        "degenerate": lambda: suite.degenerate.update_many(st, loss),
-        "gradients": lambda: suite.gradients.update_many(st, loss, gn, hl, hg),
-        "spike": lambda: suite.spike.update_many(st, loss),
-        "grad_explosion": lambda: suite.grad_explosion.update_many(st, gn, loss),
-        "divergence": lambda: suite.divergence.update_many(st, loss, lr),
-        "plateau": lambda: suite.plateau.update_many(st, loss, lr, ep),
-    }
+    """Seconds in each detector's batch path over the whole log (the suite's order)."""
     out = {}
-    for name, call in calls.items():
+    for det in suite.detectors:
         t0 = time.perf_counter()
-        call()
-        out[name] = time.perf_counter() - t0
+        det.update_many(cols)
+        out[det.name] = time.perf_counter() - t0
     return out
 
 

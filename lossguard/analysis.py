@@ -71,10 +71,7 @@ def analyze(log: RunLog, config: DetectionConfig | None = None) -> Analysis:
     suite = DetectorSuite(config, max_steps=log.max_steps, num_train_epochs=log.num_train_epochs)
     cols = log.columns if log.columns is not None else SampleColumns.from_samples(log.samples)
     # the batch path of the same detectors: the findings ``observe`` would give, sample by sample
-    found: list[Finding] = suite.observe_many(
-        cols.steps, cols.loss, cols.grad_norm, cols.lr, cols.epoch,
-        has_loss=cols.has_loss, has_grad_norm=cols.has_grad_norm,
-    )
+    found: list[Finding] = suite.observe_many(cols)
     seen = {(f.reason, f.onset_step) for f in log.findings}
     merged = list(log.findings) + [f for f in found if (f.reason, f.onset_step) not in seen]
     merged.sort(key=lambda f: (f.step, f.onset_step))

@@ -15,6 +15,7 @@ from lossguard.config import GuardConfig
 from lossguard.records import Finding, Reason, Sample
 from lossguard.recovery.policy import Decision, RecoveryPolicy
 from lossguard.recovery.verdict import Scores
+from lossguard.signals.base import Suite
 
 
 class Guard:
@@ -24,8 +25,7 @@ class Guard:
         config: the whole ``GuardConfig`` (detection and recovery sections are used here).
         max_steps, num_train_epochs: the run's length, which tells a premature plateau from
             convergence.
-        detectors: anything with ``observe(sample) -> list[Finding]`` and ``state_dict()`` /
-            ``load_state_dict()``; the built-in ``DetectorSuite`` by default.
+        detectors: a ``signals.base.Suite``; the built-in ``DetectorSuite`` by default.
     """
 
     def __init__(
@@ -34,7 +34,7 @@ class Guard:
         *,
         max_steps: int | None = None,
         num_train_epochs: float | None = None,
-        detectors: Any = None,
+        detectors: Suite | None = None,
     ) -> None:
         self.config = config or GuardConfig()
         if detectors is None:
@@ -43,7 +43,7 @@ class Guard:
             detectors = DetectorSuite(
                 self.config.detection, max_steps=max_steps, num_train_epochs=num_train_epochs
             )
-        self.detectors = detectors
+        self.detectors: Suite = detectors
         self.batch_steps = self.config.detection.batch_steps
         self.policy = RecoveryPolicy(self.config.recovery, lookback=self.batch_steps)
         self.findings: list[Finding] = []
@@ -160,9 +160,7 @@ class Guard:
         trend windows restart instead of bridging the gap."""
         self.detectors.load_state_dict(_unfreeze(state) if isinstance(state, bytes) else copy.deepcopy(state))
         self.pending = []
-        reset = getattr(self.detectors, "reset_after_rollback", None)  # a custom suite may not have one
-        if reset is not None:
-            reset(step)
+        self.detectors.reset_after_rollback(step)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs, JSON-ready: a checkpoint may fall between two batches,

@@ -1,15 +1,20 @@
 """The vocabulary shared by every layer: what was measured, what was found, what was done.
 
-Pure stdlib. Every record type converts to and from the plain dict that the telemetry log
-stores (``to_record`` / ``from_record``), so the trainer and the watcher speak one language.
+Pure stdlib (``Columns`` builds numpy arrays, and imports numpy when it does). Every record type
+converts to and from the plain dict that the telemetry log stores (``to_record`` /
+``from_record``), so the trainer and the watcher speak one language.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Severity(str, enum.Enum):
@@ -243,6 +248,67 @@ class Action:
             reason=rec.get("reason"),
             details=dict(rec.get("details") or {}),
         )
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A stretch of samples as arrays, in step order: what a detector's batch path reads.
+
+    A missing value is NaN; ``has_loss`` / ``has_grad_norm`` tell a missing value from a logged
+    NaN (a non-finite loss is trouble, a loss that was not logged is not). numpy is imported
+    where arrays are built: this module stays stdlib to import.
+    """
+
+    steps: np.ndarray  # int64
+    loss: np.ndarray  # float64, like the others
+    grad_norm: np.ndarray
+    lr: np.ndarray
+    epoch: np.ndarray
+    has_loss: np.ndarray  # bool
+    has_grad_norm: np.ndarray  # bool
+
+    @classmethod
+    def of(cls, steps: Any, loss: Any = None, grad_norm: Any = None, lr: Any = None, epoch: Any = None, *,
+           has_loss: Any = None, has_grad_norm: Any = None) -> Columns:
+        """Columns from array-likes; a column that is None is all missing. By default every loss
+        is logged, and a grad norm is logged where it is not NaN."""
+        import numpy as np
+
+        st = np.asarray(steps, dtype=np.int64)
+        n = len(st)
+
+        def col(a: Any) -> np.ndarray:
+            return np.full(n, np.nan) if a is None else np.asarray(a, dtype=float)
+
+        gn = col(grad_norm)
+        return cls(st, col(loss), gn, col(lr), col(epoch),
+                   np.ones(n, dtype=bool) if has_loss is None else np.asarray(has_loss, dtype=bool),
+                   ~np.isnan(gn) if has_grad_norm is None else np.asarray(has_grad_norm, dtype=bool))
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[Sample]) -> Columns:
+        """Columns of samples (None is missing)."""
+        import numpy as np
+
+        def col(name: str) -> np.ndarray:
+            values = (getattr(s, name) for s in samples)
+            return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+        return cls(np.array([s.step for s in samples], dtype=np.int64), col("loss"), col("grad_norm"),
+                   col("lr"), col("epoch"), np.array([s.loss is not None for s in samples], dtype=bool),
+                   np.array([s.grad_norm is not None for s in samples], dtype=bool))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @property
+    def last_step(self) -> int | None:
+        return int(self.steps[-1]) if len(self.steps) else None
+
+    def __getitem__(self, rows: slice) -> Columns:
+        """A stretch of the rows (views, not copies)."""
+        return Columns(self.steps[rows], self.loss[rows], self.grad_norm[rows], self.lr[rows], self.epoch[rows],
+                       self.has_loss[rows], self.has_grad_norm[rows])
 
 
 def worst_severity(findings: list[Finding]) -> Severity | None:

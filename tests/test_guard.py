@@ -31,6 +31,9 @@ class _PlateauAt:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def reset_after_rollback(self, step: int) -> None:
+        pass
+
 
 def _run(verdict: str | None, needs_saddle: bool) -> tuple[list, list]:
     config = GuardConfig(recovery={"plateau_needs_saddle": needs_saddle})

@@ -9,7 +9,7 @@ import numpy as np
 
 from lossguard.config import DetectionConfig
 from lossguard.records import Finding, Reason, Sample, Severity
-from lossguard.signals.base import fmt
+from lossguard.signals.base import Columns, fmt
 
 
 class DegenerateLossDetector:
@@ -63,8 +63,9 @@ class DegenerateLossDetector:
             detector=self.name,
         )
 
-    def update_many(self, steps: np.ndarray, losses: np.ndarray) -> list[tuple[int, Finding]]:
-        """``update`` over arrays (NaN for a missing loss); (index, finding) pairs, same results."""
+    def update_many(self, columns: Columns) -> list[tuple[int, Finding]]:
+        """``update`` over a stretch of steps; (row, finding) pairs, same results."""
+        steps, losses = columns.steps, columns.loss
         idx = np.flatnonzero(np.isfinite(losses))
         k = 0
         while k < len(idx) and not self.active and len(self.first) < self.config.min_history:

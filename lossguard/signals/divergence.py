@@ -10,7 +10,7 @@ import numpy as np
 
 from lossguard.config import DetectionConfig
 from lossguard.records import Finding, Reason, Sample, Severity
-from lossguard.signals.base import fmt
+from lossguard.signals.base import Columns, fmt
 from lossguard.signals.stats import (
     iqr_sigma_rows,
     iqr_sigma_sorted,
@@ -87,7 +87,7 @@ class DivergenceDetector:
         if loss is None or not math.isfinite(loss):
             return None
         lr = sample.lr
-        if lr is not None:
+        if lr is not None and lr == lr:  # a NaN LR is a missing one, as in the batch path
             last = self.last_lr
             self.warming_up = last is not None and lr > last * (1.0 + 1e-9)
             self.last_lr = lr
@@ -158,8 +158,9 @@ class DivergenceDetector:
             detector=self.name,
         )
 
-    def update_many(self, steps: np.ndarray, losses: np.ndarray, lrs: np.ndarray) -> list[tuple[int, Finding]]:
-        """``update`` over arrays (NaN for a missing value); (index, finding) pairs, same results."""
+    def update_many(self, columns: Columns) -> list[tuple[int, Finding]]:
+        """``update`` over a stretch of steps; (row, finding) pairs, same results."""
+        steps, losses, lrs = columns.steps, columns.loss, columns.lr
         out: list[tuple[int, Finding]] = []
         idx = np.flatnonzero(np.isfinite(losses))
         k = 0

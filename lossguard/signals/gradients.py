@@ -9,7 +9,7 @@ import numpy as np
 
 from lossguard.config import DetectionConfig
 from lossguard.records import Finding, Reason, Sample, Severity
-from lossguard.signals.base import fmt
+from lossguard.signals.base import Columns, fmt
 from lossguard.signals.stats import streak_counts
 
 _ZERO = 1e-12
@@ -93,9 +93,10 @@ class GradientDetector:
             detector=self.name,
         )
 
-    def update_many(self, steps: np.ndarray, losses: np.ndarray, grad_norms: np.ndarray,
-                    has_loss: np.ndarray, has_gn: np.ndarray) -> list[tuple[int, Finding]]:
-        """``update`` over arrays (``has_*`` say which values were logged); same findings."""
+    def update_many(self, columns: Columns) -> list[tuple[int, Finding]]:
+        """``update`` over a stretch of steps (``has_*`` say which values were logged); same findings."""
+        steps, losses, grad_norms = columns.steps, columns.loss, columns.grad_norm
+        has_loss, has_gn = columns.has_loss, columns.has_grad_norm
         c = self.config
         with np.errstate(invalid="ignore"):
             loss_zero = has_loss & (np.abs(losses) <= _ZERO)

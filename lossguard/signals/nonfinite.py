@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from lossguard.records import Finding, Reason, Sample, Severity
-from lossguard.signals.base import fmt
+from lossguard.signals.base import Columns, fmt
 
 
 class NonfiniteDetector:
@@ -56,9 +56,10 @@ class NonfiniteDetector:
             detector=self.name,
         )
 
-    def update_many(self, steps: np.ndarray, losses: np.ndarray, grad_norms: np.ndarray,
-                    has_loss: np.ndarray, has_gn: np.ndarray) -> list[tuple[int, Finding]]:
-        """``update`` over arrays (``has_*`` say which values were logged); same findings."""
+    def update_many(self, columns: Columns) -> list[tuple[int, Finding]]:
+        """``update`` over a stretch of steps (``has_*`` say which values were logged); same findings."""
+        steps, losses, grad_norms = columns.steps, columns.loss, columns.grad_norm
+        has_loss, has_gn = columns.has_loss, columns.has_grad_norm
         fl, fg = np.isfinite(losses), np.isfinite(grad_norms)
         bl, bg = has_loss & ~fl, has_gn & ~fg
         bad = bl | bg

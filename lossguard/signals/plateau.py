@@ -11,7 +11,7 @@ import numpy as np
 
 from lossguard.config import DetectionConfig
 from lossguard.records import Finding, Reason, Sample, Severity
-from lossguard.signals.base import fmt
+from lossguard.signals.base import Columns, fmt
 from lossguard.signals.decay import fit_kink
 from lossguard.signals.stats import StepBins
 
@@ -208,7 +208,8 @@ class PlateauDetector:
         loss = sample.loss
         if loss is None or not math.isfinite(loss):
             return None
-        return self._update(sample.step, loss, sample.lr, sample.epoch)
+        lr, epoch = sample.lr, sample.epoch  # a NaN is a missing value, as in the batch path
+        return self._update(sample.step, loss, None if lr != lr else lr, None if epoch != epoch else epoch)
 
     def _track(self, step: int, lr: float | None, epoch: float | None) -> None:
         """The bookkeeping every finite sample gets, early in the run or not."""
@@ -228,14 +229,14 @@ class PlateauDetector:
         if self.seg_start is None:
             self._restart(step)
 
-    def update_many(self, steps: np.ndarray, losses: np.ndarray, lrs: np.ndarray,
-                    epochs: np.ndarray) -> list[tuple[int, Finding]]:
-        """``update`` over arrays (NaN for a missing value); (index, finding) pairs, same results.
+    def update_many(self, columns: Columns) -> list[tuple[int, Finding]]:
+        """``update`` over a stretch of steps; (row, finding) pairs, same results.
 
         Past ``early_fraction`` of a run of known length nothing can fire any more, so the rest
         only gets the bookkeeping. Before that, the values between two checks (and LR rises) only
         get bookkept too, a stretch at a time, when the steps never go back.
         """
+        steps, losses, lrs, epochs = columns.steps, columns.loss, columns.lr, columns.epoch
         out: list[tuple[int, Finding]] = []
         ef = self.config.early_fraction
         for lo_i in range(0, len(steps), _CHUNK):

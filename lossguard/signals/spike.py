@@ -11,7 +11,7 @@ import numpy as np
 
 from lossguard.config import DetectionConfig
 from lossguard.records import Finding, Reason, Sample, Severity
-from lossguard.signals.base import fmt
+from lossguard.signals.base import Columns, fmt
 from lossguard.signals.stats import (
     iqr_sigma_rows,
     iqr_sigma_sorted,
@@ -164,8 +164,9 @@ class SpikeDetector:
         if m >= warm_samples(self.config, self.gap):
             self.threshold = self._threshold(self.median, self.sigma, self.tail)
 
-    def update_many(self, steps: np.ndarray, losses: np.ndarray) -> list[tuple[int, Finding]]:
-        """``update`` over arrays (NaN for a missing loss); (index, finding) pairs, same results."""
+    def update_many(self, columns: Columns) -> list[tuple[int, Finding]]:
+        """``update`` over a stretch of steps; (row, finding) pairs, same results."""
+        steps, losses = columns.steps, columns.loss
         out: list[tuple[int, Finding]] = []
         idx = np.flatnonzero(np.isfinite(losses))
         k = 0
@@ -341,8 +342,9 @@ class GradExplosionDetector:
         if m >= warm_samples(self.config, self.gap):
             self.threshold = self._threshold(self.median, iqr_sigma_sorted(s))
 
-    def update_many(self, steps: np.ndarray, grad_norms: np.ndarray, losses: np.ndarray) -> list[tuple[int, Finding]]:
-        """``update`` over arrays (NaN for a missing value); (index, finding) pairs, same results."""
+    def update_many(self, columns: Columns) -> list[tuple[int, Finding]]:
+        """``update`` over a stretch of steps; (row, finding) pairs, same results."""
+        steps, grad_norms, losses = columns.steps, columns.grad_norm, columns.loss
         out: list[tuple[int, Finding]] = []
         with np.errstate(invalid="ignore"):
             ok = np.isfinite(grad_norms) & (grad_norms > 0.0)

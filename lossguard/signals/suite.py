@@ -1,14 +1,21 @@
-"""All detectors over one stream of samples: the single code path for online and offline use."""
+"""All detectors over one stream of samples: the single code path for online and offline use.
+
+A detector joins the suite by one entry in ``DETECTORS``; a stage that weighs findings against
+further evidence, by one entry in ``STAGES``. The suite calls them all the same way.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from lossguard.config import DetectionConfig
-from lossguard.records import Finding, Reason, Sample
+from lossguard.records import Columns, Finding, Reason, Sample
+from lossguard.signals.base import Detector, Stage
 from lossguard.signals.degenerate import DegenerateLossDetector
 from lossguard.signals.divergence import DivergenceDetector
 from lossguard.signals.gradients import GradientDetector
@@ -20,6 +27,45 @@ from lossguard.signals.spike import GradExplosionDetector, SpikeDetector
 _EPISODIC = frozenset({Reason.NONFINITE, Reason.EARLY_CONVERGENCE, Reason.NOT_A_CONVERGENCE_SIGNAL,
                        Reason.ZERO_LOSS, Reason.GRAD_VANISHING})
 _CONVERGENCE = frozenset({Reason.EARLY_CONVERGENCE, Reason.DIVERGENCE})
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How long the run is planned to be: what "early" is measured against."""
+
+    max_steps: int | None = None
+    num_train_epochs: float | None = None
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One detector of the suite.
+
+    Args:
+        build: makes the detector from the thresholds and the run's plan.
+        reads_convergence: it reads the loss as a convergence signal (a trend, a plateau), so it
+            is skipped, and its findings dropped, once the loss is recognised as not one (an RL
+            or preference loss: the ``degenerate`` detector).
+    """
+
+    build: Callable[[DetectionConfig, RunPlan], Detector]
+    reads_convergence: bool = False
+
+
+# in the order their findings of one step are reported (the convergence readers after the others)
+DETECTORS: tuple[Registration, ...] = (
+    Registration(lambda c, plan: NonfiniteDetector()),
+    Registration(lambda c, plan: DegenerateLossDetector(c)),
+    Registration(lambda c, plan: GradientDetector(c)),
+    Registration(lambda c, plan: SpikeDetector(c)),
+    Registration(lambda c, plan: GradExplosionDetector(c)),
+    Registration(lambda c, plan: DivergenceDetector(c), reads_convergence=True),
+    Registration(lambda c, plan: PlateauDetector(c, max_steps=plan.max_steps, num_train_epochs=plan.num_train_epochs),
+                 reads_convergence=True),
+)
+
+# run in this order over each step's findings, before the cooldown: none yet
+STAGES: tuple[Callable[[DetectionConfig, RunPlan], Stage], ...] = ()
 
 
 class DetectorSuite:
@@ -44,21 +90,27 @@ class DetectorSuite:
         num_train_epochs: float | None = None,
     ) -> None:
         self.config = config or DetectionConfig()
-        c = self.config
-        self.nonfinite = NonfiniteDetector()
-        self.spike = SpikeDetector(c)
-        self.grad_explosion = GradExplosionDetector(c)
-        self.divergence = DivergenceDetector(c)
-        self.plateau = PlateauDetector(c, max_steps=max_steps, num_train_epochs=num_train_epochs)
-        self.gradients = GradientDetector(c)
-        self.degenerate = DegenerateLossDetector(c)
-        self.detectors = [
-            self.nonfinite, self.degenerate, self.gradients, self.spike, self.grad_explosion,
-            self.divergence, self.plateau,
-        ]
+        plan = RunPlan(max_steps, num_train_epochs)
+        built = [(reg.build(self.config, plan), reg.reads_convergence) for reg in DETECTORS]
+        # the convergence readers run after the others, which decide whether they run at all
+        self._plain = [det for det, reads in built if not reads]
+        self._readers = [det for det, reads in built if reads]
+        self.detectors: list[Detector] = self._plain + self._readers
+        self._by_name = {det.name: det for det in self.detectors}
+        self.stages: list[Stage] = [build(self.config, plan) for build in STAGES]
+        # the detector that tells whether the loss is a convergence signal at all
+        self.degenerate: DegenerateLossDetector = self._by_name["degenerate"]  # type: ignore[assignment]
+        self.plateau: PlateauDetector = self._by_name["plateau"]  # type: ignore[assignment]
         self.last_reported: dict[str, int] = {}
         self.samples_seen = 0
         self.last_step: int | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        """A detector by its name (``suite.spike``)."""
+        by_name = self.__dict__.get("_by_name", {})
+        if name in by_name:
+            return by_name[name]
+        raise AttributeError(name)
 
     @property
     def max_steps(self) -> int | None:
@@ -76,76 +128,48 @@ class DetectorSuite:
         self.samples_seen += 1
         self.last_step = sample.step
         out: list[Finding] = []
-        nf = self.nonfinite.update(sample)
-        if nf is not None:
-            out.append(nf)
-        for det in (self.degenerate, self.gradients, self.spike, self.grad_explosion):
+        for det in self._plain:
             f = det.update(sample)
             if f is not None:
                 out.append(f)
         if not self.degenerate.active:
-            for det in (self.divergence, self.plateau):
+            for det in self._readers:
                 f = det.update(sample)
                 if f is not None:
                     out.append(f)
         if not out:
             return out
-        return self._gate(out, sample.step)
+        return self._report(out, sample.step)
 
-    def observe_many(
-        self,
-        steps: Any,
-        losses: Any,
-        grad_norms: Any = None,
-        lrs: Any = None,
-        epochs: Any = None,
-        *,
-        has_loss: Any = None,
-        has_grad_norm: Any = None,
-    ) -> list[Finding]:
+    def observe_many(self, columns: Columns) -> list[Finding]:
         """``observe`` over a whole stretch of samples at once, for offline analysis.
 
         Returns exactly the findings that feeding the samples one by one through ``observe``
-        would, and leaves the suite in the state that would leave (each detector's vectorised
-        path shares its thresholds and decisions with its streaming one). Arrays are in step
-        order; a missing value is NaN, and ``has_loss`` / ``has_grad_norm`` tell a missing value
-        from a logged NaN (by default every loss is logged, and a grad norm is logged where it
-        is not NaN).
+        would, and leaves the suite in the state that would leave (each detector's batch path
+        shares its thresholds and decisions with its streaming one).
         """
-        st = np.asarray(steps, dtype=np.int64)
-        n = len(st)
-        if n == 0:
+        if len(columns) == 0:
             return []
         # a damaged log can hold values near 1e308: their infinities are handled, not worth a warning
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return self._observe_many(st, losses, grad_norms, lrs, epochs, has_loss, has_grad_norm)
+            return self._observe_many(columns)
 
-    def _observe_many(self, st: np.ndarray, losses: Any, grad_norms: Any, lrs: Any, epochs: Any,
-                      has_loss: Any, has_grad_norm: Any) -> list[Finding]:
-        n = len(st)
-
-        def col(a: Any) -> np.ndarray:
-            return np.full(n, np.nan) if a is None else np.asarray(a, dtype=float)
-
-        loss, gn, lr, ep = col(losses), col(grad_norms), col(lrs), col(epochs)
-        hl = np.ones(n, dtype=bool) if has_loss is None else np.asarray(has_loss, dtype=bool)
-        hg = ~np.isnan(gn) if has_grad_norm is None else np.asarray(has_grad_norm, dtype=bool)
+    def _observe_many(self, columns: Columns) -> list[Finding]:
+        n = len(columns)
+        st = columns.steps
         found: list[tuple[int, int, Finding]] = []
-
-        def add(order: int, pairs: list[tuple[int, Finding]]) -> None:
+        degenerate = self.degenerate
+        was_active = degenerate.active
+        cut = 0 if was_active else n  # the rows a convergence reader sees: up to the loss found degenerate
+        for order, det in enumerate(self._plain):
+            pairs = det.update_many(columns)
+            if det is degenerate and pairs and degenerate.active and not was_active:
+                cut = pairs[0][0]
             found.extend((i, order, f) for i, f in pairs)
-
-        add(0, self.nonfinite.update_many(st, loss, gn, hl, hg))
-        was_active = self.degenerate.active
-        deg = self.degenerate.update_many(st, loss)
-        add(1, deg)
-        add(2, self.gradients.update_many(st, loss, gn, hl, hg))
-        add(3, self.spike.update_many(st, loss))
-        add(4, self.grad_explosion.update_many(st, gn, loss))
-        cut = 0 if was_active else (deg[0][0] if deg and self.degenerate.active else n)
         if cut > 0:
-            add(5, self.divergence.update_many(st[:cut], loss[:cut], lr[:cut]))
-            add(6, self.plateau.update_many(st[:cut], loss[:cut], lr[:cut], ep[:cut]))
+            for order, det in enumerate(self._readers, len(self._plain)):
+                pairs = det.update_many(columns if cut == n else columns[:cut])
+                found.extend((i, order, f) for i, f in pairs)
         found.sort(key=lambda t: (t[0], t[1]))
         out: list[Finding] = []
         k = 0
@@ -155,10 +179,16 @@ class DetectorSuite:
             while k < len(found) and found[k][0] == i:
                 group.append(found[k][2])
                 k += 1
-            out.extend(self._gate(group, int(st[i])))
+            out.extend(self._report(group, int(st[i])))
         self.samples_seen += n
         self.last_step = int(st[-1])
         return out
+
+    def _report(self, findings: list[Finding], step: int) -> list[Finding]:
+        """One step's findings through the stages, then the cooldown."""
+        for stage in self.stages:
+            findings = stage.review(findings, step)
+        return self._gate(findings, step)
 
     def _gate(self, findings: list[Finding], step: int) -> list[Finding]:
         kept = []
@@ -184,10 +214,13 @@ class DetectorSuite:
         """
         for det in self.detectors:
             det.reset_after_rollback(step)
+        for stage in self.stages:
+            stage.reset_after_rollback(step)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "detectors": {d.name: d.state_dict() for d in self.detectors},
+            "stages": {s.name: s.state_dict() for s in self.stages},
             "last_reported": dict(self.last_reported),
             "samples_seen": self.samples_seen,
             "last_step": self.last_step,
@@ -197,6 +230,10 @@ class DetectorSuite:
         for d in self.detectors:
             if d.name in state["detectors"]:
                 d.load_state_dict(state["detectors"][d.name])
+        stages = state.get("stages", {})
+        for s in self.stages:
+            if s.name in stages:
+                s.load_state_dict(stages[s.name])
         self.last_reported = {str(k): int(v) for k, v in state["last_reported"].items()}
         self.samples_seen = int(state["samples_seen"])
         self.last_step = state["last_step"]

@@ -13,48 +13,15 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from lossguard.records import MAX_STEP, Action, Finding, Sample, _opt_float, as_step
+from lossguard.records import MAX_STEP, Action, Columns, Finding, Sample, _opt_float, as_step
 from lossguard.telemetry.schema import as_float
 
 _COLUMNS = ("loss", "grad_norm", "lr", "epoch")
 
 
-@dataclass
-class SampleColumns:
-    """The samples of a run as arrays (one row per step, step order, last duplicate wins).
-
-    What the offline analysis needs from a million-sample log without a million objects: a
-    missing value is NaN, and ``has_loss`` / ``has_grad_norm`` tell it from a logged NaN.
-    """
-
-    steps: Any
-    loss: Any
-    grad_norm: Any
-    lr: Any
-    epoch: Any
-    has_loss: Any
-    has_grad_norm: Any
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-    @property
-    def last_step(self) -> int | None:
-        return int(self.steps[-1]) if len(self.steps) else None
-
-    @classmethod
-    def from_samples(cls, samples: list[Sample]) -> SampleColumns:
-        import numpy as np
-
-        def col(name: str) -> Any:
-            return np.array([_nan(getattr(s, name)) for s in samples], dtype=float)
-
-        return cls(
-            steps=np.array([s.step for s in samples], dtype=np.int64),
-            loss=col("loss"), grad_norm=col("grad_norm"), lr=col("lr"), epoch=col("epoch"),
-            has_loss=np.array([s.loss is not None for s in samples], dtype=bool),
-            has_grad_norm=np.array([s.grad_norm is not None for s in samples], dtype=bool),
-        )
+class SampleColumns(Columns):
+    """The samples of a run as arrays (one row per step, step order, last duplicate wins): the
+    detectors' ``Columns``, read from a million-sample log without a million objects."""
 
     @classmethod
     def from_records(cls, recs: list[dict[str, Any]]) -> SampleColumns:

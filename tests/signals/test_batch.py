@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from lossguard.records import Sample
+from lossguard.records import Columns, Sample
 from lossguard.signals.suite import DetectorSuite
 from lossguard.testing.synthetic import ANOMALY_KINDS, HEALTHY_KINDS, make_curve
 
@@ -30,8 +30,8 @@ def _compare(samples, max_steps, split=None):
     got = []
     cuts = [0, len(samples)] if split is None else [0, split, len(samples)]
     for a, b in zip(cuts[:-1], cuts[1:]):
-        got += [_key(f) for f in many.observe_many(st[a:b], lo[a:b], gn[a:b], lr[a:b], ep[a:b],
-                                                     has_loss=hl[a:b], has_grad_norm=hg[a:b])]
+        got += [_key(f) for f in many.observe_many(Columns(st[a:b], lo[a:b], gn[a:b], lr[a:b], ep[a:b],
+                                                             hl[a:b], hg[a:b]))]
     assert got == expected
     assert many.state_dict() == one.state_dict()
     return expected

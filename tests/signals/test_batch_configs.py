@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lossguard.config import DetectionConfig
-from lossguard.records import Sample
+from lossguard.records import Columns, Sample
 from lossguard.signals.degenerate import DegenerateLossDetector
 from lossguard.signals.divergence import DivergenceDetector
 from lossguard.signals.gradients import GradientDetector
@@ -25,15 +25,7 @@ CONFIGS = [
 
 
 def _batch(det, st, lo, gn, lr, hl, hg):
-    if isinstance(det, (NonfiniteDetector, GradientDetector)):
-        return det.update_many(st, lo, gn, hl, hg)
-    if isinstance(det, DegenerateLossDetector):
-        return det.update_many(st, lo)
-    if isinstance(det, SpikeDetector):
-        return det.update_many(st, lo)
-    if isinstance(det, GradExplosionDetector):
-        return det.update_many(st, gn, lo)
-    return det.update_many(st, lo, lr)
+    return det.update_many(Columns(st, lo, gn, lr, np.full(len(st), np.nan), hl, hg))
 
 
 def _arrays(samples):

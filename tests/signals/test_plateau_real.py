@@ -10,7 +10,7 @@ batch path alike.
 import numpy as np
 import pytest
 
-from lossguard.records import Reason, Sample
+from lossguard.records import Columns, Reason, Sample
 from lossguard.signals.suite import DetectorSuite
 
 _PLANNED = 600
@@ -42,8 +42,7 @@ def _findings(samples):
     suite = DetectorSuite(max_steps=_PLANNED)
     found = [f for s in samples for f in suite.observe(s)]
     batch = DetectorSuite(max_steps=_PLANNED)
-    col = lambda name: np.array([np.nan if getattr(s, name) is None else getattr(s, name) for s in samples])  # noqa: E731
-    again = batch.observe_many([s.step for s in samples], col("loss"), col("grad_norm"), col("lr"), col("epoch"))
+    again = batch.observe_many(Columns.from_samples(samples))
     assert [f.message for f in again] == [f.message for f in found]
     return found
 
