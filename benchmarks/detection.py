@@ -51,11 +51,28 @@ SEED_SETS = (0, 77_000, 155_000)  # independent curve sets: a detector tuned on 
 
 @dataclass
 class RunResult:
-    """One labelled run, lossguard's findings on it and every peer's alarms."""
+    """One labelled run, its logged values, lossguard's findings on it and every peer's alarms."""
 
     run: LabelledRun
+    group: str  # "seed set 0", "dev", ...: what may be tuned on
     findings: list[Finding]
+    steps: np.ndarray
+    losses: np.ndarray
+    grad_norms: np.ndarray
+    has_grad_norm: np.ndarray
+    expected_values: int  # how many values the run will log, as a rule knows it up front
     peers: dict[str, list[Alarm]] = field(default_factory=dict)
+
+    def replay(self, spec: PeerSpec) -> list[Alarm]:
+        finite = self.losses[np.isfinite(self.losses)]
+        first = float(finite[0]) if len(finite) else float("nan")
+        return replay(spec.build(self.expected_values, first), self.steps, self.losses, self.grad_norms,
+                      self.has_grad_norm)
+
+    def run_peers(self, specs: list[PeerSpec]) -> RunResult:
+        for spec in specs:
+            self.peers[spec.label] = self.replay(spec)
+        return self
 
 
 def quality(healthy: int, per_anomaly: int, seed_sets: tuple[int, ...] = SEED_SETS,
@@ -75,7 +92,7 @@ def quality(healthy: int, per_anomaly: int, seed_sets: tuple[int, ...] = SEED_SE
             found = [detect(c) for c in curves]
             if results is not None:
                 t1 = time.perf_counter()
-                results.extend(_synthetic_result(c, f) for c, f in zip(curves, found))
+                results.extend(_synthetic_result(c, f, f"seed set {base}") for c, f in zip(curves, found))
                 t_peers += time.perf_counter() - t1
             kinds: dict[str, list[int]] = {}
             for i, c in enumerate(curves):
@@ -151,22 +168,42 @@ def _table(scores):
     return scores
 
 
-def _peer_alarms(specs: list[PeerSpec], steps: np.ndarray, losses: np.ndarray, gns: np.ndarray,
-                 has_gn: np.ndarray, expected_values: int) -> dict[str, list[Alarm]]:
-    """Every peer's alarms over one log (only the values with a loss: the peers watch the loss)."""
-    finite = losses[np.isfinite(losses)]
-    first = float(finite[0]) if len(finite) else float("nan")
-    return {spec.label: replay(spec.build(expected_values, first), steps, losses, gns, has_gn) for spec in specs}
-
-
-def _synthetic_result(curve: Curve, findings: list[Finding]) -> RunResult:
-    steps = np.array([s.step for s in curve.samples])
-    losses = np.array([s.loss for s in curve.samples], dtype=float)
-    gns = np.array([s.grad_norm for s in curve.samples], dtype=float)
+def _synthetic_result(curve: Curve, findings: list[Finding], group: str) -> RunResult:
     run = LabelledRun(name=f"{curve.kind}/{curve.log_every}", labels=tuple(curve.labels), healthy=curve.healthy,
                       log_every=curve.log_every, max_steps=curve.max_steps)
-    return RunResult(run, findings, _peer_alarms(standard_peers(), steps, losses, gns, np.ones(len(steps), bool),
-                                                 curve.max_steps // curve.log_every))
+    n = len(curve.samples)
+    return RunResult(run, group, findings, np.array([s.step for s in curve.samples]),
+                     np.array([s.loss for s in curve.samples], dtype=float),
+                     np.array([s.grad_norm for s in curve.samples], dtype=float), np.ones(n, bool),
+                     curve.max_steps // curve.log_every).run_peers(standard_peers())
+
+
+def tune(results: list[RunResult], group: str) -> list[PeerSpec]:
+    """Each peer with a knob, set to the grid value with the best F1 (then the fewest healthy
+    runs alarmed) on the runs of ``group``: the best a user of that rule could have done."""
+    tuned = []
+    for spec in standard_peers():
+        if not spec.grid:
+            continue
+        t0 = time.perf_counter()
+        best: tuple[float, float, float] | None = None
+        for value in spec.grid:
+            trial = spec.at(value, "")
+            f1s, alarmed = [], 0
+            for reason in spec.shown_for:
+                t = Tally(reason)
+                for r in results:
+                    if r.group == group:
+                        score_run(t, r.run, r.replay(trial))
+                f1s.append(0.0 if t.f1 != t.f1 else t.f1)
+                alarmed += t.healthy_runs_alarmed
+            key = (float(np.mean(f1s)), -float(alarmed), float(value))
+            if best is None or key[:2] > best[:2]:
+                best = key
+        assert best is not None
+        tuned.append(spec.at(best[2], f"best F1 on {group}"))
+        print(f"  tuned {spec.name} ({spec.knob}) in {time.perf_counter() - t0:.1f} s: {best[2]:g}, F1 {best[0]:.3f}")
+    return tuned
 
 
 def _lossguard_alarms(findings: list[Finding], acting: bool) -> list[Alarm]:
@@ -174,9 +211,8 @@ def _lossguard_alarms(findings: list[Finding], acting: bool) -> list[Alarm]:
             if not acting or f.severity.rank >= Severity.WARNING.rank]
 
 
-def compare(results: list[RunResult], title: str) -> dict[Reason, dict[str, Tally]]:
+def compare(results: list[RunResult], title: str, specs: list[PeerSpec]) -> dict[Reason, dict[str, Tally]]:
     """One table per reason: lossguard and each peer that speaks to it, scored alike."""
-    specs = standard_peers()
     print(f"\n### Peers side by side: {title}\n")
     print(f"{len(results)} runs, {sum(r.run.healthy for r in results)} healthy; "
           + ", ".join(f"{sum(1 for r in results for lr, _ in r.run.labels if lr == reason)} {reason.value}"
@@ -230,11 +266,27 @@ def _any_alarm_line(results: list[RunResult], specs: list[PeerSpec]) -> None:
               + "; ".join(parts) + ".")
 
 
+def _detail(results: list[RunResult], specs: list[PeerSpec]) -> None:
+    """Per curve kind: in how many runs each rule raised an alarm for a reason its row is shown for."""
+    kinds: dict[str, list[RunResult]] = {}
+    for r in results:
+        kinds.setdefault(r.run.name.split("/")[0], []).append(r)
+    names = [LOSSGUARD] + [sp.label for sp in specs]
+    print("\nruns with an alarm, per curve kind (lossguard: any finding of a compared reason)\n")
+    print("| kind | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for kind, rs in kinds.items():
+        cells = [sum(any(f.reason in COMPARED for f in r.findings) for r in rs)]
+        for sp in specs:
+            cells.append(sum(any(a.reasons & sp.shown_for for a in r.peers[sp.label]) for r in rs))
+        print(f"| {kind} ({len(rs)}) | " + " | ".join(str(c) for c in cells) + " |")
+
+
 def _f(v: float, digits: int = 3) -> str:
     return "-" if v != v else f"{v:.{digits}f}"
 
 
-def corpus(splits: tuple[str, ...]) -> None:
+def corpus(splits: tuple[str, ...], specs: list[PeerSpec]) -> None:
     """lossguard (``analyze``, what ``lossguard watch`` runs) and the peers on the real logs."""
     try:
         from lossguard.testing.corpus import load_corpus
@@ -261,23 +313,21 @@ def corpus(splits: tuple[str, ...]) -> None:
             if len(steps) == 0:
                 skipped += 1
                 continue
-            losses = np.asarray(cols.loss, dtype=float)[keep]
-            gns = np.asarray(cols.grad_norm, dtype=float)[keep]
-            has_gn = np.asarray(cols.has_grad_norm, bool)[keep]
-            every = e.log_every or (int(np.median(np.diff(steps))) if len(steps) > 1 else 1)
+            every = max(int(e.log_every or (np.median(np.diff(steps)) if len(steps) > 1 else 1)), 1)
             horizon = int(log.max_steps or steps[-1])
             labels = ()
             reason = _CORPUS_REASONS.get(label)
             if reason is not None and e.onset_step is not None:
                 labels = ((reason, int(e.onset_step)),)
-            run = LabelledRun(name=e.id, labels=labels, healthy=label in ("healthy", "staircase"),
-                              log_every=max(int(every), 1), max_steps=horizon)
-            expected = horizon // max(int(every), 1) if log.max_steps else len(steps)
-            findings = analyze(log).findings
-            results.append(RunResult(run, findings, _peer_alarms(standard_peers(), steps, losses, gns, has_gn,
-                                                                 max(expected, len(steps)))))
+            run = LabelledRun(name=e.id, labels=labels, healthy=e.label.is_healthy, log_every=every,
+                              max_steps=horizon)
+            expected = max(horizon // every if log.max_steps else len(steps), len(steps))
+            results.append(RunResult(run, split, analyze(log).findings, steps,
+                                     np.asarray(cols.loss, dtype=float)[keep],
+                                     np.asarray(cols.grad_norm, dtype=float)[keep],
+                                     np.asarray(cols.has_grad_norm, bool)[keep], expected).run_peers(specs))
         compare(results, f"real logs, {split} split ({skipped} unusable or empty left out; "
-                         f"{time.perf_counter() - t0:.1f} s)")
+                         f"{time.perf_counter() - t0:.1f} s)", specs)
 
 
 _CORPUS_REASONS = {
@@ -372,6 +422,7 @@ def main() -> int:
     ap.add_argument("--throughput-only", action="store_true")
     ap.add_argument("--no-corpus", action="store_true", help="leave out the real logs")
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--detail", action="store_true", help="per curve kind: who alarmed (synthetic)")
     ap.add_argument("--samples", type=int, default=1_000_000)
     args = ap.parse_args()
     ok = True
@@ -379,10 +430,21 @@ def main() -> int:
         results: list[RunResult] = []
         ok = quality(20 if args.quick else 50, 8 if args.quick else 20, SEED_SETS[:1] if args.quick else SEED_SETS,
                      results)
+        t0 = time.perf_counter()
+        tuned = tune(results, f"seed set {SEED_SETS[0]}")
+        for r in results:
+            r.run_peers(tuned)
+        print(f"\npeers with a knob tuned on seed set {SEED_SETS[0]} in {time.perf_counter() - t0:.1f} s: "
+              + "; ".join(t.label for t in tuned))
+        specs = standard_peers() + tuned
+        specs.sort(key=lambda sp: [p.name for p in standard_peers()].index(sp.name))
         compare(results, "synthetic curves (" + ("seed set 0 only, --quick" if args.quick
-                                                  else f"{len(SEED_SETS)} seed sets") + ", every 1, 10 and 20 steps)")
+                                                  else f"{len(SEED_SETS)} seed sets") + ", every 1, 10 and 20 steps)",
+                specs)
+        if args.detail:
+            _detail(results, specs)
         if not args.no_corpus:
-            corpus(("dev", "test"))
+            corpus(("dev", "test"), specs)
     if not args.no_throughput:
         throughput(args.samples)
     return 0 if ok else 1

@@ -772,43 +772,71 @@ class DlibDivergence:
 class PeerSpec:
     """One rule as the benchmark configures it: a row label, the reasons its row is shown for,
     and how to build it for a run (from the number of values the run will log and its first
-    finite loss, both known at the first logged value)."""
+    finite loss, both known at the first logged value).
 
-    label: str
+    A rule with a ``knob`` (a patience, a threshold) can be rebuilt with another setting
+    (``at``); the benchmark picks one from ``grid`` on data it may tune on.
+    """
+
+    name: str
+    setting: str
     shown_for: frozenset[Reason]
     build: Callable[[int, float], PeerRule]
     note: str = ""
+    knob: str = ""
+    grid: tuple[float, ...] = ()
+    build_at: Callable[[int, float, float], PeerRule] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.setting})"
+
+    def at(self, value: float, why: str) -> PeerSpec:
+        """This rule with its knob at ``value``; ``why`` says how the value was chosen."""
+        if self.build_at is None:
+            raise ValueError(f"{self.name} has no knob to set")
+        build_at = self.build_at
+        return PeerSpec(self.name, f"{self.knob} {value:g}, {why}", self.shown_for,
+                        lambda n, first: build_at(n, first, value), self.note, self.knob, (), None)
 
 
 def standard_peers() -> list[PeerSpec]:
     """The peers as ``benchmarks/detection.py`` runs them: their sources' defaults, except where
     a value must be chosen (said in ``note``)."""
+    patience = (1, 2, 3, 5, 10, 20, 50, 100, 200)
     return [
-        PeerSpec("transformers EarlyStoppingCallback (patience 1)", frozenset({EC}),
-                 lambda n, first: HFEarlyStopping(), "defaults: patience 1, threshold 0"),
-        PeerSpec("torch ReduceLROnPlateau (patience 10, rel 1e-4)", frozenset({EC}),
-                 lambda n, first: TorchReduceLROnPlateau(), "defaults"),
-        PeerSpec("Lightning EarlyStopping (patience 3)", frozenset({EC}),
-                 lambda n, first: LightningEarlyStopping(), "defaults (check_finite on)"),
-        PeerSpec("Lightning EarlyStopping (check_finite)", frozenset({NONFINITE}),
+        PeerSpec("transformers EarlyStoppingCallback", "patience 1", frozenset({EC}),
+                 lambda n, first: HFEarlyStopping(), "defaults: patience 1, threshold 0",
+                 "patience", patience, lambda n, first, v: HFEarlyStopping(patience=int(v))),
+        PeerSpec("torch ReduceLROnPlateau", "patience 10, rel 1e-4", frozenset({EC}),
+                 lambda n, first: TorchReduceLROnPlateau(), "defaults",
+                 "patience", (10, 20, 50, 100, 200, 500), lambda n, first, v: TorchReduceLROnPlateau(patience=int(v))),
+        PeerSpec("Lightning EarlyStopping", "patience 3", frozenset({EC}),
+                 lambda n, first: LightningEarlyStopping(), "defaults (check_finite on)",
+                 "patience", patience, lambda n, first, v: LightningEarlyStopping(patience=int(v))),
+        PeerSpec("Lightning EarlyStopping", "check_finite", frozenset({NONFINITE}),
                  lambda n, first: LightningEarlyStopping(patience=None),
                  "patience out of reach, to isolate the check"),
-        PeerSpec("Lightning EarlyStopping (divergence_threshold = first loss)", frozenset({DIV}),
+        PeerSpec("Lightning EarlyStopping", "divergence_threshold = first loss", frozenset({DIV}),
                  lambda n, first: LightningEarlyStopping(patience=None, divergence_threshold=first),
-                 "a value worse than the untrained model's: 'the model cannot recover'"),
-        PeerSpec("dlib LR shrink (300 values without decrease)", frozenset({EC}),
+                 "a value worse than the untrained model's: 'the model cannot recover'",
+                 "divergence_threshold / first loss", (1.0, 1.5, 2.0, 3.0, 5.0),
+                 lambda n, first, v: LightningEarlyStopping(patience=None, divergence_threshold=v * first)),
+        PeerSpec("dlib LR shrink", "300 values without decrease", frozenset({EC}),
                  lambda n, first: DlibPlateau(threshold=300),
-                 "threshold 300, the smallest in dlib's examples (default 2000)"),
-        PeerSpec("dlib reload (P(slope > 0) > 0.99, save every 50 values)", frozenset({DIV, NONFINITE}),
-                 lambda n, first: DlibDivergence(sync_every=50), "saves every 50 values stand for 15 minutes"),
-        PeerSpec("llm-foundry KillLossSpike", frozenset({SPIKE, DIV}),
+                 "threshold 300, the smallest in dlib's examples (default 2000)",
+                 "values without decrease", (300, 1000, 2000), lambda n, first, v: DlibPlateau(threshold=int(v))),
+        PeerSpec("dlib reload", "P(slope > 0) > 0.99, a save every 50 values", frozenset({DIV, NONFINITE}),
+                 lambda n, first: DlibDivergence(sync_every=50), "saves every 50 values stand for 15 minutes",
+                 "values between saves", (25, 50, 100, 200), lambda n, first, v: DlibDivergence(sync_every=int(v))),
+        PeerSpec("llm-foundry KillLossSpike", "2x the window mean, 5 in a row", frozenset({SPIKE, DIV}),
                  lambda n, first: KillLossSpike(total=n), "window max(100, 5% of the values)"),
-        PeerSpec("OLMo-core SkipStepOptimizer (6 sigma, 128)", frozenset({SPIKE, NONFINITE}),
+        PeerSpec("OLMo-core SkipStepOptimizer", "6 sigma, 128", frozenset({SPIKE, NONFINITE}),
                  lambda n, first: OLMoSkipStep(), "defaults"),
-        PeerSpec("OLMo-core StabilityMonitor (6 sigma, 128)", frozenset({SPIKE}),
+        PeerSpec("OLMo-core StabilityMonitor", "6 sigma, 128", frozenset({SPIKE}),
                  lambda n, first: OLMoStabilityMonitor(), "defaults"),
-        PeerSpec("Megatron-LM spiky loss (10x max of first 100)", frozenset({SPIKE, DIV}),
+        PeerSpec("Megatron-LM spiky loss", "10x the max of the first 100", frozenset({SPIKE, DIV}),
                  lambda n, first: MegatronChecks(), "--check-for-spiky-loss on"),
-        PeerSpec("Megatron-LM NaN/inf checks", frozenset({NONFINITE}),
+        PeerSpec("Megatron-LM NaN/inf checks", "loss and grads", frozenset({NONFINITE}),
                  lambda n, first: MegatronChecks(spiky=False), "default on"),
     ]

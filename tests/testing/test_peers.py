@@ -354,3 +354,13 @@ def test_batch_paths_give_the_alarms_of_the_streaming_rules():
                 assert batch == _streamed(build(n), steps, losses, g), (build(n).name, n)
                 compared += len(batch)
     assert compared > 300  # the comparison covered real alarms, not only silence
+
+
+def test_a_knob_rebuilds_the_rule_with_another_setting():
+    spec = next(s for s in peers.standard_peers() if s.name == "transformers EarlyStoppingCallback")
+    five = spec.at(5, "chosen by hand")
+    assert five.label == "transformers EarlyStoppingCallback (patience 5, chosen by hand)"
+    assert five.build(100, 1.0).patience == 5 and spec.build(100, 1.0).patience == 1
+    fixed = next(s for s in peers.standard_peers() if s.name == "OLMo-core StabilityMonitor")
+    with pytest.raises(ValueError):
+        fixed.at(3, "no knob")
