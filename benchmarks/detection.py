@@ -1,7 +1,7 @@
 """Detection quality on labelled synthetic curves and real logs, beside the rules people use
 instead of lossguard, and the throughput of ``watch --once``.
 
-    .venv/bin/python benchmarks/detection.py [--quick] [--throughput-only] [--no-corpus]
+    .venv/bin/python benchmarks/detection.py [--quick] [--throughput-only] [--no-corpus] [--no-throughput] [--detail]
 
 1. Synthetic curves (``lossguard/testing/synthetic.py``): per detector, per logging interval
    (every step, every 10, every 20 steps) and per seed set (three independent sets of curves,
@@ -10,7 +10,8 @@ instead of lossguard, and the throughput of ``watch --once``.
 2. Peers side by side (issue 17): on the same curves, one table per reason with a row for
    lossguard and each peer rule that speaks to that reason (``lossguard/testing/peers.py``),
    scored alike (``lossguard/testing/scoring.py``): precision, recall, F1, healthy runs
-   alarmed, median latency.
+   alarmed, median latency. A rule with a knob also gets a row at the setting that gave its
+   best F1 on seed set 0 (``--detail``: which kinds of curve each rule alarms on).
 3. The same tables on the corpus of real logs (``benchmarks/corpus``), per split: ``dev`` to
    look at, ``test`` for the figures in docs (nothing is tuned on it).
 4. Writes a 1,000,000-sample events.jsonl and times reading it alone (the baseline) against
