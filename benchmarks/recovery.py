@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from lossguard import GuardConfig, LossGuard  # noqa: E402
+from lossguard.records import ActionKind  # noqa: E402
 from lossguard.testing.tiny import eval_loss, make_trainer, tiny_setup  # noqa: E402
 
 
@@ -107,12 +108,12 @@ def run(scenario: str, seed: int, steps: int, guarded: bool, recovery: dict[str,
     result: dict[str, Any] = {"eval": eval_loss(setup.model, setup.eval, setup.collator), "wall": wall,
                               "rollbacks": 0, "actions": [], "overhead_s": saving["s"], "discarded": 0}
     if guard is not None:
-        result["rollbacks"] = sum(1 for a in guard.actions if a.action.value == "rollback")
+        result["rollbacks"] = sum(1 for a in guard.actions if a.action is ActionKind.ROLLBACK)
         result["discarded"] = sum(a.details.get("discarded_steps", 0) for a in guard.actions)
         result["overhead_s"] += guard.hook_seconds
-        result["actions"] = [f"{a.action.value}@{a.step}" + (f"->{a.to_step}" if a.action.value == "rollback"
+        result["actions"] = [f"{a.action.value}@{a.step}" + (f"->{a.to_step}" if a.action is ActionKind.ROLLBACK
                                                              else "") for a in guard.actions
-                             if a.action.value in ("rollback", "lr_restore", "give_up")]
+                             if a.action in (ActionKind.ROLLBACK, ActionKind.LR_RESTORE, ActionKind.GIVE_UP)]
         result["findings"] = [f"{f.reason.value}@{f.step}(onset {f.onset_step})" for f in guard.findings]
         rec = guard.recovery.recoverer if guard.recovery is not None else None
         if rec is not None:

@@ -18,6 +18,7 @@ from transformers import get_scheduler
 
 from lossguard import GuardConfig
 from lossguard.integrations.loop import LoopGuard
+from lossguard.records import ActionKind
 from lossguard.testing.tiny import eval_loss, tiny_setup
 
 
@@ -48,7 +49,7 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             if guard.step(loss).stop:
                 break
-        rollbacks = sum(1 for a in guard.actions if a.action.value == "rollback")
+        rollbacks = sum(1 for a in guard.actions if a.action is ActionKind.ROLLBACK)
     print(f"held-out loss {eval_loss(model, setup.eval, setup.collator):.3f} after {guard.global_step} steps, "
           f"{rollbacks} rollback(s); log: {args.out}/lossguard/events.jsonl")
 

@@ -87,7 +87,7 @@ def analyze(log: RunLog, config: DetectionConfig | None = None) -> Analysis:
 def _verdict(action: Action) -> dict[str, Any]:
     """The safety net's verdict on one rollback, from its ``keep`` / ``revert`` action."""
     d = action.details
-    return {"step": action.step, "verdict": action.action.value, "reason": action.reason,
+    return {"step": action.step, "verdict": action.action.value, "reason": None if action.reason is None else action.reason.value,
             "head_step": d.get("head_step"), "head_score": d.get("head_score"), "branch_score": d.get("branch_score"),
             "gain": d.get("gain"), "stderr": d.get("stderr"), "false_alarm": d.get("false_alarm")}
 

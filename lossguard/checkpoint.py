@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lossguard.errors import LossguardError
+from lossguard.numbers import as_float, as_int
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -214,25 +215,6 @@ class Inspection:
 
 # ---------------------------------------------------------------- readers (no pickle, ever)
 
-def _opt_int(value: Any) -> int | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return int(f) if math.isfinite(f) else None
-
-
-def _opt_float(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def _read_json(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
@@ -337,9 +319,9 @@ def read_adapter_config(path: Path) -> AdapterConfigInfo:
     return AdapterConfigInfo(
         base_model=cfg.get("base_model_name_or_path") or None,
         peft_type=cfg.get("peft_type"),
-        r=_opt_int(cfg.get("r")),
-        alpha=_opt_float(cfg.get("lora_alpha")),
-        dropout=_opt_float(cfg.get("lora_dropout")),
+        r=as_int(cfg.get("r")),
+        alpha=as_float(cfg.get("lora_alpha")),
+        dropout=as_float(cfg.get("lora_dropout")),
         target_modules=targets,
         task_type=cfg.get("task_type"),
         modules_to_save=[str(m) for m in to_save] if isinstance(to_save, list) else None,
@@ -360,20 +342,20 @@ def read_trainer_state_summary(path: Path) -> TrainerStateInfo:
     last_eval = None
     for entry in history:
         if "loss" in entry:
-            last_loss = _opt_float(entry.get("loss"))
-            last_loss_step = _opt_int(entry.get("step"))
+            last_loss = as_float(entry.get("loss"))
+            last_loss_step = as_int(entry.get("step"))
         if any(str(k).startswith("eval_") for k in entry):
             last_eval = {k: v for k, v in entry.items() if str(k).startswith("eval_") or k == "step"}
     best = state.get("best_model_checkpoint")
     return TrainerStateInfo(
-        global_step=_opt_int(state.get("global_step")),
-        max_steps=_opt_int(state.get("max_steps")),
-        epoch=_opt_float(state.get("epoch")),
+        global_step=as_int(state.get("global_step")),
+        max_steps=as_int(state.get("max_steps")),
+        epoch=as_float(state.get("epoch")),
         last_loss=last_loss,
         last_loss_step=last_loss_step,
-        best_metric=_opt_float(state.get("best_metric")),
+        best_metric=as_float(state.get("best_metric")),
         best_model_checkpoint=str(best) if best else None,
-        best_global_step=_opt_int(state.get("best_global_step")),
+        best_global_step=as_int(state.get("best_global_step")),
         log_entries=len(history),
         last_eval=last_eval,
     )

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lossguard.config import GuardConfig
-from lossguard.records import Finding, Reason, Sample
+from lossguard.records import Finding, ProbeVerdict, Reason, Sample
 from lossguard.recovery.policy import Decision, RecoveryPolicy
 from lossguard.recovery.verdict import Scores
 from lossguard.signals.base import Suite
@@ -98,7 +98,7 @@ class Guard:
             for finding in found:
                 if finding.reason is Reason.EARLY_CONVERGENCE:
                     verdict = _attach_verdict(finding, probe(finding))
-                    if self.config.recovery.plateau_needs_saddle and verdict in ("minimum", "degenerate"):
+                    if self.config.recovery.plateau_needs_saddle and verdict in _NO_SADDLE:
                         triggers.remove(finding)
         judged = None
         if judge is not None and self.policy.verdict_due(sample.step):
@@ -175,6 +175,10 @@ class Guard:
         self.pending = [Sample.from_record(r) for r in state.get("pending", [])]
 
 
+# a plateau the probe sees no way down from: with plateau_needs_saddle it triggers nothing
+_NO_SADDLE = frozenset({ProbeVerdict.MINIMUM, ProbeVerdict.DEGENERATE})
+
+
 def _finite(value: float | None) -> bool:
     """A missing value is not a non-finite one (``x - x`` is 0 for finite floats and ints, NaN otherwise:
     cheaper than a call into ``math`` at every step)."""
@@ -186,15 +190,18 @@ def _unfreeze(blob: bytes) -> dict[str, Any]:
     return pickle.loads(blob)  # noqa: S301
 
 
-def _attach_verdict(finding: Finding, record: dict[str, Any] | None) -> str | None:
+def _attach_verdict(finding: Finding, record: dict[str, Any] | None) -> ProbeVerdict | None:
     """Put a probe's verdict into the plateau finding's evidence and message; the verdict."""
     if not record or record.get("skipped"):
         if record:
             finding.evidence["probe"] = {"skipped": record.get("reason")}
         return None
-    verdict = record.get("verdict")
+    try:
+        verdict: ProbeVerdict | None = ProbeVerdict(record.get("verdict"))
+    except ValueError:
+        verdict = None
     finding.evidence["probe"] = {k: record.get(k) for k in ("verdict", "ratio", "lambda_max", "lambda_min")}
     ratio = record.get("ratio")
     ratio_text = f"{ratio:.3g}" if isinstance(ratio, (int, float)) else "n/a"
-    finding.message += f" Hessian probe: {verdict} (lambda_min/lambda_max = {ratio_text})."
+    finding.message += f" Hessian probe: {record.get('verdict')} (lambda_min/lambda_max = {ratio_text})."
     return verdict

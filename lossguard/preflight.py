@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from lossguard.numbers import as_float
+
 logger = logging.getLogger("lossguard")
 
 IGNORE_INDEX = -100
@@ -109,13 +111,8 @@ def _enum_value(value: Any) -> str:
 
 
 def _positive_int(value: Any) -> int | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    if not math.isfinite(f) or f <= 0:
-        return None
-    return int(f)
+    f = as_float(value, finite=True)
+    return int(f) if f is not None and f > 0 else None
 
 
 def _human(n: float) -> str:
@@ -127,11 +124,8 @@ def _human(n: float) -> str:
 
 def _interval(value: Any, total_steps: int | None) -> int | None:
     """A ``logging_steps``/``save_steps`` value in steps (values below 1 are a share of the run)."""
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    if not math.isfinite(f) or f <= 0:
+    f = as_float(value, finite=True)
+    if f is None or f <= 0:
         return None
     if f < 1:
         return max(1, math.ceil(f * total_steps)) if total_steps else None

@@ -8,10 +8,13 @@ converts to and from the plain dict that the telemetry log stores (``to_record``
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from lossguard.numbers import MAX_STEP as MAX_STEP
+from lossguard.numbers import as_float, as_int
+from lossguard.numbers import as_step as as_step
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,6 +51,15 @@ class Reason(str, enum.Enum):
     LOSSGUARD_ERROR = "lossguard_error"
 
 
+class ProbeVerdict(str, enum.Enum):
+    """What the Hessian probe says about the point training sits at (``probes/hessian.py``)."""
+
+    SADDLE = "saddle"
+    INCONCLUSIVE = "inconclusive"
+    MINIMUM = "minimum"
+    DEGENERATE = "degenerate"
+
+
 class ActionKind(str, enum.Enum):
     """What lossguard did to (or around) training."""
 
@@ -61,44 +73,12 @@ class ActionKind(str, enum.Enum):
     REVERT = "revert"  # it did not: back to the abandoned branch's head
 
 
-def _opt_float(value: Any) -> float | None:
-    if value is None:
-        return None
+def as_reason(value: Any) -> Reason | None:
+    """A reason read from a log; None when missing or not one this version knows."""
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        return Reason(value)
+    except ValueError:
         return None
-    except OverflowError:  # an integer past 1e308: as infinite as a float gets
-        return math.inf if value > 0 else -math.inf
-
-
-def _opt_int(value: Any) -> int | None:
-    if value is None:
-        return None
-    try:
-        f = float(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    if not math.isfinite(f) or abs(f) >= 2.0**63:  # what an int64 column can hold
-        return None
-    return int(f)
-
-
-MAX_STEP = 2**53  # beyond it a "step" is damage, not a step (and would overflow int64 columns)
-
-
-def as_step(value: Any) -> int | None:
-    """A step or step count read from a log (an int, a float, a numeric string): a whole
-    number in [0, MAX_STEP], else None."""
-    if value is None or isinstance(value, bool):
-        return None
-    if type(value) is int:
-        return value if 0 <= value <= MAX_STEP else None
-    try:
-        f = float(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return int(f) if 0.0 <= f <= MAX_STEP else None  # NaN fails both comparisons
 
 
 @dataclass
@@ -135,13 +115,13 @@ class Sample:
             raise ValueError(f"not a step: {rec['step']!r}")
         return cls(
             step=step,
-            loss=_opt_float(rec.get("loss")),
-            grad_norm=_opt_float(rec.get("grad_norm")),
-            lr=_opt_float(rec.get("lr")),
-            epoch=_opt_float(rec.get("epoch")),
-            step_time_s=_opt_float(rec.get("step_time_s")),
-            tokens=_opt_int(rec.get("tokens")),
-            t=_opt_float(rec.get("t")),
+            loss=as_float(rec.get("loss")),
+            grad_norm=as_float(rec.get("grad_norm")),
+            lr=as_float(rec.get("lr")),
+            epoch=as_float(rec.get("epoch")),
+            step_time_s=as_float(rec.get("step_time_s")),
+            tokens=as_int(rec.get("tokens")),
+            t=as_float(rec.get("t")),
         )
 
 
@@ -183,8 +163,8 @@ class Finding:
             severity = Severity(rec.get("severity"))
         except ValueError:
             severity = Severity.WARNING
-        step = _opt_int(rec.get("step")) or 0
-        onset = _opt_int(rec.get("onset_step"))
+        step = as_int(rec.get("step")) or 0
+        onset = as_int(rec.get("onset_step"))
         return cls(
             reason=reason,
             severity=severity,
@@ -216,7 +196,7 @@ class Action:
     from_step: int | None = None
     to_step: int | None = None
     lr_factor: float | None = None
-    reason: str | None = None
+    reason: Reason | None = None  # the trouble it answers
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
@@ -227,7 +207,7 @@ class Action:
             "from_step": self.from_step,
             "to_step": self.to_step,
             "lr_factor": self.lr_factor,
-            "reason": self.reason,
+            "reason": None if self.reason is None else self.reason.value,
             "message": self.message,
             "details": dict(self.details),
         }
@@ -240,12 +220,12 @@ class Action:
             kind = ActionKind.GIVE_UP
         return cls(
             action=kind,
-            step=_opt_int(rec.get("step")) or 0,
+            step=as_int(rec.get("step")) or 0,
             message=str(rec.get("message", "")),
-            from_step=_opt_int(rec.get("from_step")),
-            to_step=_opt_int(rec.get("to_step")),
-            lr_factor=_opt_float(rec.get("lr_factor")),
-            reason=rec.get("reason"),
+            from_step=as_int(rec.get("from_step")),
+            to_step=as_int(rec.get("to_step")),
+            lr_factor=as_float(rec.get("lr_factor")),
+            reason=as_reason(rec.get("reason")),
             details=dict(rec.get("details") or {}),
         )
 

@@ -10,7 +10,7 @@ import pytest
 
 from lossguard.config import GuardConfig
 from lossguard.guard import Guard
-from lossguard.records import Finding, Reason, Sample, Severity
+from lossguard.records import ActionKind, Finding, Reason, Sample, Severity
 from lossguard.testing.synthetic import ANOMALY_KINDS, make_curve
 
 
@@ -68,18 +68,18 @@ def test_a_minimum_triggers_no_rollback_when_recovery_needs_a_saddle():
     _, actions = _run("minimum", needs_saddle=True)
     assert actions == []
     _, actions = _run("saddle", needs_saddle=True)
-    assert actions[0].action.value == "rollback" and actions[0].to_step == 150
+    assert actions[0].action is ActionKind.ROLLBACK and actions[0].to_step == 150
 
 
 def test_without_the_gate_any_premature_plateau_rolls_back():
     _, actions = _run("minimum", needs_saddle=False)
-    assert actions[0].action.value == "rollback"
+    assert actions[0].action is ActionKind.ROLLBACK
 
 
 def test_a_skipped_probe_does_not_block_recovery():
     findings, actions = _run(None, needs_saddle=True)
     assert findings[0].evidence["probe"] == {"skipped": "lora_b_zero"}
-    assert actions[0].action.value == "rollback"
+    assert actions[0].action is ActionKind.ROLLBACK
 
 
 # --- detectors in batches -------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lossguard.checkpoint import CheckpointInfo, FileRole, Inspection, inspect_path
+from lossguard.numbers import fmt
 from lossguard.presentation.console import stdout_console
 from lossguard.telemetry.schema import encode
 
@@ -43,12 +44,8 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}"
-    return str(value)
+def _fmt(value: Any) -> str:
+    return fmt(value) if isinstance(value, float) or value is None else str(value)
 
 
 def _facts_table(title: str, pairs: list[tuple[str, str]]) -> Table:

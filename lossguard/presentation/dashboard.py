@@ -16,9 +16,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from lossguard.numbers import as_float
 from lossguard.presentation.downsample import MinMaxBuckets
 from lossguard.records import ActionKind, Severity, as_step
-from lossguard.telemetry.schema import as_float
 
 if TYPE_CHECKING:
     from lossguard.watch.live import LiveRun

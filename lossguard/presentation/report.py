@@ -16,9 +16,9 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+from lossguard.numbers import as_float
 from lossguard.presentation.downsample import MinMaxBuckets
 from lossguard.records import ActionKind, Severity
-from lossguard.telemetry.schema import as_float
 
 if TYPE_CHECKING:
     from lossguard.watch.live import LiveRun
@@ -45,7 +45,7 @@ def safe_json(value: Any) -> str:
 
 
 def _clean(v: float | None) -> float | None:
-    return v if v is not None and math.isfinite(v) else None
+    return as_float(v, finite=True)
 
 
 def _line(series: MinMaxBuckets, name: str, color: str, width: float = 1.0, **extra: Any) -> dict[str, Any]:

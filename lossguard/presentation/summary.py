@@ -8,22 +8,15 @@ from rich.console import Group, RenderableType
 from rich.markup import escape
 from rich.table import Table
 
+from lossguard.numbers import fmt
 from lossguard.telemetry.runlog import RunLog
-
-
-def _fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if not math.isfinite(x):
-        return str(x)
-    return f"{x:.4g}"
 
 
 def _range(values: list[float]) -> str:
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return "-"
-    return f"{_fmt(min(finite))} .. {_fmt(max(finite))}"
+    return f"{fmt(min(finite))} .. {fmt(max(finite))}"
 
 
 def run_summary(log: RunLog, *, extra: dict[str, str] | None = None) -> RenderableType:
@@ -38,7 +31,7 @@ def run_summary(log: RunLog, *, extra: dict[str, str] | None = None) -> Renderab
                   + (f" of {log.max_steps}" if log.max_steps else ""))
     if losses:
         nonfinite = sum(1 for v in losses if not math.isfinite(v))
-        table.add_row("loss first / last", f"{_fmt(losses[0])} / {_fmt(losses[-1])}"
+        table.add_row("loss first / last", f"{fmt(losses[0])} / {fmt(losses[-1])}"
                       + (f"  ({nonfinite} non-finite)" if nonfinite else ""))
     table.add_row("grad norm range", _range([x.grad_norm for x in s if x.grad_norm is not None]))
     table.add_row("lr range", _range([x.lr for x in s if x.lr is not None]))

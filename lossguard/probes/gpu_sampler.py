@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from lossguard.numbers import as_float
 from lossguard.probes.gpu import (
     DeviceInfo,
     GpuReading,
@@ -379,6 +380,4 @@ def timeline_from_records(records: list[Mapping[str, Any]]) -> Timeline:
 
 
 def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if value == value and abs(value) != float("inf") else None
+    return as_float(value, finite=True)

@@ -18,7 +18,6 @@ or any random number generator (python, numpy, torch CPU and CUDA).
 
 from __future__ import annotations
 
-import enum
 import functools
 import logging
 import math
@@ -44,21 +43,13 @@ from lossguard.probes.probe_cost import (
     math_attention_bytes,
     plan_probe,
 )
+from lossguard.records import ProbeVerdict as Verdict
 
 logger = logging.getLogger("lossguard")
 
 SADDLE_BELOW = -0.05
 MINIMUM_FROM = -0.01
 FLAT_TOL = 1e-10
-
-
-class Verdict(str, enum.Enum):
-    """What the curvature says about the point training sits at."""
-
-    SADDLE = "saddle"
-    INCONCLUSIVE = "inconclusive"
-    MINIMUM = "minimum"
-    DEGENERATE = "degenerate"
 
 
 def classify(

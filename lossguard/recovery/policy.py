@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lossguard.config import RecoveryConfig
-from lossguard.records import Action, ActionKind, Finding, Reason, Severity
+from lossguard.numbers import fmt as _fmt
+from lossguard.records import Action, ActionKind, Finding, Reason, Severity, as_reason
 from lossguard.recovery.verdict import Scores, Verdict, judge
 
 
@@ -96,10 +97,6 @@ def pick_target(snapshots: Sequence[int], onset: int, rollback_steps: int, detec
         return None
     eligible = [s for s in before if s <= onset - rollback_steps]
     return max(eligible) if eligible else min(before)
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4g}"
 
 
 _PRIORITY = {Reason.NONFINITE: 0, Reason.DIVERGENCE: 1, Reason.SPIKE: 2, Reason.EARLY_CONVERGENCE: 3}
@@ -292,7 +289,7 @@ class RecoveryPolicy:
             decision.actions.append(Action(
                 ActionKind.KEEP, step, f"kept the recovery from the {trial.reason} rollback at step {step} "
                 f"without a verdict: {why}", from_step=trial.head_step, to_step=trial.target_step,
-                reason=trial.reason, details={"unjudged": why, "head_step": trial.head_step,
+                reason=as_reason(trial.reason), details={"unjudged": why, "head_step": trial.head_step,
                                               "target_step": trial.target_step}))
         return decision
 
@@ -311,7 +308,7 @@ class RecoveryPolicy:
             decision.drop_head = True
             decision.actions.append(Action(
                 ActionKind.KEEP, step, f"kept the recovery from the {trial.reason} rollback {when}: {verdict.why}",
-                from_step=trial.head_step, to_step=trial.target_step, reason=trial.reason, details=details))
+                from_step=trial.head_step, to_step=trial.target_step, reason=as_reason(trial.reason), details=details))
             return
         self._revert(step, trial, verdict, when, details, decision)
 
@@ -339,14 +336,14 @@ class RecoveryPolicy:
             ActionKind.REVERT, step,
             f"reverted the {trial.reason} rollback {when}: {verdict.why}; back to the abandoned branch's head "
             f"(the state of step {trial.head_step}, bitwise) and its LR schedule; {effect}",
-            from_step=step, to_step=trial.head_step, lr_factor=self.ceiling, reason=trial.reason, details=details))
+            from_step=step, to_step=trial.head_step, lr_factor=self.ceiling, reason=as_reason(trial.reason), details=details))
 
     def _give_up(self, step: int, why: str, decision: Decision) -> None:
         self.phase = Phase.GAVE_UP
         stop = self.config.on_give_up == "stop"
         then = "stopping training" if stop else "training continues without further recovery"
         message = f"gave up at step {step} after {self.rollbacks} rollback(s): {why}; {then}"
-        decision.actions.append(Action(ActionKind.GIVE_UP, step, message, reason=Reason.GAVE_UP.value))
+        decision.actions.append(Action(ActionKind.GIVE_UP, step, message, reason=Reason.GAVE_UP))
         decision.findings.append(Finding(Reason.GAVE_UP, Severity.CRITICAL, step, step, message,
                                          evidence={"rollbacks": self.rollbacks}, detector="recovery"))
         decision.stop = stop
@@ -386,7 +383,7 @@ class RecoveryPolicy:
             f"rolled back from step {step} to the snapshot of step {target} ({gap} steps before the "
             f"{finding.reason.value} onset at step {finding.onset_step}); global step keeps counting and the "
             f"data loader keeps moving, so the {replay} discarded steps' batches are not replayed",
-            from_step=step, to_step=target, lr_factor=self.factor, reason=finding.reason.value,
+            from_step=step, to_step=target, lr_factor=self.factor, reason=finding.reason,
             details={"onset_step": finding.onset_step, "rollback": self.rollbacks,
                      "discarded_steps": replay, "data_replayed": False, **trial}))
         level = "a non-finite loss" if not math.isfinite(self.trigger_level) else _fmt(self.trigger_level)
@@ -394,7 +391,7 @@ class RecoveryPolicy:
             ActionKind.LR_OVERRIDE, step,
             f"LR set to {_fmt(self.factor)} x schedule until the smoothed loss is below {level} and at least "
             f"{self.low_until_min - step} steps have passed (at most {cfg.max_low_lr_steps})",
-            from_step=step, to_step=self.low_deadline, lr_factor=self.factor, reason=finding.reason.value))
+            from_step=step, to_step=self.low_deadline, lr_factor=self.factor, reason=finding.reason))
 
     def _maybe_restore(self, step: int, decision: Decision) -> None:
         cfg = self.config
@@ -422,10 +419,10 @@ class RecoveryPolicy:
         decision.save = True
         decision.actions.append(Action(
             ActionKind.LR_RESTORE, step, f"LR back to {target} {how} at step {step}: {why}",
-            from_step=self.detected_step, to_step=step, lr_factor=self.ceiling, reason=self.trigger_reason,
+            from_step=self.detected_step, to_step=step, lr_factor=self.ceiling, reason=as_reason(self.trigger_reason),
             details={"smoothed_loss": level, "trigger_level": self.trigger_level, "ramp_steps": ramp}))
         decision.actions.append(Action(ActionKind.SAVE, step, f"asked for a checkpoint of the recovered state at step {step}",
-                                       reason=self.trigger_reason))
+                                       reason=as_reason(self.trigger_reason)))
 
     def _watch_relapse(self, step: int, snapshots: Sequence[int], decision: Decision) -> None:
         cfg = self.config
@@ -472,13 +469,13 @@ class RecoveryPolicy:
             ActionKind.ROLLBACK, step,
             f"rolled back from step {step} to the post-recovery snapshot of step {target} after a relapse; "
             f"the data loader keeps moving, so the {step - target} discarded steps' batches are not replayed",
-            from_step=step, to_step=target, lr_factor=self.ceiling, reason=Reason.RELAPSE.value,
+            from_step=step, to_step=target, lr_factor=self.ceiling, reason=Reason.RELAPSE,
             details={"rollback": self.rollbacks, "discarded_steps": step - target, "data_replayed": False,
                      **trial}))
         decision.actions.append(Action(
             ActionKind.LR_OVERRIDE, step,
             f"LR kept at {_fmt(self.ceiling)} x schedule from step {step} on, because the full schedule relapsed",
-            from_step=step, lr_factor=self.ceiling, reason=Reason.RELAPSE.value))
+            from_step=step, lr_factor=self.ceiling, reason=Reason.RELAPSE))
 
     # --- state ---------------------------------------------------------------------------------
     _FIELDS = ("rollbacks", "factor", "ceiling", "cooldown_until", "trigger_level", "trigger_reason",

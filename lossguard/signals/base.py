@@ -64,13 +64,3 @@ class Suite(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def fmt(value: float) -> str:
-    """A number as a message shows it: 4 significant digits, no exponent for everyday sizes."""
-    if value != value or value in (float("inf"), float("-inf")):
-        return str(value)
-    a = abs(value)
-    if a != 0 and (a < 1e-3 or a >= 1e6):
-        return f"{value:.3g}"
-    return f"{value:.4g}"

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from lossguard.config import DetectionConfig
+from lossguard.numbers import fmt
 from lossguard.records import Finding, Reason, Sample, Severity
-from lossguard.signals.base import Columns, fmt
+from lossguard.signals.base import Columns
 from lossguard.signals.stats import (
     iqr_sigma_rows,
     iqr_sigma_sorted,

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 
 from lossguard.config import DetectionConfig
+from lossguard.numbers import fmt
 from lossguard.records import Finding, Reason, Sample, Severity
-from lossguard.signals.base import Columns, fmt
+from lossguard.signals.base import Columns
 from lossguard.signals.stats import streak_counts
 
 _ZERO = 1e-12

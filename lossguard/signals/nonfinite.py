@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from lossguard.numbers import fmt
 from lossguard.records import Finding, Reason, Sample, Severity
-from lossguard.signals.base import Columns, fmt
+from lossguard.signals.base import Columns
 
 
 class NonfiniteDetector:

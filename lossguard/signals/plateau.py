@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from lossguard.config import DetectionConfig
+from lossguard.numbers import fmt
 from lossguard.records import Columns, Finding, Reason, Sample, Severity
 from lossguard.signals import plateau_batch
-from lossguard.signals.base import fmt
 from lossguard.signals.decay import fit_kink
 from lossguard.signals.stats import StepBins
 

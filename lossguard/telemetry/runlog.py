@@ -13,8 +13,8 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
-from lossguard.records import MAX_STEP, Action, Columns, Finding, Sample, _opt_float, as_step
-from lossguard.telemetry.schema import as_float
+from lossguard.numbers import MAX_STEP, as_float, as_step
+from lossguard.records import Action, Columns, Finding, Sample
 
 _COLUMNS = ("loss", "grad_norm", "lr", "epoch")
 
@@ -74,11 +74,13 @@ def _batch_columns(recs: list[dict[str, Any]]) -> tuple[Any, dict[str, tuple[Any
     for name in _COLUMNS:
         vals = list(map(dict.get, keep, repeat(name)))
         try:
+            if bool in set(map(type, vals)):  # true/false are no numbers, but numpy reads them as 1/0
+                raise ValueError(name)
             arr = np.array(vals, dtype=float)
             if arr.ndim != 1:
                 raise ValueError(name)
         except (TypeError, ValueError, OverflowError):
-            conv = [_opt_float(v) for v in vals]
+            conv = [as_float(v) for v in vals]
             arr = np.array([_nan(v) for v in conv], dtype=float)
             has = np.array([v is not None for v in conv], dtype=bool)
         else:

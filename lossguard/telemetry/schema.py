@@ -11,11 +11,10 @@ import json
 import math
 from typing import Any
 
+from lossguard.numbers import as_float as as_float  # the readers' lenient number (telemetry/foreign.py)
+
 SCHEMA_VERSION = 1
 EVENTS_FILE = "events.jsonl"
-
-_NONFINITE_NAMES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
 
 _INF = math.inf
 
@@ -59,25 +58,3 @@ def encode(record: dict[str, Any]) -> str:
     # flat records of finite numbers (a sample, every step) skip the recursive clean-up
     clean = _finite_safe(record) if _needs_cleaning(record) else record
     return _ENCODER.encode(clean)
-
-
-def as_float(value: Any) -> float | None:
-    """A numeric field as a float, accepting the ``"nan"``/``"inf"``/``"-inf"`` spellings."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, float):
-        return value
-    if isinstance(value, int):
-        try:
-            return float(value)
-        except OverflowError:  # an integer past 1e308
-            return math.inf if value > 0 else -math.inf
-    if isinstance(value, str):
-        named = _NONFINITE_NAMES.get(value.strip().lower())
-        if named is not None:
-            return named
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from lossguard.errors import LogReadError
+from lossguard.numbers import as_float
 from lossguard.records import Sample, as_step
 from lossguard.telemetry.foreign import read_lightning_csv, read_trainer_state
 from lossguard.telemetry.reader import READ_CHUNK_BYTES, LogTail
-from lossguard.telemetry.schema import EVENTS_FILE, as_float
+from lossguard.telemetry.schema import EVENTS_FILE
 from lossguard.telemetry.source import LogSource, _lightning_csvs, check_run_dir, find_source, trainer_states
 
 # Lightning rewrites metrics.csv whole; beyond this size re-reading it per change is refused.

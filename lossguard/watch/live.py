@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from lossguard.config import DetectionConfig
+from lossguard.numbers import as_float
 from lossguard.presentation.downsample import MinMaxBuckets
 from lossguard.records import Action, ActionKind, Finding, Sample, Severity, as_step, worst_severity
-from lossguard.telemetry.schema import as_float
 from lossguard.watch.follow import Batch
 
 logger = logging.getLogger("lossguard")

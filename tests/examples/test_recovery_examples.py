@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lossguard.records import ActionKind
 from lossguard.telemetry import open_run
 
 pytestmark = pytest.mark.slow
@@ -32,9 +33,9 @@ def test_demo_detects_the_early_plateau_recovers_and_writes_a_report(tmp_path):
     assert log.source == "lossguard" and log.last_step == 600
     plateau = [f for f in log.findings if f.reason.value == "early_convergence"]
     assert plateau and plateau[0].step < 300  # found while the run was still early
-    rollbacks = [a for a in log.actions if a.action.value == "rollback"]
+    rollbacks = [a for a in log.actions if a.action is ActionKind.ROLLBACK]
     assert rollbacks and rollbacks[0].to_step <= plateau[0].onset_step
-    assert any(a.action.value == "lr_restore" for a in log.actions)
+    assert any(a.action is ActionKind.LR_RESTORE for a in log.actions)
     # the recovery paid off: the held-out loss ends far below the ~2.9 plateau
     line = next(ln for ln in text.splitlines() if "held-out loss" in ln)
     after = float(line.split("->")[1].split()[0])
@@ -49,6 +50,6 @@ def test_custom_loop_example_records_and_recovers(tmp_path):
     log = open_run(out)
     assert log.last_step == 600 and len(log.samples) == 600
     assert any(f.reason.value == "early_convergence" for f in log.findings)
-    assert any(a.action.value == "rollback" for a in log.actions)
+    assert any(a.action is ActionKind.ROLLBACK for a in log.actions)
     held_out = float(proc.stdout.split("held-out loss")[1].split()[0])
     assert held_out < 2.5

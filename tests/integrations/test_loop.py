@@ -10,6 +10,7 @@ from transformers import get_scheduler
 
 from lossguard import GuardConfig
 from lossguard.integrations.loop import LoopGuard
+from lossguard.records import ActionKind
 from lossguard.recovery.snapshot import trainable_parameters
 from lossguard.telemetry import read_events
 from lossguard.testing.tiny import eval_loss, tiny_setup
@@ -60,13 +61,13 @@ def _loop(tmp_path, order: str, steps: int = 40, nan_at: int = 17):
 def test_loop_recovers_a_nan_with_exact_state_and_lr(tmp_path, order):
     steps = 40
     setup, guard, used, kept = _loop(tmp_path, order, steps)
-    rollbacks = [a for a in guard.actions if a.action.value == "rollback"]
+    rollbacks = [a for a in guard.actions if a.action is ActionKind.ROLLBACK]
     assert [(a.from_step, a.to_step) for a in rollbacks] == [(17, 5)]
     for name, value in kept[5].items():
         assert torch.equal(kept["after_rollback"][name], value)
     assert all(torch.isfinite(p).all() for p in trainable_parameters(setup.model).values())
     assert math.isfinite(eval_loss(setup.model, setup.eval, setup.collator))
-    restore = next(a for a in guard.actions if a.action.value == "lr_restore").step
+    restore = next(a for a in guard.actions if a.action is ActionKind.LR_RESTORE).step
     ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
     ref = get_scheduler("cosine", ref_opt, num_warmup_steps=3, num_training_steps=steps)
     shift = 0 if order == "after" else -1  # called before optimizer.step(), a decision applies to that step

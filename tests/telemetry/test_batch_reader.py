@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lossguard.errors import LogReadError
-from lossguard.records import _opt_float
+from lossguard.numbers import as_float
 from lossguard.telemetry import iter_events, open_run, read_events
 from lossguard.telemetry.reader import iter_event_batches
 from lossguard.telemetry.runlog import SampleColumns
@@ -31,7 +31,7 @@ def _reference_columns(recs):
         keep.append(r)
     cols = {}
     for name in ("loss", "grad_norm", "lr", "epoch"):
-        conv = [_opt_float(r.get(name)) for r in keep]
+        conv = [as_float(r.get(name)) for r in keep]
         cols[name] = (np.array([math.nan if v is None else v for v in conv], dtype=float),
                       np.array([v is not None for v in conv], dtype=bool))
     st = np.array(steps, dtype=np.int64)

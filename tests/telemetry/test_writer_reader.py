@@ -5,9 +5,10 @@ import os
 import pytest
 
 from lossguard.errors import LogReadError
+from lossguard.numbers import as_float
 from lossguard.records import Sample
 from lossguard.telemetry import EventWriter, LogTail, RunLog, read_events
-from lossguard.telemetry.schema import as_float, encode
+from lossguard.telemetry.schema import encode
 from lossguard.telemetry.writer import set_aside
 
 
