@@ -9,7 +9,8 @@ that variant's alone; ``--before REF`` runs the probe of an earlier commit (``gi
 
 Part 1, the probe alone on 2 x 64 kept sequences (16 micro-batches a group): a training step
 (seconds, peak), then one probe with the budget a 150-step run gives it by default (5% of the
-run), before and after, and after again with a larger budget so that it runs. Part 2, whole
+run), before and after, and after again with a larger budget so that it runs. Today's probe gets
+the estimate the Trainer integration would hand it (0.75 training steps per product). Part 2, whole
 Trainer runs of ``--steps`` steps with a probe forced at step 100 (``every_n_steps``): without
 lossguard, with it (default budget, and a larger ``max_time_fraction`` so the probe fits), and
 with ``--before-run`` the earlier commit's too.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import inspect
 import json
 import os
 import subprocess
@@ -114,9 +116,15 @@ def worker_probe(budget: float) -> dict[str, Any]:
     for b in train[5:8]:
         step(b)
     step_s = (time.perf_counter() - t0) / 3
+    kw = {}
+    if "product_seconds" in inspect.signature(probe_model).parameters:
+        # what the Trainer integration hands it before any probe has measured a product
+        from lossguard.integrations.hf_probe import PRIOR_STEPS
+
+        kw["product_seconds"] = PRIOR_STEPS * step_s
     rest_probe = _reset_peak()
     t0 = time.perf_counter()
-    res = probe_model(model, kept, config=ProbeConfig(max_seconds=budget), seed=0)
+    res = probe_model(model, kept, config=ProbeConfig(max_seconds=budget), seed=0, **kw)
     probe_s = time.perf_counter() - t0
     rec = res.to_record()
     return {

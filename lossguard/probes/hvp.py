@@ -90,6 +90,12 @@ class ParamSpace:
     def zeros(self) -> torch.Tensor:
         return torch.zeros(self.size, dtype=self.dtype, device=self.device)
 
+    def add_into(self, acc: torch.Tensor, tensors: Sequence[torch.Tensor | None], alpha: float) -> None:
+        """``acc += alpha * flatten(tensors)`` without a flattened copy (``None`` counts as zero)."""
+        for chunk, t in zip(torch.split(acc, self.numels), tensors, strict=True):
+            if t is not None:
+                chunk.add_(t.reshape(-1).to(self.dtype), alpha=alpha)
+
     def flatten(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         parts = [
             torch.zeros(n, dtype=self.dtype, device=self.device) if t is None else t.reshape(-1).to(self.dtype)
@@ -134,29 +140,30 @@ class Gradient:
         """``acc += sign * gradient``, one piece at a time."""
         for piece in self.pieces:
             _check(self.deadline)
-            acc.add_(self._one(piece.fn), alpha=sign * piece.weight)
+            self._one(piece.fn, acc, sign * piece.weight)
 
-    def _one(self, loss_fn: LossFn) -> torch.Tensor:
+    def _one(self, loss_fn: LossFn, acc: torch.Tensor, alpha: float) -> None:
         self.count += 1
         if not self.use_backward:
             try:
                 # no allow_unused: reentrant checkpointing shows up as "not used in the graph"
                 grads = torch.autograd.grad(loss_fn(), self.space.params)
-                return self.space.flatten(grads)
+                self.space.add_into(acc, grads, alpha)
+                return
             except RuntimeError as err:
                 if is_fatal(err):
                     raise
                 self.use_backward = True
-        return self._by_backward(loss_fn)
+        self._by_backward(loss_fn, acc, alpha)
 
-    def _by_backward(self, loss_fn: LossFn) -> torch.Tensor:
+    def _by_backward(self, loss_fn: LossFn, acc: torch.Tensor, alpha: float) -> None:
         params = self.space.params
         saved = [p.grad for p in params]
         try:
             for p in params:
                 p.grad = None
             loss_fn().backward()
-            return self.space.flatten([p.grad for p in params]).clone()
+            self.space.add_into(acc, [p.grad for p in params], alpha)
         finally:
             for p, g in zip(params, saved, strict=True):
                 p.grad = g
@@ -196,14 +203,15 @@ class DoubleBackwardHVP:
         # once-differentiable op, silently wrong; the finite-difference check in auto mode tells.
         return [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
 
-    def _second(self, outputs: list[tuple[int, torch.Tensor]], vs: list[torch.Tensor], retain: bool) -> torch.Tensor:
+    def _second(self, outputs: list[tuple[int, torch.Tensor]], vs: list[torch.Tensor], retain: bool,
+                acc: torch.Tensor, weight: float) -> None:
         if not outputs:
-            return self.space.zeros()
+            return
         hv = torch.autograd.grad(
             [g for _, g in outputs], self.space.params, grad_outputs=[vs[i] for i, _ in outputs],
             retain_graph=retain, allow_unused=True,
         )
-        return self.space.flatten(hv)
+        self.space.add_into(acc, hv, weight)
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         self.count += 1
@@ -212,13 +220,13 @@ class DoubleBackwardHVP:
         if self.retain:
             for piece, outputs in zip(self.pieces, self._graphs, strict=True):
                 _check(self.deadline)
-                acc.add_(self._second(outputs, vs, retain=True), alpha=piece.weight)
+                self._second(outputs, vs, True, acc, piece.weight)
             return acc
         first = self.loss_value is None
         for piece in self.pieces:
             _check(self.deadline)
             outputs = self._build(piece)
-            acc.add_(self._second(outputs, vs, retain=False), alpha=piece.weight)
+            self._second(outputs, vs, False, acc, piece.weight)
             del outputs
         if first:
             self.loss_value = self._loss_sum

@@ -11,9 +11,10 @@ their step has to be calibrated. ``choose_method`` measures both on the first mi
 2. finite differences from coarse to fine until one agrees with it (within 5%): double backward
    is confirmed, or, when none agrees, found wrong and dropped;
 3. when finite differences are clearly cheaper per product (<= 0.75x) and the products the
-   time left allows save more than a full step calibration costs (about 4 more products) plus a
-   second, then that calibration runs and, if its finest step still agrees with the exact
-   product, finite differences are used.
+   time left allows save more than a full step calibration costs (about 6 more products) plus
+   a tenth of the time left (at least a second), that calibration runs and, if finite
+   differences are still cheaper over it and their finest step agrees with the exact product,
+   they are used.
 
 The choice, the seconds per micro-batch product of each method and the reason are recorded.
 """
@@ -21,6 +22,7 @@ The choice, the seconds per micro-batch product of each method and the reason ar
 from __future__ import annotations
 
 import gc
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ from lossguard.probes.hvp import (
 
 SWITCH_BELOW = 0.75
 SWITCH_SAVES_S = 1.0
-REFINE_PRODUCTS = 4  # finite-difference products a full step calibration typically adds
+REFINE_PRODUCTS = 6  # finite-difference products a full step calibration adds (6 on a 26M Llama)
 CHECK_RTOL = 0.05
 
 
@@ -183,44 +185,53 @@ def choose_method(
                         f"(> {CHECK_RTOL:.0%}): some op is not twice differentiable")
             return MethodChoice("finite_difference", fallback, approx, fd_step=fd.step, check_error=check_error,
                                 fallback_reason=fallback, seconds=seconds, products=db_products + fd.count, peak_bytes=peak)
-        def saving() -> float:
-            # only the products the time left allows, less a typical step calibration
-            ahead = products_ahead if deadline is None else min(products_ahead, max(deadline.left(), 0.0) / t_db)
-            return ahead * (t_db - t_fd) - REFINE_PRODUCTS * t_fd
-
-        saves = saving()
-        if t_fd <= SWITCH_BELOW * t_db and saves >= SWITCH_SAVES_S:
+        saves, floor = _saving(products_ahead, t_db, t_fd, deadline)
+        if t_fd <= SWITCH_BELOW * t_db and saves >= floor:
             # the first double backward of a process carries one-time warm-up (2.5 s on a
             # 400-parameter quadratic): time a second one before acting on the difference
             with _Meter(device, clock) as again:
                 DoubleBackwardHVP([piece], space, deadline=deadline, retain=False)(v)
             db_products += 1
             seconds["double_backward"] = t_db = min(t_db, again.seconds)
-            saves = saving()
-        if t_fd <= SWITCH_BELOW * t_db and saves >= SWITCH_SAVES_S:
+            saves, floor = _saving(products_ahead, t_db, t_fd, deadline)
+        if t_fd <= SWITCH_BELOW * t_db and saves >= floor:
             n0 = fd.count
             with _Meter(device, clock) as m2:
                 fine = fd.calibrate(v, start=(float(fd.step or 0.0), approx))
             if fd.count > n0:
                 seconds["finite_difference"] = t_fd = (m.seconds + m2.seconds) / fd.count
             fine_error = rel_diff(exact, fine)
-            if fine_error <= CHECK_RTOL:
+            if t_fd > SWITCH_BELOW * t_db:
+                why = (f"double backward: finite differences looked cheaper but took {t_fd:.3g} s per micro-batch "
+                       f"product over their calibration, against {t_db:.3g} s")
+            elif fine_error <= CHECK_RTOL:
                 why = (f"finite differences on the model's own kernels: {t_fd:.3g} s per micro-batch product "
                        f"against {t_db:.3g} s by double backward (math attention), about {saves:.0f} s saved "
                        f"over the probe; they agree with double backward within {fine_error:.1%}")
                 return MethodChoice("finite_difference", why, fine, fd_step=fd.step, check_error=fine_error,
                                     seconds=seconds, products=db_products + fd.count, peak_bytes=_max(peak, m2.peak))
-            why = (f"double backward: finite differences would be cheaper ({t_fd:.3g} s against {t_db:.3g} s per "
-                   f"micro-batch product) but at their finest step differ from it by {fine_error:.1%}")
+            else:
+                why = (f"double backward: finite differences would be cheaper ({t_fd:.3g} s against {t_db:.3g} s "
+                       f"per micro-batch product) but at their finest step differ from it by {fine_error:.1%}")
         elif t_fd <= SWITCH_BELOW * t_db:
             why = (f"double backward: finite differences are cheaper ({t_fd:.3g} s against {t_db:.3g} s per "
-                   f"micro-batch product) but would save under {SWITCH_SAVES_S:.0f} s over this probe")
+                   f"micro-batch product) but would save {max(saves, 0.0):.3g} s over this probe, under "
+                   f"{floor:.3g} s")
         else:
             why = f"double backward: {t_db:.3g} s per micro-batch product against {t_fd:.3g} s by finite differences"
         return MethodChoice("double_backward", why, exact, check_error=check_error, seconds=seconds,
                             products=db_products + fd.count, peak_bytes=peak)
     finally:
         fd.close()
+
+
+def _saving(products_ahead: int, t_db: float, t_fd: float, deadline: Deadline | None) -> tuple[float, float]:
+    """Seconds finite differences would save over the products the time left allows, less a full
+    step calibration; and the least saving worth it (a second, and a tenth of the time left)."""
+    left = math.inf if deadline is None else max(deadline.left(), 0.0)
+    ahead = min(products_ahead, left / max(t_db, 1e-12))
+    floor = SWITCH_SAVES_S if deadline is None else max(SWITCH_SAVES_S, 0.1 * left)
+    return ahead * (t_db - t_fd) - REFINE_PRODUCTS * t_fd, floor
 
 
 def _finite_differences(fd: FiniteDifferenceHVP, v: torch.Tensor, device: torch.device,
