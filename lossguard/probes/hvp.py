@@ -36,6 +36,7 @@ from lossguard.probes.deadline import BudgetSpent, Deadline
 
 LossFn = Callable[[], torch.Tensor]
 METHODS = ("auto", "double_backward", "finite_difference")
+GUESS_SHRINK = 64.0
 
 
 @dataclass(frozen=True)
@@ -291,10 +292,19 @@ class FiniteDifferenceHVP:
         """The product with ``v`` at the calibrated step (which later products then use).
 
         With ``agree_with`` (another method's product) the search stops as soon as an estimate
-        is within ``rtol`` of it: that method is confirmed, and this one need not be exact.
+        is within ``rtol`` of it: that method is confirmed, and this one need not be exact. A
+        step ``GUESS_SHRINK`` times finer than the coarse start is tried first, where most models
+        agree (a 26M-parameter Llama needed four shrinks, five products at a few training steps
+        each); when it does not, the search runs from the coarse start as usual.
         ``start`` (a perturbation norm and its estimate) resumes a search from there.
         """
         v_norm = float(torch.linalg.vector_norm(v))
+        if start is None and agree_with is not None:
+            guess = self.rel_step * (1.0 + self._w_norm) / GUESS_SHRINK
+            est = self._product(v, guess / v_norm)
+            if bool(torch.isfinite(est).all()) and rel_diff(est, agree_with) <= rtol:
+                self.step = guess
+                return est
         if start is None:
             step = self.rel_step * (1.0 + self._w_norm)
             est = self._product(v, step / v_norm)
