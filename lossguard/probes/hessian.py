@@ -259,6 +259,7 @@ def probe_curvature(
         choice = choose_method(pieces[0], space, unit(start), hvp=hvp, deadline=deadline, clock=clock,
                                products_ahead=max_iter * len(pieces))
         first = choice.product if len(pieces) == 1 else None
+        choice.product = None
         return _solve(pieces, space, choice, start, seed=seed, max_iter=max_iter, tol=tol, min_steps=min_steps,
                       deadline=deadline, return_direction=return_direction, first_product=first,
                       calibration_products=choice.products)
@@ -271,13 +272,14 @@ def _solve(
 ) -> CurvatureResult:
     """Lanczos with the chosen product method on ``pieces``; the result, timed from ``deadline.start``."""
     op = make_hvp(pieces, space, choice.method, step=choice.fd_step, deadline=deadline)
-    host = memory is not None and memory.basis_place is BasisPlace.HOST
+    place = memory.basis_place if memory is not None else BasisPlace.DEVICE
     try:
         run = lanczos(
             op, start, max_iter=max_iter, tol=tol, min_steps=min_steps, clock=deadline.clock,
             want_vectors=return_direction, deadline=deadline, first_product=first_product,
-            basis_device="cpu" if host else None,
+            basis_device="cpu" if place is BasisPlace.HOST else None,
             basis_dtype=torch.bfloat16 if memory is not None and memory.basis_half else None,
+            keep_basis=place is not BasisPlace.NONE,
         )
         loss_value = getattr(op, "loss_value", None)
         n_hvp = calibration_products + op.count
@@ -441,6 +443,7 @@ def _first_product(pieces: list[LossPiece], space: ParamSpace, choice: MethodCho
                    deadline: Deadline) -> torch.Tensor:
     """The first Lanczos product of the first group: the method was chosen on its first micro-batch
     with the same vector, so that micro-batch's share is already known."""
+    assert choice.product is not None
     known = choice.product * pieces[0].weight
     if len(pieces) == 1:
         return known
@@ -552,8 +555,8 @@ def _probe_groups(
             return ProbeSkipped("too_expensive", f"{pre.message} (estimated before probing, {deciding:.3g} s "
                                 f"more to choose the product method)", step, {**spent, "plan": pre.summary()})
     dev_free, host_free = free_memory(device)
-    room = choose_basis(n_params, vectors=min_iter, min_vectors=min_iter, device_free=dev_free,
-                        host_free=host_free, accelerator=accelerator, fraction=cfg.max_memory_fraction)
+    room = choose_basis(n_params, vectors=min_iter, device_free=dev_free, host_free=host_free,
+                        accelerator=accelerator, fraction=cfg.max_memory_fraction, allow_none=not return_direction)
     if not room.fits:
         return ProbeSkipped("no_memory", room.message, step, {"memory": room.memory.summary()})
     avoid = _attention_risk(model, groups[0], dev_free if accelerator else host_free, cfg.max_memory_fraction)
@@ -577,14 +580,14 @@ def _probe_groups(
             spent["product_seconds"] = choice.product_seconds
             plan = plan_probe(budget_s=deadline.left(), product_s=choice.product_seconds, micro_batches=n_mb,
                               groups=len(groups), max_iter=cfg.max_iter, min_iter=min_iter,
-                              pass_s=_pass_seconds(choice.product, clock))
+                              pass_s=_pass_seconds(choice.product, clock), single_s=choice.kept_graph_seconds)
             if not plan.fits:
                 return ProbeSkipped("too_expensive", plan.message, step,
                                     {**spent, "plan": plan.summary(), "hvp": choice.summary()})
             dev_free, host_free = free_memory(device)
-            basis = choose_basis(n_params, vectors=plan.products, min_vectors=min(min_iter, plan.products),
-                                 device_free=dev_free, host_free=host_free, accelerator=accelerator,
-                                 graph_bytes=choice.peak_bytes, fraction=cfg.max_memory_fraction)
+            basis = choose_basis(n_params, vectors=plan.products, device_free=dev_free, host_free=host_free,
+                                 accelerator=accelerator, graph_bytes=choice.peak_bytes,
+                                 fraction=cfg.max_memory_fraction, allow_none=not return_direction)
             if not basis.fits:
                 return ProbeSkipped("no_memory", basis.message, step, {"memory": basis.memory.summary()})
             for i, group in enumerate(groups):
@@ -592,10 +595,13 @@ def _probe_groups(
                 pieces = _pieces(chosen)
                 share = deadline.sooner(deadline.left() / (len(groups) - i))
                 try:
-                    first = _first_product(pieces, space, choice, start, share) if i == 0 else None
+                    first = None
+                    if i == 0:
+                        first = _first_product(pieces, space, choice, start, share)
+                        choice.product = None  # held only until used
                     results.append(_solve(
                         pieces, space, choice, start if i == 0 else _start(space, seed + i),
-                        seed=seed + i, max_iter=basis.vectors, tol=cfg.tol, min_steps=20, deadline=share,
+                        seed=seed + i, max_iter=plan.products, tol=cfg.tol, min_steps=20, deadline=share,
                         return_direction=return_direction and i == 0, first_product=first,
                         calibration_products=choice.products if i == 0 else 0, memory=basis.memory,
                     ))

@@ -44,6 +44,7 @@ SWITCH_BELOW = 0.75
 SWITCH_SAVES_S = 1.0
 REFINE_PRODUCTS = 6  # finite-difference products a full step calibration adds (6 on a 26M Llama)
 CHECK_RTOL = 0.05
+KEPT = "double_backward_kept_graph"
 
 
 @dataclass
@@ -51,14 +52,14 @@ class MethodChoice:
     """The product method a probe uses, why, and what deciding it measured and cost.
 
     ``product`` is the calibration piece's product with the vector it was decided on, by the
-    chosen method. ``seconds`` holds the measured seconds per micro-batch product by method;
+    chosen method (dropped, ``None``, once the probe has used it). ``seconds`` holds the measured seconds per micro-batch product by method;
     ``products`` the micro-batch products spent deciding; ``peak_bytes`` (CUDA only) an upper
     bound of the extra device memory of one micro-batch product (the larger of the two measured).
     """
 
     method: str
     reason: str
-    product: torch.Tensor
+    product: torch.Tensor | None
     fd_step: float | None = None
     check_error: float | None = None
     fallback_reason: str | None = None
@@ -70,6 +71,11 @@ class MethodChoice:
     def product_seconds(self) -> float:
         """Seconds per micro-batch product with the chosen method."""
         return self.seconds[self.method]
+
+    @property
+    def kept_graph_seconds(self) -> float | None:
+        """Seconds per product through a kept double-backward graph (one micro-batch per group)."""
+        return self.seconds.get(KEPT) if self.method == "double_backward" else None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -145,11 +151,9 @@ def choose_method(
     """
     device = space.device
     if hvp == "double_backward":
-        db = DoubleBackwardHVP([piece], space, deadline=deadline, retain=False)
-        with _Meter(device, clock) as m:
-            exact = db(v)
+        exact, t_db, t_kept, peak = _double_backward(piece, space, v, deadline, device, clock)
         return MethodChoice("double_backward", "hvp='double_backward' in the configuration", exact,
-                            seconds={"double_backward": m.seconds}, products=1, peak_bytes=m.peak)
+                            seconds={"double_backward": t_db, KEPT: t_kept}, products=1, peak_bytes=peak)
     fd = FiniteDifferenceHVP([piece], space, deadline=deadline)
     try:
         if hvp == "finite_difference" or avoid_double_backward:
@@ -157,11 +161,9 @@ def choose_method(
             return _finite_differences(fd, v, device, clock, why, fallback=avoid_double_backward)
         fallback = None
         exact = None
-        db_meter = _Meter(device, clock)
         db_products = 1
         try:
-            with db_meter:
-                exact = DoubleBackwardHVP([piece], space, deadline=deadline, retain=False)(v)
+            exact, t_db, t_kept, db_peak = _double_backward(piece, space, v, deadline, device, clock)
         except BudgetSpent:
             raise
         except torch.OutOfMemoryError as err:
@@ -173,13 +175,12 @@ def choose_method(
             choice = _finite_differences(fd, v, device, clock, fallback or "", fallback=fallback)
             choice.products += 1
             return choice
-        t_db = db_meter.seconds
         with _Meter(device, clock) as m:
             approx = fd.calibrate(v, agree_with=exact, rtol=CHECK_RTOL)
         t_fd = m.seconds / max(fd.count, 1)
-        peak = _max(db_meter.peak, m.peak)
+        peak = _max(db_peak, m.peak)
         check_error = rel_diff(exact, approx)
-        seconds = {"double_backward": t_db, "finite_difference": t_fd}
+        seconds = {"double_backward": t_db, KEPT: t_kept, "finite_difference": t_fd}
         if check_error > CHECK_RTOL:
             fallback = (f"double backward differs from finite differences by {check_error:.1%} "
                         f"(> {CHECK_RTOL:.0%}): some op is not twice differentiable")
@@ -189,10 +190,10 @@ def choose_method(
         if t_fd <= SWITCH_BELOW * t_db and saves >= floor:
             # the first double backward of a process carries one-time warm-up (2.5 s on a
             # 400-parameter quadratic): time a second one before acting on the difference
-            with _Meter(device, clock) as again:
-                DoubleBackwardHVP([piece], space, deadline=deadline, retain=False)(v)
+            _, t_again, kept_again, _ = _double_backward(piece, space, v, deadline, device, clock)
             db_products += 1
-            seconds["double_backward"] = t_db = min(t_db, again.seconds)
+            seconds["double_backward"] = t_db = min(t_db, t_again)
+            seconds[KEPT] = min(t_kept, kept_again)
             saves, floor = _saving(products_ahead, t_db, t_fd, deadline)
         if t_fd <= SWITCH_BELOW * t_db and saves >= floor:
             n0 = fd.count
@@ -223,6 +224,21 @@ def choose_method(
                             products=db_products + fd.count, peak_bytes=peak)
     finally:
         fd.close()
+
+
+def _double_backward(piece: LossPiece, space: ParamSpace, v: torch.Tensor, deadline: Deadline | None,
+                     device: torch.device, clock: Callable[[], float]) -> tuple[torch.Tensor, float, float, int | None]:
+    """One double-backward product on ``piece``: the product, the seconds of a product that builds
+    its graph, of one through a kept graph, and (CUDA) the peak extra memory."""
+    with _Meter(device, clock) as whole:
+        with _Meter(device, clock) as build:
+            db = DoubleBackwardHVP([piece], space, deadline=deadline, retain=True)
+        try:
+            with _Meter(device, clock) as second:
+                hv = db(v)
+        finally:
+            db.close()
+    return hv, build.seconds + second.seconds, second.seconds, whole.peak
 
 
 def _saving(products_ahead: int, t_db: float, t_fd: float, deadline: Deadline | None) -> tuple[float, float]:

@@ -16,7 +16,10 @@ Memory, beside the model and what training holds:
   attention score matrices that double backward needs on the math backend are estimated by
   ``math_attention_bytes``.
 
-``probe_memory`` is what the preflight cost model prints; ``choose_basis`` places the basis.
+``probe_memory`` is what the preflight cost model prints; ``choose_basis`` places the basis: on
+the device, on the host, in bfloat16 (0.011% of lambda_max on the exact tests), or not at all
+(the three-term recurrence: two vectors instead of one per product, as accurate on the extremes
+in the exact tests, no Ritz vectors).
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ ATTENTION_COPIES = 8  # score-sized tensors per layer kept for the second backwa
 
 
 class BasisPlace(str, enum.Enum):
-    """Where the Lanczos basis lives."""
+    """Where the Lanczos basis lives (``NONE``: not kept, the three-term recurrence)."""
 
     DEVICE = "device"
     HOST = "host"
+    NONE = "none"
 
 
 @dataclass(frozen=True)
@@ -81,12 +85,14 @@ def probe_memory(n_params: int, *, vectors: int = 30, half: bool = False,
     """The probe's memory for ``n_params`` trainable parameters and a ``vectors``-product basis.
 
     ``graph_bytes`` is one micro-batch product's graph when measured (CUDA) or estimated; the
-    working vectors are float32 (float64 models need twice as much).
+    working vectors are float32 (float64 models need twice as much). ``place=NONE`` keeps no
+    basis (``vectors`` is then ignored).
     """
     value = BFLOAT16 if half else FLOAT32
-    return ProbeMemory(n_params=n_params, vectors=vectors, basis_bytes=vectors * n_params * value,
-                       basis_place=place, basis_half=half, work_bytes=WORK_VECTORS * n_params * FLOAT32,
-                       graph_bytes=graph_bytes)
+    stored = 0 if place is BasisPlace.NONE else vectors
+    return ProbeMemory(n_params=n_params, vectors=stored, basis_bytes=stored * n_params * value,
+                       basis_place=place, basis_half=half and stored > 0,
+                       work_bytes=WORK_VECTORS * n_params * FLOAT32, graph_bytes=graph_bytes)
 
 
 def math_attention_bytes(*, layers: int, heads: int, rows: int, seq_len: int, value_bytes: int) -> int:
@@ -104,26 +110,28 @@ def math_attention_bytes(*, layers: int, heads: int, rows: int, seq_len: int, va
 
 @dataclass(frozen=True)
 class BasisChoice:
-    """Where the basis goes, in what precision, how many vectors; ``fits`` false: nowhere."""
+    """Where the basis goes and in what precision; ``fits`` false: not even without a basis."""
 
     fits: bool
     memory: ProbeMemory
     message: str
 
     @property
-    def vectors(self) -> int:
-        return self.memory.vectors if self.fits else 0
+    def keep(self) -> bool:
+        """Whether a basis is stored (otherwise the three-term recurrence runs)."""
+        return self.memory.basis_place is not BasisPlace.NONE
 
 
-def choose_basis(n_params: int, *, vectors: int, min_vectors: int, device_free: int | None,
-                 host_free: int | None, accelerator: bool, graph_bytes: int | None = None,
-                 fraction: float = 0.5) -> BasisChoice:
-    """Place the Lanczos basis so that the probe uses at most ``fraction`` of the free memory.
+def choose_basis(n_params: int, *, vectors: int, device_free: int | None, host_free: int | None,
+                 accelerator: bool, graph_bytes: int | None = None, fraction: float = 0.5,
+                 allow_none: bool = True) -> BasisChoice:
+    """Place a ``vectors``-product Lanczos basis so the probe uses at most ``fraction`` of the free memory.
 
     Tried in order: float32 on the device; on an accelerator, float32 on the host; bfloat16 (on
-    the host with an accelerator); bfloat16 with fewer vectors (at least ``min_vectors``). A free
-    amount of ``None`` is unknown and taken as enough. On a CPU the device is the host
-    (``device_free`` is then ignored).
+    the host with an accelerator); no stored basis (``allow_none``: the three-term recurrence,
+    as accurate on the extremes in the exact tests; no Ritz vectors). A free amount of ``None``
+    is unknown and taken as enough. On a CPU the device is the host (``device_free`` is then
+    ignored).
     """
 
     def room(free: int | None) -> float:
@@ -133,7 +141,7 @@ def choose_basis(n_params: int, *, vectors: int, min_vectors: int, device_free: 
     host_room = room(host_free) if accelerator else dev_room
     fixed = probe_memory(n_params, vectors=0, graph_bytes=graph_bytes).device_bytes
     if fixed > dev_room:
-        mem = probe_memory(n_params, vectors=vectors, graph_bytes=graph_bytes)
+        mem = probe_memory(n_params, place=BasisPlace.NONE, graph_bytes=graph_bytes)
         return BasisChoice(False, mem, (
             f"the probe's working vectors and graph need {_gb(fixed)} on the device and "
             f"{fraction:.0%} of its free memory is {_gb(dev_room)}"))
@@ -144,17 +152,17 @@ def choose_basis(n_params: int, *, vectors: int, min_vectors: int, device_free: 
         left = dev_room - fixed if place is BasisPlace.DEVICE else host_room
         if mem.basis_bytes <= left:
             return BasisChoice(True, mem, _where(mem))
-    per_vector = n_params * BFLOAT16
-    left = host_room if accelerator else dev_room - fixed
-    k = int(left // per_vector) if math.isfinite(left) else vectors
-    if k >= min_vectors:
-        mem = probe_memory(n_params, vectors=min(k, vectors), half=True, place=off, graph_bytes=graph_bytes)
-        return BasisChoice(True, mem, _where(mem) + f" (cut from {vectors} to fit {_gb(left)})")
-    mem = probe_memory(n_params, vectors=min_vectors, half=True, place=off, graph_bytes=graph_bytes)
+    half_bytes = vectors * n_params * BFLOAT16
+    left = max(host_room if accelerator else dev_room - fixed, 0.0)
+    where = f"what is left of {fraction:.0%} of the free {'host ' if accelerator else ''}memory is {_gb(left)}"
+    if allow_none:
+        mem = probe_memory(n_params, place=BasisPlace.NONE, graph_bytes=graph_bytes)
+        return BasisChoice(True, mem, (
+            f"no stored basis (three-term recurrence): {vectors} vectors would need {_gb(half_bytes)} in "
+            f"bfloat16 and {where}"))
+    mem = probe_memory(n_params, vectors=vectors, half=True, place=off, graph_bytes=graph_bytes)
     return BasisChoice(False, mem, (
-        f"the Lanczos basis needs at least {min_vectors} x {n_params:,} values ({_gb(mem.basis_bytes)} in "
-        f"bfloat16) and {fraction:.0%} of the free {'host ' if accelerator else ''}memory left for it is "
-        f"{_gb(max(left, 0.0))}"))
+        f"the Lanczos basis needs {vectors} x {n_params:,} values ({_gb(half_bytes)} in bfloat16) and {where}"))
 
 
 def _where(mem: ProbeMemory) -> str:
@@ -197,21 +205,25 @@ def solver_seconds(products: int, pass_s: float) -> float:
 
 
 def plan_probe(*, budget_s: float, product_s: float, micro_batches: int, groups: int, max_iter: int,
-               min_iter: int, settle_iter: int = SETTLE_ITER, pass_s: float = 0.0) -> ProbePlan:
+               min_iter: int, settle_iter: int = SETTLE_ITER, pass_s: float = 0.0,
+               single_s: float | None = None) -> ProbePlan:
     """The largest probe that fits ``budget_s``, given ``product_s`` seconds per micro-batch product.
 
     Per group (each gets ``budget_s / groups``): at least ``min_iter`` products on one
     micro-batch, else it does not fit; then products up to ``settle_iter`` (Lanczos needs about
     20 to settle both ends), then micro-batches up to ``micro_batches``, then products up to
     ``max_iter``. ``pass_s`` prices the solver's own work (``solver_seconds``), which matters for
-    full fine-tunes: 26M parameters cost about 20 ms a pass.
+    full fine-tunes: 26M parameters cost about 20 ms a pass. ``single_s``, when given, is a
+    product's cost on a single micro-batch whose double-backward graph is kept between products
+    (only the second backward runs).
     """
     share = budget_s / groups
     per = max(product_s, 1e-9)
     target = min(max_iter, max(settle_iter, min_iter))
 
     def cost(m: int, p: int) -> float:
-        return p * m * product_s + solver_seconds(p, pass_s)
+        per_product = single_s if m == 1 and single_s is not None else m * product_s
+        return p * per_product + solver_seconds(p, pass_s)
 
     def most_products(m: int) -> int:
         p = max_iter
@@ -223,8 +235,9 @@ def plan_probe(*, budget_s: float, product_s: float, micro_batches: int, groups:
         return ProbePlan(fits, groups, m, p, product_s, groups * cost(m, p), budget_s, message)
 
     if cost(1, min_iter) > share:
+        one = product_s if single_s is None else single_s
         return plan(1, min_iter, False, (
-            f"one Hessian-vector product on one micro-batch takes {product_s:.3g} s; the smallest probe "
+            f"one Hessian-vector product on one micro-batch takes {one:.3g} s; the smallest probe "
             f"({groups} group{'s' if groups > 1 else ''} x {min_iter} products x 1 micro-batch) needs "
             f"{groups * cost(1, min_iter):.3g} s and {max(budget_s, 0.0):.3g} s of the budget are left"))
     if cost(1, target) > share:

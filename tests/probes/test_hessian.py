@@ -19,7 +19,8 @@ from lossguard.probes.hessian import (
     probe_curvature,
     sharpness_report,
 )
-from lossguard.probes.hvp import LossPiece
+from lossguard.probes.hvp import DoubleBackwardHVP, LossPiece, ParamSpace
+from lossguard.probes.lanczos import lanczos
 from lossguard.telemetry.schema import encode
 
 
@@ -58,6 +59,23 @@ def quadratic(eigs: np.ndarray, dtype: torch.dtype, seed: int = 0):
         return 0.5 * w @ (a @ w) + torch.sin(w).sum() * 0.0
 
     return loss_fn, [w1, w2], a
+
+
+@pytest.mark.parametrize("basis", ["bfloat16", "none"])
+@pytest.mark.parametrize("name", list(SPECTRA))
+def test_frugal_bases_find_both_ends_of_the_quadratics(name: str, basis: str) -> None:
+    eigs, _ = SPECTRA[name]
+    loss_fn, params, _ = quadratic(eigs, torch.float32)
+    op = DoubleBackwardHVP(loss_fn, ParamSpace(params))
+    start = torch.randn(N, generator=torch.Generator().manual_seed(1))
+    kw = {"basis_dtype": torch.bfloat16} if basis == "bfloat16" else {"keep_basis": False}
+    run = lanczos(op, start, max_iter=30, **kw)
+    lam_max, lam_min = float(eigs.max()), float(eigs.min())
+    assert abs(run.ritz_values[-1] - lam_max) <= 0.01 * abs(lam_max)
+    assert abs(run.ritz_values[0] - lam_min) <= 0.01 * abs(lam_max)
+    if basis == "none":
+        with pytest.raises(ValueError, match="want_vectors needs the basis"):
+            lanczos(op, start, max_iter=3, keep_basis=False, want_vectors=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

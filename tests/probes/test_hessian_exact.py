@@ -11,7 +11,8 @@ from torch.utils.checkpoint import checkpoint
 
 from lossguard.config import ProbeConfig
 from lossguard.probes.hessian import CurvatureResult, probe_curvature, probe_model
-from lossguard.probes.hvp import FiniteDifferenceHVP, ParamSpace
+from lossguard.probes.hvp import DoubleBackwardHVP, FiniteDifferenceHVP, ParamSpace
+from lossguard.probes.lanczos import lanczos
 from lossguard.testing.tiny import PadCollator, add_lora, build_dataset, build_model, build_tokenizer
 
 
@@ -216,3 +217,24 @@ def test_auto_keeps_exact_products_that_a_coarse_finite_difference_contradicts()
     assert res.check_error < 0.05
     assert res.lambda_min == pytest.approx(lam_min, rel=1e-6)
     assert res.lambda_max == pytest.approx(lam_max, rel=1e-6)
+
+
+@pytest.mark.parametrize("basis", ["bfloat16", "none"])
+def test_frugal_bases_match_the_exact_hessian(lora_problem, basis: str) -> None:
+    """What the probe falls back to when a float32 basis does not fit: bfloat16 storage
+    (reorthogonalized in float32) or no stored basis (the three-term recurrence)."""
+    model, batch, lam_min, lam_max = lora_problem
+    mlp, names, mlp_loss, mlp_loss_of = mlp_problem(torch.float32)
+    cases = [(lambda: model(**batch).loss, [p for p in model.parameters() if p.requires_grad], lam_min, lam_max),
+             (mlp_loss, list(mlp.parameters()), *exact_extremes(mlp, names, mlp_loss_of))]
+    model.base_model.model.set_attn_implementation("eager")
+    try:
+        for loss_fn, params, lo, hi in cases:
+            op = DoubleBackwardHVP(loss_fn, ParamSpace(params))
+            start = torch.randn(op.space.size, generator=torch.Generator().manual_seed(0))
+            kw = {"basis_dtype": torch.bfloat16} if basis == "bfloat16" else {"keep_basis": False}
+            run = lanczos(op, start, max_iter=30, **kw)
+            assert abs(run.ritz_values[-1] - hi) <= 0.01 * abs(hi), (basis, run.ritz_values[-1], hi)
+            assert abs(run.ritz_values[0] - lo) <= 0.01 * abs(hi), (basis, run.ritz_values[0], lo)
+    finally:
+        model.base_model.model.set_attn_implementation("sdpa")

@@ -56,16 +56,22 @@ def targets(batch: dict[str, torch.Tensor]) -> int:
 
 
 class FakeDeviceClock:
-    """One second of fake time per forward pass of ``model`` (the device's work)."""
+    """Fake device time: one second per forward pass of ``model`` and one per backward pass
+    through its parameters (a first-order gradient, or the second backward of a product)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.now = 0.0
         self.forwards = 0
-        self.handle = model.register_forward_pre_hook(self._tick)
+        model.register_forward_pre_hook(self._forward)
+        first = next(p for p in model.parameters() if p.requires_grad)
+        first.register_hook(self._backward)
 
-    def _tick(self, *_: object) -> None:
+    def _forward(self, *_: object) -> None:
         self.now += 1.0
         self.forwards += 1
+
+    def _backward(self, grad: torch.Tensor) -> None:
+        self.now += 1.0
 
     def __call__(self) -> float:
         return self.now
@@ -161,8 +167,11 @@ def test_too_expensive_after_measuring_stays_within_the_budget(tok) -> None:
     res = probe_model(model, kept, config=ProbeConfig(max_seconds=12.0), clock=clock)
     assert isinstance(res, ProbeSkipped) and res.reason == "too_expensive", res
     rec = res.to_record()
-    assert rec["hvp"]["method"] == "double_backward" and rec["product_seconds"] == pytest.approx(1.0)
-    assert clock.now <= 12.0 + 2.0  # within the budget plus one micro-batch product (2 s by finite differences)
+    # double backward: forward, first backward, second backward (3 s); 1 s through a kept graph
+    assert rec["hvp"]["method"] == "double_backward" and rec["product_seconds"] == pytest.approx(3.0)
+    assert rec["hvp"]["seconds_per_micro_batch"]["double_backward_kept_graph"] == pytest.approx(1.0)
+    assert "takes 1 s" in res.message and "needs 20 s" in res.message
+    assert clock.now <= 12.0 + 4.0  # within the budget plus one micro-batch product (4 s by finite differences)
     assert model.training
 
 
@@ -170,13 +179,14 @@ def test_the_budget_sizes_the_probe_and_holds(tok) -> None:
     model = lora_model(tok)
     clock = FakeDeviceClock(model)
     kept = micro_batches(tok, [4] * 8)  # two groups of four micro-batches
-    res = probe_model(model, kept, config=ProbeConfig(max_seconds=100.0), clock=clock, seed=0)
+    res = probe_model(model, kept, config=ProbeConfig(max_seconds=250.0), clock=clock, seed=0)
     assert isinstance(res, CurvatureResult), res
     plan = res.extra["plan"]
-    # 1 s per double-backward product on one micro-batch; about 96 s left after choosing it
+    # 3 s per double-backward product on one micro-batch, which rebuilds its graph with more than
+    # one; about 243 s left after choosing it: 20 products on two micro-batches a group
     assert plan["micro_batches"] == 2 and plan["products"] >= 20
     assert res.extra["batch_sequences"] == [8, 8] and len(res.groups) == 2
-    assert res.seconds <= 100.0 + 1.0 and clock.now <= 100.0 + 1.0
+    assert res.seconds <= 250.0 + 3.0 and clock.now <= 250.0 + 3.0
     assert res.verdict in tuple(Verdict)
     assert res.extra["memory"]["basis_dtype"] == "float32" and res.extra["memory"]["vectors"] == plan["products"]
 
@@ -222,7 +232,8 @@ def test_the_exact_path_is_kept_where_finite_differences_save_little(tok) -> Non
                             max_iter=20)
     assert twice.method == "double_backward"
     assert "double backward" in twice.extra["hvp"]["why"]
-    assert set(twice.extra["hvp"]["seconds_per_micro_batch"]) == {"double_backward", "finite_difference"}
+    assert set(twice.extra["hvp"]["seconds_per_micro_batch"]) == {
+        "double_backward", "double_backward_kept_graph", "finite_difference"}
 
 
 def _math(model, batch):

@@ -72,31 +72,35 @@ def test_math_attention_of_a_7b_micro_batch() -> None:
     assert need / GIB == pytest.approx(256.0)
 
 
-def test_basis_goes_to_the_device_then_the_host_then_half_then_fewer() -> None:
+def test_basis_goes_to_the_device_then_the_host_then_half_then_nowhere() -> None:
     n = 160_000_000  # a 30-vector float32 basis is 17.9 GiB, half precision 8.9 GiB
     work = probe_memory(n, vectors=0).device_bytes  # 3.6 GiB of working vectors
-    kw = dict(vectors=30, min_vectors=10, accelerator=True, fraction=0.5)
+    kw = dict(vectors=30, accelerator=True, fraction=0.5)
     roomy = choose_basis(n, device_free=80 * GIB, host_free=100 * GIB, **kw)
     assert roomy.fits and roomy.memory.basis_place is BasisPlace.DEVICE and not roomy.memory.basis_half
     host = choose_basis(n, device_free=10 * GIB, host_free=100 * GIB, **kw)
     assert host.fits and host.memory.basis_place is BasisPlace.HOST and not host.memory.basis_half
     half = choose_basis(n, device_free=10 * GIB, host_free=20 * GIB, **kw)
-    assert half.fits and half.memory.basis_place is BasisPlace.HOST and half.memory.basis_half
-    fewer = choose_basis(n, device_free=10 * GIB, host_free=8 * GIB, **kw)
-    assert fewer.fits and fewer.vectors == int(4 * GIB // (n * 2)) and 10 <= fewer.vectors < 30
-    assert "cut from 30" in fewer.message
-    nowhere = choose_basis(n, device_free=10 * GIB, host_free=4 * GIB, **kw)
-    assert not nowhere.fits and nowhere.vectors == 0 and "at least 10" in nowhere.message
+    assert half.fits and half.memory.basis_place is BasisPlace.HOST and half.memory.basis_half and half.keep
+    none = choose_basis(n, device_free=10 * GIB, host_free=8 * GIB, **kw)
+    assert none.fits and not none.keep and none.memory.basis_bytes == 0 and "three-term" in none.message
+    assert none.memory.device_bytes == work
+    nowhere = choose_basis(n, device_free=10 * GIB, host_free=8 * GIB, allow_none=False, **kw)
+    assert not nowhere.fits and "8.94 GiB in bfloat16" in nowhere.message
     no_device = choose_basis(n, device_free=work, host_free=100 * GIB, **kw)  # only half of it may be used
     assert not no_device.fits and "working vectors" in no_device.message
+    graph = choose_basis(n, device_free=40 * GIB, host_free=100 * GIB, graph_bytes=10 * GIB, **kw)
+    assert graph.memory.basis_place is BasisPlace.HOST  # 3.6 + 10 GiB leave 6.4 of the 20 GiB share
 
 
 def test_on_a_cpu_the_host_is_the_device_and_unknown_memory_is_enough() -> None:
     n = 26_000_000  # the full fine-tune: 3.1 GB of float32 basis
-    cpu = choose_basis(n, vectors=30, min_vectors=10, device_free=None, host_free=4 * GIB, accelerator=False)
+    cpu = choose_basis(n, vectors=30, device_free=None, host_free=5 * GIB, accelerator=False)
     assert cpu.fits and cpu.memory.basis_place is BasisPlace.DEVICE and cpu.memory.basis_half
-    unknown = choose_basis(n, vectors=30, min_vectors=10, device_free=None, host_free=None, accelerator=False)
-    assert unknown.fits and not unknown.memory.basis_half and unknown.vectors == 30
+    tight = choose_basis(n, vectors=30, device_free=None, host_free=4 * GIB, accelerator=False)
+    assert not tight.keep and "what is left of 50% of the free memory is 1.42 GiB" in tight.message
+    unknown = choose_basis(n, vectors=30, device_free=None, host_free=None, accelerator=False)
+    assert unknown.fits and not unknown.memory.basis_half and unknown.memory.vectors == 30
 
 
 def test_the_cost_model_imports_without_torch() -> None:
