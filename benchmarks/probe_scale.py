@@ -230,7 +230,7 @@ def part2(before: Path | None, steps: int, big_fraction: float) -> None:
     probe = {"every_n_steps": 100}
     runs = [("no lossguard", ROOT, None), ("after, default", ROOT, {"probe": probe}),
             (f"after, max_time_fraction {big_fraction}", ROOT,
-             {"probe": {**probe, "max_time_fraction": big_fraction}})]
+             {"probe": {**probe, "max_time_fraction": big_fraction, "max_seconds": 600.0}})]
     if before is not None:
         runs.insert(1, ("before, default", before, {"probe": probe}))
     base = None
@@ -261,7 +261,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--before", default=None, help="git ref of the probe to compare with (e.g. b92f25b)")
     ap.add_argument("--before-run", action="store_true", help="also a whole Trainer run with the earlier code")
-    ap.add_argument("--fraction", type=float, default=0.5, help="max_time_fraction of the run that lets a probe fit")
+    ap.add_argument("--fraction", type=float, default=1.0,
+                    help="max_time_fraction that lets a probe fit (the Trainer run also lifts max_seconds to 600)")
     ap.add_argument("--part", choices=("1", "2", "both"), default="both")
     args = ap.parse_args()
     print(f"probe_scale: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, 1 torch thread per process")
