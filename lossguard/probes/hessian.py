@@ -37,11 +37,15 @@ from lossguard.probes.hvp import METHODS, LossFn, LossPiece, ParamSpace, as_piec
 from lossguard.probes.hvp_choice import MethodChoice, choose_method, free_cuda_cache
 from lossguard.probes.lanczos import lanczos, unit
 from lossguard.probes.probe_cost import (
+    REORTH_SHARE,
+    BasisChoice,
     BasisPlace,
     ProbeMemory,
+    ProbePlan,
     choose_basis,
     math_attention_bytes,
     plan_probe,
+    solver_seconds,
 )
 from lossguard.records import ProbeVerdict as Verdict
 
@@ -454,6 +458,32 @@ def _first_product(pieces: list[LossPiece], space: ParamSpace, choice: MethodCho
         rest.close()
 
 
+def _plan_and_basis(choice: MethodChoice, n_params: int, n_mb: int, groups: int, cfg: ProbeConfig, min_iter: int,
+                    budget: float, pass_s: float, device: torch.device,
+                    need_vectors: bool) -> tuple[ProbePlan, BasisChoice]:
+    """The time plan and the basis placement, decided together: a kept basis gives way to the
+    three-term recurrence when its reorthogonalization would take more than ``REORTH_SHARE`` of
+    the probe, when it does not fit in memory, or when only the cheaper recurrence fits the time."""
+
+    def plan_for(keep: bool) -> ProbePlan:
+        return plan_probe(budget_s=budget, product_s=choice.product_seconds, micro_batches=n_mb, groups=groups,
+                          max_iter=cfg.max_iter, min_iter=min_iter, pass_s=pass_s,
+                          single_s=choice.kept_graph_seconds, keep_basis=keep)
+
+    plan = plan_for(True)
+    reorth = solver_seconds(plan.products, pass_s)
+    prefer = not need_vectors and (not plan.fits or reorth > REORTH_SHARE * plan.seconds / groups)
+    if prefer:
+        plan = plan_for(False)
+    dev_free, host_free = free_memory(device)
+    basis = choose_basis(n_params, vectors=plan.products, device_free=dev_free, host_free=host_free,
+                         accelerator=device.type != "cpu", graph_bytes=choice.peak_bytes,
+                         fraction=cfg.max_memory_fraction, need_vectors=need_vectors, prefer_recurrence=prefer)
+    if basis.fits and not basis.keep and not prefer:
+        plan = plan_for(False)
+    return plan, basis
+
+
 def _pass_seconds(v: torch.Tensor, clock: Callable[[], float]) -> float:
     """One pass over a trainable-sized vector (a dot product), the unit of the solver's own work."""
     best = math.inf
@@ -556,7 +586,7 @@ def _probe_groups(
                                 f"more to choose the product method)", step, {**spent, "plan": pre.summary()})
     dev_free, host_free = free_memory(device)
     room = choose_basis(n_params, vectors=min_iter, device_free=dev_free, host_free=host_free,
-                        accelerator=accelerator, fraction=cfg.max_memory_fraction, allow_none=not return_direction)
+                        accelerator=accelerator, fraction=cfg.max_memory_fraction, need_vectors=return_direction)
     if not room.fits:
         return ProbeSkipped("no_memory", room.message, step, {"memory": room.memory.summary()})
     avoid = _attention_risk(model, groups[0], dev_free if accelerator else host_free, cfg.max_memory_fraction)
@@ -578,16 +608,11 @@ def _probe_groups(
                                    deadline=deadline, clock=clock, avoid_double_backward=avoid,
                                    products_ahead=len(groups) * cfg.max_iter * n_mb)
             spent["product_seconds"] = choice.product_seconds
-            plan = plan_probe(budget_s=deadline.left(), product_s=choice.product_seconds, micro_batches=n_mb,
-                              groups=len(groups), max_iter=cfg.max_iter, min_iter=min_iter,
-                              pass_s=_pass_seconds(choice.product, clock), single_s=choice.kept_graph_seconds)
+            plan, basis = _plan_and_basis(choice, n_params, n_mb, len(groups), cfg, min_iter, deadline.left(),
+                                          _pass_seconds(choice.product, clock), device, return_direction)
             if not plan.fits:
                 return ProbeSkipped("too_expensive", plan.message, step,
                                     {**spent, "plan": plan.summary(), "hvp": choice.summary()})
-            dev_free, host_free = free_memory(device)
-            basis = choose_basis(n_params, vectors=plan.products, device_free=dev_free, host_free=host_free,
-                                 accelerator=accelerator, graph_bytes=choice.peak_bytes,
-                                 fraction=cfg.max_memory_fraction, allow_none=not return_direction)
             if not basis.fits:
                 return ProbeSkipped("no_memory", basis.message, step, {"memory": basis.memory.summary()})
             for i, group in enumerate(groups):

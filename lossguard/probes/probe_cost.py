@@ -16,10 +16,10 @@ Memory, beside the model and what training holds:
   attention score matrices that double backward needs on the math backend are estimated by
   ``math_attention_bytes``.
 
-``probe_memory`` is what the preflight cost model prints; ``choose_basis`` places the basis: on
-the device, on the host, in bfloat16 (0.011% of lambda_max on the exact tests), or not at all
-(the three-term recurrence: two vectors instead of one per product, as accurate on the extremes
-in the exact tests, no Ritz vectors).
+``probe_memory`` is what the preflight cost model prints; ``choose_basis`` places the basis: in
+float32 on the device, or not at all (the three-term recurrence: two vectors instead of one per
+product, as accurate on the extremes in the exact tests, no Ritz vectors); where Ritz vectors are
+needed, on the host or in bfloat16 (0.011% of lambda_max on the exact tests).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ FLOAT32 = 4
 BFLOAT16 = 2
 WORK_VECTORS = 6
 SETTLE_ITER = 20
+RECURRENCE_PASSES = 8
+REORTH_SHARE = 0.1  # a kept basis whose reorthogonalization costs more of the probe's time gives way
 ATTENTION_COPIES = 8  # score-sized tensors per layer kept for the second backward (measured: 7.8)
 
 
@@ -124,14 +126,16 @@ class BasisChoice:
 
 def choose_basis(n_params: int, *, vectors: int, device_free: int | None, host_free: int | None,
                  accelerator: bool, graph_bytes: int | None = None, fraction: float = 0.5,
-                 allow_none: bool = True) -> BasisChoice:
-    """Place a ``vectors``-product Lanczos basis so the probe uses at most ``fraction`` of the free memory.
+                 need_vectors: bool = False, prefer_recurrence: bool = False) -> BasisChoice:
+    """Where a ``vectors``-product Lanczos basis goes, using at most ``fraction`` of the free memory.
 
-    Tried in order: float32 on the device; on an accelerator, float32 on the host; bfloat16 (on
-    the host with an accelerator); no stored basis (``allow_none``: the three-term recurrence,
-    as accurate on the extremes in the exact tests; no Ritz vectors). A free amount of ``None``
-    is unknown and taken as enough. On a CPU the device is the host (``device_free`` is then
-    ignored).
+    A float32 basis on the device when it fits (and ``prefer_recurrence`` is false); otherwise
+    no stored basis, the three-term recurrence (as accurate at both ends on the exact tests, two
+    vectors instead of one per product, no reorthogonalization work). When the caller needs Ritz
+    vectors (``need_vectors``) a basis must be kept: float32 on the device, then (with an
+    accelerator) float32 on the host, then bfloat16 there (0.011% of lambda_max on the exact
+    tests), else it does not fit. A free amount of ``None`` is unknown and taken as enough. On a
+    CPU the device is the host (``device_free`` is then ignored).
     """
 
     def room(free: int | None) -> float:
@@ -140,11 +144,20 @@ def choose_basis(n_params: int, *, vectors: int, device_free: int | None, host_f
     dev_room = room(device_free if accelerator else host_free)
     host_room = room(host_free) if accelerator else dev_room
     fixed = probe_memory(n_params, vectors=0, graph_bytes=graph_bytes).device_bytes
+    none = probe_memory(n_params, place=BasisPlace.NONE, graph_bytes=graph_bytes)
     if fixed > dev_room:
-        mem = probe_memory(n_params, place=BasisPlace.NONE, graph_bytes=graph_bytes)
-        return BasisChoice(False, mem, (
+        return BasisChoice(False, none, (
             f"the probe's working vectors and graph need {_gb(fixed)} on the device and "
             f"{fraction:.0%} of its free memory is {_gb(dev_room)}"))
+    full = probe_memory(n_params, vectors=vectors, graph_bytes=graph_bytes)
+    fits_device = full.basis_bytes <= dev_room - fixed
+    if not need_vectors:
+        if fits_device and not prefer_recurrence:
+            return BasisChoice(True, full, _where(full))
+        why = ("its reorthogonalization would cost more than a tenth of the probe's time" if fits_device else
+               f"{_where(full)} does not fit in what is left of {fraction:.0%} of the free memory "
+               f"({_gb(max(dev_room - fixed, 0.0))})")
+        return BasisChoice(True, none, f"no stored basis (the three-term recurrence): {why}")
     off = BasisPlace.HOST if accelerator else BasisPlace.DEVICE
     options = [(BasisPlace.DEVICE, False)] + ([(BasisPlace.HOST, False)] if accelerator else []) + [(off, True)]
     for place, half in options:
@@ -154,15 +167,10 @@ def choose_basis(n_params: int, *, vectors: int, device_free: int | None, host_f
             return BasisChoice(True, mem, _where(mem))
     half_bytes = vectors * n_params * BFLOAT16
     left = max(host_room if accelerator else dev_room - fixed, 0.0)
-    where = f"what is left of {fraction:.0%} of the free {'host ' if accelerator else ''}memory is {_gb(left)}"
-    if allow_none:
-        mem = probe_memory(n_params, place=BasisPlace.NONE, graph_bytes=graph_bytes)
-        return BasisChoice(True, mem, (
-            f"no stored basis (three-term recurrence): {vectors} vectors would need {_gb(half_bytes)} in "
-            f"bfloat16 and {where}"))
     mem = probe_memory(n_params, vectors=vectors, half=True, place=off, graph_bytes=graph_bytes)
     return BasisChoice(False, mem, (
-        f"the Lanczos basis needs {vectors} x {n_params:,} values ({_gb(half_bytes)} in bfloat16) and {where}"))
+        f"the Lanczos basis needs {vectors} x {n_params:,} values ({_gb(half_bytes)} in bfloat16) and what is "
+        f"left of {fraction:.0%} of the free {'host ' if accelerator else ''}memory is {_gb(left)}"))
 
 
 def _where(mem: ProbeMemory) -> str:
@@ -198,22 +206,26 @@ class ProbePlan:
         }
 
 
-def solver_seconds(products: int, pass_s: float) -> float:
-    """Seconds Lanczos spends besides the products: step ``j`` reorthogonalizes against ``j``
-    basis vectors twice, four passes over each (``pass_s``: one pass over a trainable-sized vector)."""
-    return 2.0 * products * (products + 1) * pass_s
+def solver_seconds(products: int, pass_s: float, *, keep_basis: bool = True) -> float:
+    """Seconds Lanczos spends besides the products (``pass_s``: one pass over a trainable-sized
+    vector). With a kept basis, step ``j`` reorthogonalizes against ``j`` vectors twice, four
+    passes over each; the three-term recurrence makes ``RECURRENCE_PASSES`` passes a step."""
+    if keep_basis:
+        return 2.0 * products * (products + 1) * pass_s
+    return RECURRENCE_PASSES * products * pass_s
 
 
 def plan_probe(*, budget_s: float, product_s: float, micro_batches: int, groups: int, max_iter: int,
                min_iter: int, settle_iter: int = SETTLE_ITER, pass_s: float = 0.0,
-               single_s: float | None = None) -> ProbePlan:
+               single_s: float | None = None, keep_basis: bool = True) -> ProbePlan:
     """The largest probe that fits ``budget_s``, given ``product_s`` seconds per micro-batch product.
 
     Per group (each gets ``budget_s / groups``): at least ``min_iter`` products on one
     micro-batch, else it does not fit; then products up to ``settle_iter`` (Lanczos needs about
     20 to settle both ends), then micro-batches up to ``micro_batches``, then products up to
-    ``max_iter``. ``pass_s`` prices the solver's own work (``solver_seconds``), which matters for
-    full fine-tunes: 26M parameters cost about 20 ms a pass. ``single_s``, when given, is a
+    ``max_iter``. ``pass_s`` prices the solver's own work (``solver_seconds``, with or without a
+    kept basis), which matters for full fine-tunes: 26M parameters cost 20-40 ms a pass, and 27
+    products with a kept basis spent about 50 s of a 190 s probe reorthogonalizing. ``single_s``, when given, is a
     product's cost on a single micro-batch whose double-backward graph is kept between products
     (only the second backward runs).
     """
@@ -223,7 +235,7 @@ def plan_probe(*, budget_s: float, product_s: float, micro_batches: int, groups:
 
     def cost(m: int, p: int) -> float:
         per_product = single_s if m == 1 and single_s is not None else m * product_s
-        return p * per_product + solver_seconds(p, pass_s)
+        return p * per_product + solver_seconds(p, pass_s, keep_basis=keep_basis)
 
     def most_products(m: int) -> int:
         p = max_iter
@@ -243,6 +255,6 @@ def plan_probe(*, budget_s: float, product_s: float, micro_batches: int, groups:
     if cost(1, target) > share:
         p = most_products(1)
         return plan(1, p, True, f"{p} products per group on one micro-batch")
-    m = max(1, min(micro_batches, int((share - solver_seconds(target, pass_s)) // (target * per))))
+    m = max(1, min(micro_batches, int((share - solver_seconds(target, pass_s, keep_basis=keep_basis)) // (target * per))))
     p = most_products(m)
     return plan(m, p, True, f"{p} products per group on {m} micro-batch{'es' if m > 1 else ''}")

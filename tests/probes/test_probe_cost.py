@@ -72,35 +72,55 @@ def test_math_attention_of_a_7b_micro_batch() -> None:
     assert need / GIB == pytest.approx(256.0)
 
 
-def test_basis_goes_to_the_device_then_the_host_then_half_then_nowhere() -> None:
-    n = 160_000_000  # a 30-vector float32 basis is 17.9 GiB, half precision 8.9 GiB
+def test_a_basis_on_the_device_else_the_recurrence() -> None:
+    n = 160_000_000  # QLoRA r=64 on a 7B model: a 30-vector float32 basis is 17.9 GiB
     work = probe_memory(n, vectors=0).device_bytes  # 3.6 GiB of working vectors
     kw = dict(vectors=30, accelerator=True, fraction=0.5)
     roomy = choose_basis(n, device_free=80 * GIB, host_free=100 * GIB, **kw)
-    assert roomy.fits and roomy.memory.basis_place is BasisPlace.DEVICE and not roomy.memory.basis_half
-    host = choose_basis(n, device_free=10 * GIB, host_free=100 * GIB, **kw)
-    assert host.fits and host.memory.basis_place is BasisPlace.HOST and not host.memory.basis_half
-    half = choose_basis(n, device_free=10 * GIB, host_free=20 * GIB, **kw)
-    assert half.fits and half.memory.basis_place is BasisPlace.HOST and half.memory.basis_half and half.keep
-    none = choose_basis(n, device_free=10 * GIB, host_free=8 * GIB, **kw)
-    assert none.fits and not none.keep and none.memory.basis_bytes == 0 and "three-term" in none.message
-    assert none.memory.device_bytes == work
-    nowhere = choose_basis(n, device_free=10 * GIB, host_free=8 * GIB, allow_none=False, **kw)
-    assert not nowhere.fits and "8.94 GiB in bfloat16" in nowhere.message
+    assert roomy.fits and roomy.keep and roomy.memory.basis_place is BasisPlace.DEVICE
+    assert not roomy.memory.basis_half and roomy.memory.vectors == 30
+    tight = choose_basis(n, device_free=10 * GIB, host_free=100 * GIB, **kw)
+    assert tight.fits and not tight.keep and tight.memory.basis_bytes == 0
+    assert tight.memory.device_bytes == work and "three-term recurrence" in tight.message
+    slow = choose_basis(n, device_free=80 * GIB, host_free=100 * GIB, prefer_recurrence=True, **kw)
+    assert not slow.keep and "reorthogonalization" in slow.message
     no_device = choose_basis(n, device_free=work, host_free=100 * GIB, **kw)  # only half of it may be used
     assert not no_device.fits and "working vectors" in no_device.message
     graph = choose_basis(n, device_free=40 * GIB, host_free=100 * GIB, graph_bytes=10 * GIB, **kw)
-    assert graph.memory.basis_place is BasisPlace.HOST  # 3.6 + 10 GiB leave 6.4 of the 20 GiB share
+    assert not graph.keep  # 3.6 + 10 GiB leave 6.4 of the 20 GiB share, under the basis's 17.9
+
+
+def test_ritz_vectors_keep_a_basis_on_the_host_or_in_half_precision() -> None:
+    n = 160_000_000
+    kw = dict(vectors=30, accelerator=True, fraction=0.5, need_vectors=True)
+    host = choose_basis(n, device_free=10 * GIB, host_free=100 * GIB, **kw)
+    assert host.fits and host.memory.basis_place is BasisPlace.HOST and not host.memory.basis_half
+    half = choose_basis(n, device_free=10 * GIB, host_free=20 * GIB, **kw)
+    assert half.fits and half.memory.basis_place is BasisPlace.HOST and half.memory.basis_half
+    assert half.memory.host_bytes == 30 * n * 2
+    nowhere = choose_basis(n, device_free=10 * GIB, host_free=8 * GIB, **kw)
+    assert not nowhere.fits and "8.94 GiB in bfloat16" in nowhere.message
 
 
 def test_on_a_cpu_the_host_is_the_device_and_unknown_memory_is_enough() -> None:
     n = 26_000_000  # the full fine-tune: 3.1 GB of float32 basis
-    cpu = choose_basis(n, vectors=30, device_free=None, host_free=5 * GIB, accelerator=False)
-    assert cpu.fits and cpu.memory.basis_place is BasisPlace.DEVICE and cpu.memory.basis_half
-    tight = choose_basis(n, vectors=30, device_free=None, host_free=4 * GIB, accelerator=False)
-    assert not tight.keep and "what is left of 50% of the free memory is 1.42 GiB" in tight.message
+    cpu = choose_basis(n, vectors=30, device_free=None, host_free=8 * GIB, accelerator=False)
+    assert cpu.fits and cpu.keep and cpu.memory.basis_place is BasisPlace.DEVICE
+    small = choose_basis(n, vectors=30, device_free=None, host_free=4 * GIB, accelerator=False)
+    assert small.fits and not small.keep and "(1.42 GiB)" in small.message
+    half = choose_basis(n, vectors=30, device_free=None, host_free=5 * GIB, accelerator=False, need_vectors=True)
+    assert half.fits and half.memory.basis_half and half.memory.basis_place is BasisPlace.DEVICE
     unknown = choose_basis(n, vectors=30, device_free=None, host_free=None, accelerator=False)
-    assert unknown.fits and not unknown.memory.basis_half and unknown.memory.vectors == 30
+    assert unknown.fits and unknown.keep and not unknown.memory.basis_half and unknown.memory.vectors == 30
+
+
+def test_the_recurrence_costs_a_few_passes_a_step() -> None:
+    assert solver_seconds(30, 0.02, keep_basis=False) == pytest.approx(8 * 30 * 0.02)
+    kw = dict(product_s=1.0, micro_batches=16, groups=1, max_iter=30, min_iter=10, pass_s=0.02)
+    kept = plan_probe(budget_s=60.0, **kw)
+    recurrence = plan_probe(budget_s=60.0, keep_basis=False, **kw)
+    assert (recurrence.micro_batches, recurrence.products) == (2, 27)  # 54 + 4.3 s
+    assert recurrence.micro_batches * recurrence.products > kept.micro_batches * kept.products
 
 
 def test_the_cost_model_imports_without_torch() -> None:
