@@ -87,8 +87,9 @@ def _collate(rows: list[dict[str, list[int]]]) -> dict[str, Any]:
     return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
 
 
-def worker_probe(budget: float) -> dict[str, Any]:
-    """A training step's time and peak, then one probe with ``budget`` seconds: time and peak."""
+def worker_probe(budget: float, lora: int = 0) -> dict[str, Any]:
+    """A training step's time and peak, then one probe with ``budget`` seconds: time and peak.
+    ``lora``: a LoRA adapter of that rank on every linear layer instead of the full fine-tune."""
     import torch
 
     from lossguard.config import ProbeConfig
@@ -96,10 +97,15 @@ def worker_probe(budget: float) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     model = _model()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora, lora_alpha=2 * lora, lora_dropout=0.0, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     data = _examples(128 + 8 * ROWS, seed=1)
     kept = [_collate(data[i:i + ROWS]) for i in range(0, 128, ROWS)]
     train = [_collate(data[i:i + ROWS]) for i in range(128, len(data), ROWS)]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3 if lora else 3e-4)
     model.train()
 
     def step(batch: dict[str, Any]) -> None:
@@ -128,7 +134,7 @@ def worker_probe(budget: float) -> dict[str, Any]:
     probe_s = time.perf_counter() - t0
     rec = res.to_record()
     return {
-        "params": sum(p.numel() for p in model.parameters()), "step_s": step_s, "rest": rest,
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad), "step_s": step_s, "rest": rest,
         "step_peak": step_peak, "rest_probe": rest_probe, "probe_peak": _status("VmHWM"), "probe_s": probe_s,
         "budget": budget, "record": {k: v for k, v in rec.items() if k not in ("groups",)},
     }
@@ -188,11 +194,19 @@ def _checkout(ref: str, into: Path) -> Path:
     return into
 
 
+def _basis(mem: dict[str, Any] | None) -> str:
+    if not mem:
+        return "-"
+    if mem["basis_place"] == "none":
+        return "none (three-term recurrence)"
+    return f"{mem['vectors']} x {mem['basis_dtype']} on the {mem['basis_place']}"
+
+
 def _mb(n: float) -> str:
     return f"{n / 2**20:,.0f} MB"
 
 
-def part1(before: Path | None, steps: int, big_fraction: float) -> float:
+def part1(before: Path | None, steps: int, big_fraction: float, lora: int) -> float:
     print(f"Part 1: the probe alone (2 groups x 16 micro-batches of {ROWS} x {2 * HALF} tokens)")
     first = _spawn(["probe", "1e-9"], ROOT)  # a training step's figures (the probe is skipped at once)
     step_s = first["step_s"]
@@ -202,19 +216,24 @@ def part1(before: Path | None, steps: int, big_fraction: float) -> float:
           f"at rest {_mb(first['rest'])}, step peak {_mb(first['step_peak'])} (+{_mb(first['step_peak'] - first['rest'])})")
     variants = []
     if before is not None:
-        variants.append(("before", before, default_budget))
-    variants += [("after", ROOT, default_budget), ("after", ROOT, big_budget)]
+        variants.append(("before", before, default_budget, 0))
+    variants += [("after", ROOT, default_budget, 0), ("after", ROOT, big_budget, 0)]
+    if lora:
+        variants += [(f"LoRA r={lora}, before", before, big_budget, lora)] if before is not None else []
+        variants += [(f"LoRA r={lora}, after", ROOT, big_budget, lora)]
     print(f"  {'code':7s} {'budget':>8s} {'seconds':>8s} {'overrun':>8s} {'products':>8s} {'peak RSS':>10s} "
           f"{'x step peak':>11s}  outcome")
-    for name, code, budget in variants:
-        r = _spawn(["probe", repr(budget)], code)
+    for name, code, budget, rank in variants:
+        r = _spawn(["probe", repr(budget), str(rank)], code)
+        if rank:
+            print(f"  {name}: {r['params'] / 1e6:.2f}M trainable; training step {r['step_s']:.2f} s, at rest "
+                  f"{_mb(r['rest'])}, step peak {_mb(r['step_peak'])} (+{_mb(r['step_peak'] - r['rest'])})")
         rec = r["record"]
         over = r["probe_s"] - budget
         outcome = (f"skipped: {rec['reason']}: {rec['message']}" if rec.get("skipped") else
                    f"{rec['verdict']}, method {rec['method']}, stop {rec.get('stop_reason')}, "
-                   f"plan {rec.get('plan')}, memory {rec.get('memory', {}).get('basis_dtype')} basis of "
-                   f"{rec.get('memory', {}).get('vectors')} vectors, {rec.get('product_seconds', 0):.2f} s per "
-                   f"micro-batch product")
+                   f"plan {rec.get('plan')}, basis {_basis(rec.get('memory'))}, "
+                   f"{rec.get('product_seconds', 0):.2f} s per micro-batch product")
         print(f"  {name:7s} {budget:7.1f}s {r['probe_s']:7.1f}s {over:+7.1f}s {rec.get('n_hvp', 0):8d} "
               f"{_mb(r['probe_peak']):>10s} {r['probe_peak'] / r['step_peak']:10.2f}x  {outcome}")
         if not rec.get("skipped") and rec.get("memory"):
@@ -252,7 +271,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         kind = sys.argv[2]
         if kind == "probe":
-            out = worker_probe(float(sys.argv[3]))
+            out = worker_probe(float(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0)
         else:
             out = worker_run(int(sys.argv[3]), json.loads(sys.argv[4]))
         print(json.dumps(out, default=str))
@@ -264,12 +283,13 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=1.0,
                     help="max_time_fraction that lets a probe fit (the Trainer run also lifts max_seconds to 600)")
     ap.add_argument("--part", choices=("1", "2", "both"), default="both")
+    ap.add_argument("--lora", type=int, default=16, help="also probe a LoRA adapter of this rank (0: no)")
     args = ap.parse_args()
     print(f"probe_scale: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, 1 torch thread per process")
     with tempfile.TemporaryDirectory() as tmp:
         before = _checkout(args.before, Path(tmp)) if args.before else None
         if args.part in ("1", "both"):
-            part1(before, args.steps, args.fraction)
+            part1(before, args.steps, args.fraction, args.lora)
         if args.part in ("2", "both"):
             part2(before if args.before_run else None, args.steps, args.fraction)
 

@@ -155,6 +155,7 @@ class ProbeConfig:
     max_time_fraction: float = 0.05
     min_iter: int = 10
     max_memory_fraction: float = 0.5
+    max_memory_ratio: float = 1.5
 
     def __post_init__(self) -> None:
         _check_int("every_n_steps", self.every_n_steps, 0)
@@ -162,6 +163,7 @@ class ProbeConfig:
         _check_int("max_iter", self.max_iter, 2, 1000)
         _check_int("min_iter", self.min_iter, 2, 1000)
         _check_range("max_memory_fraction", self.max_memory_fraction, 0.0, 1.0, lo_open=True)
+        _check_range("max_memory_ratio", self.max_memory_ratio, 1.0, 1000.0)
         _check_range("max_seconds", self.max_seconds, 0.0, 1e6, lo_open=True)
         _check_int("batch_size", self.batch_size, 1)
         _check_range("tol", self.tol, 0.0, 1.0)

@@ -40,11 +40,14 @@ from lossguard.probes.probe_cost import (
     REORTH_SHARE,
     BasisChoice,
     BasisPlace,
+    PeakEstimate,
     ProbeMemory,
     ProbePlan,
     choose_basis,
+    estimate_peaks,
     math_attention_bytes,
     plan_probe,
+    probe_memory,
     solver_seconds,
 )
 from lossguard.records import ProbeVerdict as Verdict
@@ -459,11 +462,12 @@ def _first_product(pieces: list[LossPiece], space: ParamSpace, choice: MethodCho
 
 
 def _plan_and_basis(choice: MethodChoice, n_params: int, n_mb: int, groups: int, cfg: ProbeConfig, min_iter: int,
-                    budget: float, pass_s: float, device: torch.device,
-                    need_vectors: bool) -> tuple[ProbePlan, BasisChoice]:
+                    budget: float, pass_s: float, device: torch.device, need_vectors: bool,
+                    peaks: PeakEstimate | None) -> tuple[ProbePlan, BasisChoice]:
     """The time plan and the basis placement, decided together: a kept basis gives way to the
     three-term recurrence when its reorthogonalization would take more than ``REORTH_SHARE`` of
-    the probe, when it does not fit in memory, or when only the cheaper recurrence fits the time."""
+    the probe, when it would take the peak past ``max_memory_ratio`` x training's, when it does
+    not fit in free memory, or when only the cheaper recurrence fits the time."""
 
     def plan_for(keep: bool) -> ProbePlan:
         return plan_probe(budget_s=budget, product_s=choice.product_seconds, micro_batches=n_mb, groups=groups,
@@ -472,7 +476,17 @@ def _plan_and_basis(choice: MethodChoice, n_params: int, n_mb: int, groups: int,
 
     plan = plan_for(True)
     reorth = solver_seconds(plan.products, pass_s)
-    prefer = not need_vectors and (not plan.fits or reorth > REORTH_SHARE * plan.seconds / groups)
+    heavy = peaks is not None and not peaks.basis_fits(probe_memory(n_params, vectors=plan.products).basis_bytes,
+                                                         choice.method)
+    prefer = None
+    if not need_vectors:
+        if not plan.fits:
+            prefer = "only the recurrence's lighter solver fits the time"
+        elif heavy:
+            prefer = f"a kept basis would take the peak memory past {cfg.max_memory_ratio:g} x training's"
+        elif reorth > REORTH_SHARE * plan.seconds / groups:
+            prefer = (f"reorthogonalizing {plan.products} vectors would take about {reorth:.3g} s, more than "
+                      f"{REORTH_SHARE:.0%} of the probe")
     if prefer:
         plan = plan_for(False)
     dev_free, host_free = free_memory(device)
@@ -482,6 +496,19 @@ def _plan_and_basis(choice: MethodChoice, n_params: int, n_mb: int, groups: int,
     if basis.fits and not basis.keep and not prefer:
         plan = plan_for(False)
     return plan, basis
+
+
+def _estimate_peaks(device: torch.device, n_params: int, ratio: float) -> PeakEstimate | None:
+    """On CUDA, training's allocated memory now and its peak so far (read, never reset), and
+    where each product method would take the peak. Elsewhere ``None``: a process's peak RSS
+    includes whatever loaded the model, and a CPU rarely runs out first."""
+    if device.type != "cuda":
+        return None
+    try:
+        now, peak = torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+    except RuntimeError:
+        return None
+    return estimate_peaks(now=now, peak=peak, n_params=n_params, ratio=ratio)
 
 
 def _pass_seconds(v: torch.Tensor, clock: Callable[[], float]) -> float:
@@ -592,6 +619,9 @@ def _probe_groups(
     avoid = _attention_risk(model, groups[0], dev_free if accelerator else host_free, cfg.max_memory_fraction)
     if avoid and cfg.hvp == "double_backward":
         return ProbeSkipped("no_memory", avoid, step)
+    peaks = _estimate_peaks(device, n_params, cfg.max_memory_ratio)
+    if avoid is None and peaks is not None and peaks.avoid_double_backward:
+        avoid = f"finite differences, to hold the memory: {peaks.message}"
     modes = {m: m.training for m in model.modules()}
     deadline = Deadline(cfg.max_seconds, clock)
     results: list[CurvatureResult] = []
@@ -609,7 +639,7 @@ def _probe_groups(
                                    products_ahead=len(groups) * cfg.max_iter * n_mb)
             spent["product_seconds"] = choice.product_seconds
             plan, basis = _plan_and_basis(choice, n_params, n_mb, len(groups), cfg, min_iter, deadline.left(),
-                                          _pass_seconds(choice.product, clock), device, return_direction)
+                                          _pass_seconds(choice.product, clock), device, return_direction, peaks)
             if not plan.fits:
                 return ProbeSkipped("too_expensive", plan.message, step,
                                     {**spent, "plan": plan.summary(), "hvp": choice.summary()})
@@ -654,8 +684,11 @@ def _probe_groups(
         return failure
     assert plan is not None and choice is not None and basis is not None
     result = _combine(results, sizes, deadline.spent(), expected=len(groups))
-    result.extra.update({"product_seconds": choice.product_seconds, "plan": plan.summary(),
-                         "memory": basis.memory.summary(), "budget_seconds": cfg.max_seconds})
+    memory = {**basis.memory.summary(), "why": basis.message}
+    if peaks is not None:
+        memory["peak_estimate"] = peaks.summary()
+    result.extra.update({"product_seconds": choice.product_seconds, "plan": plan.summary(), "memory": memory,
+                         "budget_seconds": cfg.max_seconds})
     return result
 
 
