@@ -7,7 +7,11 @@ and is plain data, so it serialises into the ``run`` record as it is.
 
 from __future__ import annotations
 
+import difflib
 import math
+import numbers
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -25,6 +29,39 @@ def _check_int(name: str, value: Any, lo: int, hi: int = 2**62) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name}={value!r} must be an integer in [{lo}, {hi}]")
     _check_range(name, value, lo, hi)
+
+
+def _check_types(section: Any) -> None:
+    """Coerce each field to its declared type, or raise ``ValueError`` naming it.
+
+    Numbers of any numeric type are accepted where a number is declared (an integer only where an
+    integer is); a string is never a number or a boolean: ``"no"`` would be truthy.
+    """
+    for f in fields(section):
+        declared = str(f.type).replace(" | None", "")
+        value = getattr(section, f.name)
+        if value is None and str(f.type).endswith("| None"):
+            continue
+        if declared == "bool":
+            if not isinstance(value, bool):
+                raise ValueError(f"{f.name}={value!r} must be True or False")
+        elif declared == "int":
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{f.name}={value!r} must be an integer")
+            setattr(section, f.name, int(value))
+        elif declared == "float":
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{f.name}={value!r} must be a number")
+            setattr(section, f.name, float(value))
+        elif declared == "str" and isinstance(value, os.PathLike):
+            setattr(section, f.name, os.fspath(value))
+        elif declared == "str" and not isinstance(value, str):
+            raise ValueError(f"{f.name}={value!r} must be a string")
+
+
+def _named(section: str, error: ValueError) -> ValueError:
+    """The same error with the section in front of the field: ``recovery.lr_factor=...``."""
+    return ValueError(f"{section}.{error}")
 
 
 @dataclass
@@ -57,6 +94,13 @@ class DetectionConfig:
     batch_steps: int = 10
 
     def __post_init__(self) -> None:
+        try:
+            _check_types(self)
+            self._check()
+        except ValueError as e:
+            raise _named("detection", e) from None
+
+    def _check(self) -> None:
         _check_int("spike_window", self.spike_window, 8)
         _check_range("spike_sigmas", self.spike_sigmas, 1.0, 100.0)
         _check_int("min_history", self.min_history, 2)
@@ -78,6 +122,33 @@ class DetectionConfig:
         _check_range("degenerate_level", self.degenerate_level, 0.0, 1e6)
         _check_int("cooldown_steps", self.cooldown_steps, 0)
         _check_int("batch_steps", self.batch_steps, 1, 1000)
+
+
+# the reasons a detector finds that may start a recovery (the others are lossguard's own verdicts)
+TRIGGER_REASONS = (
+    Reason.EARLY_CONVERGENCE,
+    Reason.SPIKE,
+    Reason.DIVERGENCE,
+    Reason.NONFINITE,
+    Reason.GRAD_EXPLOSION,
+    Reason.GRAD_VANISHING,
+    Reason.ZERO_LOSS,
+)
+
+
+def _triggers(value: Any) -> tuple[Reason, ...]:
+    """``triggers`` as a tuple of reasons; one reason alone (``"spike"``) is a list of one."""
+    allowed = ", ".join(r.value for r in TRIGGER_REASONS)
+    items = [value] if isinstance(value, (str, Reason)) else value
+    if not isinstance(items, Iterable):
+        raise ValueError(f"triggers={value!r} must be a list of reasons; allowed: {allowed}")
+    out = []
+    for item in items:
+        reason = next((r for r in TRIGGER_REASONS if item == r or item == r.value), None)
+        if reason is None:
+            raise ValueError(f"triggers: {item!r} is not a reason that can start a recovery; allowed: {allowed}")
+        out.append(reason)
+    return tuple(out)
 
 
 DEFAULT_TRIGGERS = (
@@ -118,7 +189,14 @@ class RecoveryConfig:
     judge_z: float = 2.0
 
     def __post_init__(self) -> None:
-        self.triggers = tuple(Reason(t) for t in self.triggers)
+        try:
+            _check_types(self)
+            self._check()
+        except ValueError as e:
+            raise _named("recovery", e) from None
+
+    def _check(self) -> None:
+        self.triggers = _triggers(self.triggers)
         _check_int("rollback_steps", self.rollback_steps, 0)
         _check_int("snapshot_every", self.snapshot_every, 1)
         _check_range("lr_factor", self.lr_factor, 0.0, 1.0, lo_open=True)
@@ -158,6 +236,13 @@ class ProbeConfig:
     max_memory_ratio: float = 1.5
 
     def __post_init__(self) -> None:
+        try:
+            _check_types(self)
+            self._check()
+        except ValueError as e:
+            raise _named("probe", e) from None
+
+    def _check(self) -> None:
         _check_int("every_n_steps", self.every_n_steps, 0)
         _check_range("max_time_fraction", self.max_time_fraction, 0.0, 1.0)
         _check_int("max_iter", self.max_iter, 2, 1000)
@@ -181,6 +266,13 @@ class GpuConfig:
     peak_tflops: float | None = None
 
     def __post_init__(self) -> None:
+        try:
+            _check_types(self)
+            self._check()
+        except ValueError as e:
+            raise _named("gpu", e) from None
+
+    def _check(self) -> None:
         _check_range("interval_s", self.interval_s, 0.0, 3600.0, lo_open=True)
         if self.peak_tflops is not None:
             _check_range("peak_tflops", self.peak_tflops, 0.0, 1e6, lo_open=True)
@@ -198,11 +290,12 @@ class GuardConfig:
     log_subdir: str = "lossguard"
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("detection", "recovery", "probe", "gpu") and isinstance(value, dict):
-                setattr(self, f.name, _SECTIONS[f.name](**value))
-        if not self.log_subdir or "/" in self.log_subdir or self.log_subdir in (".", ".."):
+        for name, cls in _SECTIONS.items():
+            setattr(self, name, _section(name, cls, getattr(self, name)))
+        if not isinstance(self.console, bool):
+            raise ValueError(f"console={self.console!r} must be True or False")
+        if not isinstance(self.log_subdir, str) or not self.log_subdir or "/" in self.log_subdir \
+                or self.log_subdir in (".", ".."):
             raise ValueError(f"log_subdir={self.log_subdir!r} must be a plain directory name")
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,3 +310,53 @@ _SECTIONS: dict[str, type] = {
     "probe": ProbeConfig,
     "gpu": GpuConfig,
 }
+
+_TOP_LEVEL = ("console", "log_subdir")
+
+
+def _section(name: str, cls: type, value: Any) -> Any:
+    """One section from what the user passed: the section itself, a dict of its options, or
+    ``True`` / ``False`` (defaults / switched off, for the sections that have ``enabled``)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, bool):
+        if value:
+            return cls()
+        if "enabled" not in cls.__dataclass_fields__:
+            raise ValueError(f"{name}=False: the {name} section cannot be switched off; "
+                             "pass a dict of its options (recovery=False detects and reports only)")
+        return cls(enabled=False)
+    if isinstance(value, Mapping):
+        known = list(cls.__dataclass_fields__)
+        for key in value:
+            if key not in known:
+                near = difflib.get_close_matches(str(key), known, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ValueError(f"{name}: unknown option {key!r}{hint}; allowed: {', '.join(known)}")
+        return cls(**value)
+    raise ValueError(f"{name}={value!r} must be a dict of options, a {cls.__name__}, True or False")
+
+
+def resolve_config(owner: str, config: Any, sections: Mapping[str, Any]) -> GuardConfig:
+    """The ``GuardConfig`` that ``LossGuard(...)`` / ``LoopGuard(...)`` arguments describe.
+
+    Either a ``GuardConfig`` or keyword sections, not both: a keyword beside a config would have
+    to either replace the config's section or be merged into it, and guessing wrong silently
+    switches something back on (guide.md, "Attaching it").
+    """
+    allowed = (*_SECTIONS, *_TOP_LEVEL)
+    for key in sections:
+        if key not in allowed:
+            near = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"{owner}: unknown option {key!r}{hint}; allowed: config, {', '.join(allowed)}")
+    if config is None:
+        return GuardConfig(**sections)
+    if not isinstance(config, GuardConfig):
+        raise ValueError(f"{owner}: config={type(config).__name__} must be a GuardConfig "
+                         "(or pass the sections as keywords)")
+    if sections:
+        given = ", ".join(sections)
+        raise ValueError(f"{owner}: got a GuardConfig and keyword options ({given}); pass one or the other, "
+                         f"e.g. GuardConfig({next(iter(sections))}=...) or only the keywords")
+    return config

@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from lossguard.config import GuardConfig
+from lossguard.config import GuardConfig, resolve_config
 from lossguard.integrations import dist
 from lossguard.integrations.core import Reporter, carry_out, contained
 from lossguard.integrations.hf_extras import interval_logs, run_first, run_preflight, start_gpu_sampler
@@ -41,7 +41,7 @@ class LossGuard(TrainerCallback):
 
     def __init__(self, config: GuardConfig | None = None, *, log_dir: str | os.PathLike[str] | None = None,
                  gpu_backend: Any = None, **sections: Any) -> None:
-        self.config = config if config is not None else GuardConfig(**sections)
+        self.config = resolve_config("LossGuard", config, sections)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.report = Reporter(self.config)
         self.engine: Any = None

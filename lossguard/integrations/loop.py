@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lossguard.config import GuardConfig
+from lossguard.config import GuardConfig, resolve_config
 from lossguard.guard import Guard
 from lossguard.integrations import core, dist
 from lossguard.integrations.core import Reporter, carry_out
@@ -69,7 +69,7 @@ class LoopGuard:
                  log_dir: str | os.PathLike[str] | None = None, max_steps: int | None = None,
                  num_train_epochs: float | None = None, start_step: int = 0,
                  judge_batches: Sequence[Mapping[str, Any]] | None = None, **sections: Any) -> None:
-        self.config = config if config is not None else GuardConfig(**sections)
+        self.config = resolve_config("LoopGuard", config, sections)
         self.model = model
         self.engine = Guard(self.config, max_steps=max_steps, num_train_epochs=num_train_epochs)
         self.global_step = start_step
