@@ -260,7 +260,7 @@ def test_device_map_over_two_gpus_without_launcher(setup, tmp_path, monkeypatch)
 def test_precision_choice_on_a_gpu(setup, tmp_path, monkeypatch, fp16, bf16, gpu_bf16, expect, needle):
     import lossguard.preflight as pf
 
-    monkeypatch.setattr(pf, "_gpu_info", lambda: (True, gpu_bf16, "FakeGPU"))  # the hardware is the fake
+    monkeypatch.setattr(pf, "gpu_info", lambda: (True, gpu_bf16, "FakeGPU"))  # the hardware is the fake
     args = training_args(str(tmp_path), use_cpu=False, fp16=False, bf16=False)
     args.fp16, args.bf16 = fp16, bf16
     row = preflight(args, setup.model, None).row("mixed precision")
@@ -270,7 +270,7 @@ def test_precision_choice_on_a_gpu(setup, tmp_path, monkeypatch, fp16, bf16, gpu
 def test_fp16_amp_over_fp16_trainable_weights(setup, tmp_path, monkeypatch):
     import lossguard.preflight as pf
 
-    monkeypatch.setattr(pf, "_gpu_info", lambda: (True, False, "T4"))
+    monkeypatch.setattr(pf, "gpu_info", lambda: (True, False, "T4"))
     model = build_model(setup.tokenizer).half()
     args = training_args(str(tmp_path), use_cpu=False)
     args.fp16 = True
@@ -302,12 +302,43 @@ def test_trainer_dataloader_as_the_callback_sees_it(setup, tmp_path):
         sum(len(r["input_ids"]) for r in rows)
 
 
+def _reference_counts(rows: list[dict], shift: bool, pad_id: int | None) -> dict[str, int]:
+    """The audit's counts written the plain way, one row and one position at a time."""
+    out = dict.fromkeys(("rows_seen", "tokens", "rows_with_labels", "label_positions", "masked_positions",
+                         "supervised", "rows_nothing_to_learn", "rows_unmasked"), 0)
+    for row in rows:
+        ids, mask, labels = row["input_ids"], row.get("attention_mask"), row.get("labels")
+        if mask is not None and len(mask) == len(ids):
+            real = [m != 0 for m in mask]
+        elif labels is not None and pad_id is not None and len(labels) == len(ids):
+            real = [not (t == pad_id and lab == -100) for t, lab in zip(ids, labels, strict=True)]
+        else:
+            real = [True] * len(ids)
+        out["rows_seen"] += 1
+        out["tokens"] += sum(real)
+        if labels is None:
+            continue
+        out["rows_with_labels"] += 1
+        if len(labels) == len(ids):
+            kept = [lab for lab, keep in zip(labels, real, strict=True) if keep]
+            kept_ids = [t for t, keep in zip(ids, real, strict=True) if keep]
+        else:
+            kept, kept_ids = labels, []
+        out["label_positions"] += len(kept)
+        out["masked_positions"] += sum(lab == -100 for lab in kept)
+        learned = sum(lab != -100 for lab in (kept[1:] if shift else kept))
+        out["supervised"] += learned
+        out["rows_nothing_to_learn"] += learned == 0
+        out["rows_unmasked"] += bool(kept_ids) and kept == kept_ids
+    return out
+
+
 @pytest.mark.parametrize("seed", range(6))
-def test_batch_audit_counts_what_the_row_audit_counts(seed):
-    """The vectorised audit of a collated batch and the row-by-row audit agree on every count,
-    over padding, fully masked rows, unmasked rows, rows without real tokens, encoder-decoder
+def test_audit_counts_what_a_plain_count_counts(seed):
+    """The audit of a collated batch, and of its rows one by one, count what a plain position-by-position
+    count does, over padding, fully masked rows, unmasked rows, rows without real tokens, encoder-decoder
     labels of another length, and with and without an attention mask."""
-    from lossguard.preflight import _audit_batch, _audit_row, _batch_rows, _TokenAudit
+    from lossguard.preflight.tokens import TokenAudit, audit_batch, audit_row, batch_rows
 
     rng = torch.Generator().manual_seed(seed)
     rows, length, pad = 12, 9, 0
@@ -329,22 +360,25 @@ def test_batch_audit_counts_what_the_row_audit_counts(seed):
         {"input_ids": ids.tolist(), "labels": labels.tolist()},
     ]
     for batch in batches:
+        plain_rows = batch_rows(batch)  # lists of ints
         for shift in (True, False):
             for pad_id in (pad, None):
-                whole, by_row = _TokenAudit(rows_total=rows), _TokenAudit(rows_total=rows)
-                assert _audit_batch(batch, whole, shift, pad_id)
-                for row in _batch_rows(batch):
-                    _audit_row(row, by_row, shift, pad_id)
+                expected = _reference_counts(plain_rows, shift, pad_id)
+                whole, by_row = TokenAudit(rows_total=rows), TokenAudit(rows_total=rows)
+                assert audit_batch(batch, whole, shift, pad_id)
+                for row in batch_rows(batch):
+                    audit_row(row, by_row, shift, pad_id)
                 assert whole == by_row
+                assert {k: getattr(whole, k) for k in expected} == expected
                 assert whole.rows_seen == rows
-    first = _TokenAudit(rows_total=rows)
-    _audit_batch(batches[0], first, True, pad)
+    first = TokenAudit(rows_total=rows)
+    audit_batch(batches[0], first, True, pad)
     assert first.rows_nothing_to_learn >= 1 and first.rows_unmasked >= 1 and 0 < first.supervised < first.tokens
 
 
 def test_ragged_batch_falls_back_to_rows():
-    from lossguard.preflight import _audit_batch, _TokenAudit
+    from lossguard.preflight.tokens import TokenAudit, audit_batch
 
-    audit = _TokenAudit(rows_total=2)
-    assert not _audit_batch({"input_ids": [[1, 2, 3], [4, 5]], "labels": [[-100, 2, 3], [4, 5]]}, audit, True, 0)
-    assert audit == _TokenAudit(rows_total=2)
+    audit = TokenAudit(rows_total=2)
+    assert not audit_batch({"input_ids": [[1, 2, 3], [4, 5]], "labels": [[-100, 2, 3], [4, 5]]}, audit, True, 0)
+    assert audit == TokenAudit(rows_total=2)
