@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lossguard.probes.gpu import NvmlUnavailable, RealNvmlBackend, Timeline, nvml_get, visible_nvml_indices
-from lossguard.probes.gpu_diagnosis import device_stats, diagnose
-from lossguard.probes.gpu_sampler import GpuSampler, timeline_from_records
+from lossguard.gpu.diagnosis import device_stats, diagnose
+from lossguard.gpu.nvml import NvmlUnavailable, RealNvmlBackend, nvml_get, visible_nvml_indices
+from lossguard.gpu.sampler import GpuSampler, timeline_from_records
+from lossguard.gpu.timeline import Timeline
 
 RESULTS: list[tuple[str, bool, str]] = []
 
@@ -113,7 +114,7 @@ def mapping(torch: Any) -> None:
     with RealNvmlBackend() as backend:
         devices = backend.devices()
         uuids = [d.uuid for d in devices]
-        from lossguard.probes.gpu import nvml_index_for_uuid
+        from lossguard.gpu.nvml import nvml_index_for_uuid
 
         for c in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(c)
@@ -217,7 +218,7 @@ def train_tiny(torch: Any, steps: int, out: Path) -> None:
     for d in diagnose(t, world_size=1, parallel_mode="single"):
         print(f"diagnosis: {d.kind.value}: {d.message}")
 
-    from lossguard.probes.mfu import estimate_mfu
+    from lossguard.gpu.mfu import estimate_mfu
 
     model = trainer.model
     total = sum(p.numel() for p in model.parameters())

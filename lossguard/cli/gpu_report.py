@@ -15,8 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from lossguard.errors import LossguardError
-from lossguard.probes.gpu import NvmlUnavailable, RealNvmlBackend, Timeline
-from lossguard.probes.gpu_diagnosis import (
+from lossguard.gpu.diagnosis import (
     UTIL_MEANS,
     DeviceStats,
     Diagnosis,
@@ -26,6 +25,8 @@ from lossguard.probes.gpu_diagnosis import (
     diagnose,
     process_stats,
 )
+from lossguard.gpu.nvml import NvmlUnavailable, RealNvmlBackend
+from lossguard.gpu.timeline import Timeline
 
 
 def command(
@@ -109,7 +110,7 @@ def _sample_live(seconds: float, interval: float, *, quiet: bool) -> Timeline:
 
 
 def _from_run(run_dir: str) -> tuple[Timeline | None, GpuContext, int]:
-    from lossguard.probes.gpu_sampler import normalize_parallel_mode, timeline_from_records
+    from lossguard.gpu.sampler import normalize_parallel_mode, timeline_from_records
     from lossguard.telemetry import open_run
 
     log = open_run(run_dir)

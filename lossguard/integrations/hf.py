@@ -36,7 +36,7 @@ class LossGuard(TrainerCallback):
             build one. Invalid values raise ``ValueError`` here, before training starts.
         log_dir: where ``events.jsonl`` goes; default ``<output_dir>/lossguard``.
         gpu_backend: the NVML backend for the GPU sampler (default: the real NVML when CUDA is
-            in use; a ``probes.gpu.ReplayBackend`` replays a recorded timeline).
+            in use; a ``gpu.replay.ReplayBackend`` replays a recorded timeline).
     """
 
     def __init__(self, config: GuardConfig | None = None, *, log_dir: str | os.PathLike[str] | None = None,

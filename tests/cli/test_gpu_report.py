@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from lossguard.cli.gpu_report import command
 from lossguard.errors import LogReadError, LossguardError
-from lossguard.probes.gpu import Timeline, TimelineError
-from lossguard.probes.gpu_sampler import build_record
+from lossguard.gpu.sampler import build_record
+from lossguard.gpu.timeline import Timeline, TimelineError
 from lossguard.telemetry import EventWriter
 
 DATA = Path(__file__).parent.parent / "data" / "gpu"
@@ -108,7 +108,7 @@ def test_user_errors_raise_lossguard_errors(tmp_path: Path) -> None:
 
 def _write_run(run_dir: Path, fixture: str, context: dict[str, object] | None = None) -> None:
     t = Timeline.load(DATA / f"{fixture}.json")
-    from lossguard.probes.gpu_diagnosis import GpuContext
+    from lossguard.gpu.diagnosis import GpuContext
 
     with EventWriter(run_dir / "lossguard" / "events.jsonl") as w:
         w.write("run", world_size=1, parallel_mode="not_parallel", max_steps=60)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lossguard import GuardConfig, LossGuard
-from lossguard.probes.gpu import ReplayBackend
+from lossguard.gpu.replay import ReplayBackend
 from lossguard.telemetry import read_events
 from lossguard.testing.tiny import make_trainer
 

@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from lossguard.probes.gpu import DeviceInfo, GpuReading, ProcessReading, Timeline, TimelineSample
+from lossguard.gpu.timeline import DeviceInfo, GpuReading, ProcessReading, Timeline, TimelineSample
 
 HERE = Path(__file__).parent
 T0 = 1_750_000_000.0

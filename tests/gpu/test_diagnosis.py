@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lossguard.probes.gpu import DeviceInfo, GpuReading, ProcessReading, Timeline, TimelineSample
-from lossguard.probes.gpu_diagnosis import (
+from lossguard.gpu.diagnosis import (
     UTIL_MEANS,
     DiagnosisKind,
     device_stats,
@@ -15,6 +14,7 @@ from lossguard.probes.gpu_diagnosis import (
     percentile,
     process_stats,
 )
+from lossguard.gpu.timeline import DeviceInfo, GpuReading, ProcessReading, Timeline, TimelineSample
 from lossguard.records import Severity
 
 DATA = Path(__file__).parent.parent / "data" / "gpu"

@@ -1,27 +1,23 @@
-"""NVML backends, the failure chokepoint, CUDA_VISIBLE_DEVICES mapping and the timeline format."""
+"""The live NVML backend, the failure chokepoint and the CUDA_VISIBLE_DEVICES mapping."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pynvml
 import pytest
 
 from lossguard.errors import LossguardError
-from lossguard.probes.gpu import (
-    DeviceInfo,
+from lossguard.gpu.nvml import (
     NvmlUnavailable,
     RealNvmlBackend,
-    ReplayBackend,
-    Timeline,
-    TimelineError,
     normalize_uuid,
     nvml_get,
     nvml_index_for_uuid,
     throttle_names,
     visible_nvml_indices,
 )
+from lossguard.gpu.timeline import DeviceInfo
 
 DATA = Path(__file__).parent.parent / "data" / "gpu"
 UUIDS = ["GPU-8932f937-d72c-4106-c12f-20bd9faed9f6", "GPU-1a2b3c4d-0000-1111-2222-333344445555", None]
@@ -98,77 +94,3 @@ def test_throttle_bitmask_names() -> None:
     assert throttle_names(0) == ()
     assert throttle_names(0x1 | 0x20 | 0x40) == ("gpu_idle", "sw_thermal", "hw_thermal")
     assert throttle_names(0x4) == ("sw_power_cap",)
-
-
-def test_timeline_round_trip_is_exact(tmp_path: Path) -> None:
-    original = Timeline.load(DATA / "placement_two_gpus.json")
-    path = tmp_path / "t.json"
-    original.save(path)
-    again = Timeline.load(path)
-    assert again == original
-    assert again.to_dict() == json.loads((DATA / "placement_two_gpus.json").read_text())
-    assert len(again.samples) == 60 and [d.index for d in again.devices] == [0, 1]
-    assert again.samples[0].processes[0].pid == 4242
-
-
-def test_mig_fixture_keeps_unsupported_fields_as_none() -> None:
-    t = Timeline.load(DATA / "mig_unsupported.json")
-    assert t.devices[0].mig is True
-    g = t.samples[0].gpus[0]
-    assert g.util_gpu is None and g.util_mem is None
-    assert g.memory_used_mib == 18230.0
-    assert t.samples[0].processes == ()
-
-
-@pytest.mark.parametrize(
-    "content, problem",
-    [
-        (None, "no such file"),
-        ("{not json", "not JSON"),
-        ("[1, 2]", "expected a JSON object"),
-        ('{"version": 2, "devices": [], "samples": []}', "unsupported timeline version 2"),
-        ('{"version": 1, "devices": []}', "'samples' must be a list"),
-        ('{"version": 1, "interval_s": 0, "devices": [], "samples": []}', "interval_s=0 must be a positive number"),
-        ('{"version": 1, "devices": [{"name": "x"}], "samples": []}', "missing field 'index'"),
-        ('{"version": 1, "devices": [], "samples": [{"t": 1, "gpus": [{"index": 0, "util_gpu": "high"}]}]}',
-         "expected a number or null, got 'high'"),
-    ],
-)
-def test_bad_timeline_files_fail_with_one_line_naming_the_file(tmp_path: Path, content: str | None, problem: str) -> None:
-    path = tmp_path / "bad.json"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises(TimelineError) as info:
-        Timeline.load(path)
-    msg = str(info.value)
-    assert msg.startswith(str(path)) and problem in msg and "\n" not in msg
-
-
-def test_timeline_directory_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(TimelineError, match="is a directory"):
-        Timeline.load(tmp_path)
-
-
-def test_replay_plays_in_order_then_loops_or_stops() -> None:
-    t = Timeline.load(DATA / "data_starved.json")
-    looping = ReplayBackend(t)
-    times = [looping.sample().t for _ in range(61)]
-    assert times[:3] == [t.samples[0].t, t.samples[1].t, t.samples[2].t]
-    assert times[60] == t.samples[0].t
-    once = ReplayBackend(t, loop=False)
-    for _ in range(60):
-        once.sample()
-    with pytest.raises(IndexError):
-        once.sample()
-    clocked = ReplayBackend(t, clock=lambda: 123.0)
-    s = clocked.sample()
-    assert s.t == 123.0 and s.gpus == t.samples[0].gpus
-    assert [d.name for d in looping.devices()] == ["NVIDIA A100-SXM4-80GB"]
-
-
-def test_replay_of_a_no_driver_recording_is_unavailable() -> None:
-    with pytest.raises(NvmlUnavailable) as info:
-        ReplayBackend.from_file(DATA / "no_driver.json")
-    assert str(info.value) == "no NVIDIA GPU found (NVML: driver library not found)"
-    with pytest.raises(NvmlUnavailable, match="no GPU sample"):
-        ReplayBackend(Timeline(1.0, [DeviceInfo(0)], []))

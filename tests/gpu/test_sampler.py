@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from lossguard.probes.gpu import ReplayBackend, Timeline, TimelineSample
-from lossguard.probes.gpu_diagnosis import diagnose
-from lossguard.probes.gpu_sampler import (
+from lossguard.gpu.diagnosis import diagnose
+from lossguard.gpu.replay import ReplayBackend
+from lossguard.gpu.sampler import (
     GpuSampler,
     build_record,
     infer_parallel_context,
@@ -20,6 +20,7 @@ from lossguard.probes.gpu_sampler import (
     normalize_parallel_mode,
     timeline_from_records,
 )
+from lossguard.gpu.timeline import Timeline, TimelineSample
 from lossguard.telemetry import EventWriter, read_events
 from lossguard.telemetry.schema import encode
 

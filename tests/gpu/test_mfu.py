@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lossguard.probes.mfu import estimate_mfu, flops_per_token, peak_tflops
+from lossguard.gpu.mfu import estimate_mfu, flops_per_token, peak_tflops
 
 
 def test_flops_per_token_full_and_lora() -> None:

@@ -18,18 +18,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from lossguard.gpu.diagnosis import GpuContext, device_stats, diagnose, process_stats
+from lossguard.gpu.nvml import NvmlBackend, NvmlUnavailable, RealNvmlBackend
+from lossguard.gpu.timeline import DeviceInfo, GpuReading, ProcessReading, Timeline, TimelineSample
 from lossguard.numbers import as_float
-from lossguard.probes.gpu import (
-    DeviceInfo,
-    GpuReading,
-    NvmlBackend,
-    NvmlUnavailable,
-    ProcessReading,
-    RealNvmlBackend,
-    Timeline,
-    TimelineSample,
-)
-from lossguard.probes.gpu_diagnosis import GpuContext, device_stats, diagnose, process_stats
 
 logger = logging.getLogger("lossguard")
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lossguard.probes.gpu import DeviceInfo, Timeline
+from lossguard.gpu.timeline import DeviceInfo, Timeline
 from lossguard.records import Severity
 
 UTIL_MEANS = "NVML utilization is the share of time a kernel was running, not work done"

@@ -1,0 +1,1 @@
+"""GPUs beside training: the timeline format, live NVML, replay, the sampler thread and the diagnosis."""
