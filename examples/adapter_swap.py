@@ -6,7 +6,7 @@ Runs offline on CPU in well under 30 seconds with lossguard's tiny Llama:
 
 1. Trains a "reverse" adapter and a "copy" adapter on the same (copy-pretrained) base model with
    a real ``Trainer`` that saves ``checkpoint-N`` directories.
-2. Inspects the runs with ``lossguard.checkpoint.inspect_path``: only ``adapter_config.json`` and
+2. Inspects the runs with ``lossguard.inspection.inspect_path``: only ``adapter_config.json`` and
    ``adapter_model.safetensors`` are needed to swap; optimizer, scheduler and RNG files only to
    resume training (they are pickles and are never opened).
 3. Loads a fresh base model once, attaches the first adapter with ``PeftModel.from_pretrained``,
@@ -65,7 +65,7 @@ def train_adapter(task: str, run_dir: Path, steps: int) -> Path:
 
 def describe(run_dir: Path) -> None:
     """Print what each checkpoint of a run holds (no pickle is opened)."""
-    from lossguard.checkpoint import FileRole, inspect_path
+    from lossguard.inspection import FileRole, inspect_path
 
     ins = inspect_path(run_dir)
     for ck in ins.checkpoints:

@@ -16,7 +16,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from lossguard.checkpoint import CheckpointInfo, FileRole, Inspection, inspect_path
+from lossguard.inspection import CheckpointInfo, FileRole, Inspection, inspect_path
 from lossguard.numbers import fmt
 from lossguard.presentation.console import stdout_console
 from lossguard.telemetry.schema import encode

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from lossguard.checkpoint import CheckpointError
 from lossguard.cli.inspect import command
+from lossguard.inspection import CheckpointError
 
 
 @pytest.fixture(scope="module")

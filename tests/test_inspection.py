@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lossguard.checkpoint import CheckpointError, FileRole, inspect_path, read_safetensors_header
 from lossguard.errors import LossguardError
+from lossguard.inspection import CheckpointError, FileRole, inspect_path, read_safetensors_header
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,7 @@ def test_to_dict_is_plain_json(run):
 
 
 def test_lossguard_state_is_classified_as_resume_only():
-    from lossguard.checkpoint import FileRole, _classify
+    from lossguard.inspection import FileRole, _classify
 
     assert _classify("lossguard_state.json") is FileRole.RESUME
     assert _classify("adapter_model.safetensors") is FileRole.ADAPTER
