@@ -45,13 +45,13 @@ def command(run_dir: str, once: bool = False, as_json: bool = False, fail_on: st
 
         return run_once(run_dir, as_json, fail_on)
     if stop:
-        from lossguard.watch import daemon as d
+        from lossguard.cli import watch_daemon as d
 
         pid = d.stop(run_dir)
         print(f"lossguard: stopped the daemon (pid {pid}) watching {run_dir}")
         return 0
     if daemon:
-        from lossguard.watch import daemon as d
+        from lossguard.cli import watch_daemon as d
 
         level = Severity(fail_on) if fail_on else Severity.WARNING
         pid, paths = d.start(run_dir, refresh=refresh, report_every=report_every, on_alert=on_alert,

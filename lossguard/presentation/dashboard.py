@@ -17,8 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from lossguard.numbers import as_float
-from lossguard.presentation.downsample import MinMaxBuckets
 from lossguard.records import ActionKind, Severity, as_step
+from lossguard.watch.downsample import MinMaxBuckets
 
 if TYPE_CHECKING:
     from lossguard.watch.live import LiveRun

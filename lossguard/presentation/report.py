@@ -17,8 +17,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lossguard.numbers import as_float
-from lossguard.presentation.downsample import MinMaxBuckets
 from lossguard.records import ActionKind, Severity
+from lossguard.watch.downsample import MinMaxBuckets
 
 if TYPE_CHECKING:
     from lossguard.watch.live import LiveRun

@@ -19,8 +19,8 @@ from typing import Any
 
 from lossguard.config import DetectionConfig
 from lossguard.numbers import as_float
-from lossguard.presentation.downsample import MinMaxBuckets
 from lossguard.records import Action, ActionKind, Finding, Sample, Severity, as_step, worst_severity
+from lossguard.watch.downsample import MinMaxBuckets
 from lossguard.watch.follow import Batch
 
 logger = logging.getLogger("lossguard")

@@ -9,8 +9,8 @@ from pathlib import Path
 from rich.console import Console
 
 from lossguard.presentation.dashboard import line_chart, recovery_state, render, sparkline
-from lossguard.presentation.downsample import MinMaxBuckets
 from lossguard.telemetry import EventWriter
+from lossguard.watch.downsample import MinMaxBuckets
 from lossguard.watch.live import read_run
 
 

@@ -282,7 +282,7 @@ class Daemon:
 
 
 def serve(argv: list[str] | None = None) -> int:
-    """The daemon process's entry point (``python -m lossguard.watch.daemon``)."""
+    """The daemon process's entry point (``python -m lossguard.cli.watch_daemon``)."""
     ap = argparse.ArgumentParser(prog="lossguard-watch-daemon")
     ap.add_argument("run_dir")
     ap.add_argument("--refresh", type=float, default=1.0)
@@ -334,7 +334,7 @@ def start(run_dir: str | os.PathLike[str], *, refresh: float, report_every: floa
         logfh = open(paths.log, "a", encoding="utf-8")
     except OSError as err:
         raise LogReadError(f"{paths.dir}: cannot write the daemon's files ({err.strerror or err})") from None
-    argv = [sys.executable, "-m", "lossguard.watch.daemon", str(rd.resolve()), "--refresh", repr(refresh),
+    argv = [sys.executable, "-m", "lossguard.cli.watch_daemon", str(rd.resolve()), "--refresh", repr(refresh),
             "--report-every", repr(report_every), "--alert-level", alert_level.value]
     if on_alert is not None:
         argv += ["--on-alert", on_alert]

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lossguard.watch.daemon import daemon_paths, pid_alive, read_pid
+from lossguard.cli.watch_daemon import daemon_paths, pid_alive, read_pid
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

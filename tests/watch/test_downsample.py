@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from lossguard.presentation.downsample import MinMaxBuckets, minmax_downsample
+from lossguard.watch.downsample import MinMaxBuckets, minmax_downsample
 
 
 def test_extremes_survive_any_thinning() -> None:
