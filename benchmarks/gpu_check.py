@@ -9,14 +9,13 @@
 5. the tiny model trained on CUDA: a baseline without sampling, with a 1 Hz and a 100 Hz
    sampler (the sampler's cost to a launch-bound loop), and with LossGuard attached (gpu
    records from the callback when it writes them, else from a GpuSampler run by this script)
-   checked for plausible utilization and our PID; MFU of the run.
+   checked for plausible utilization and our PID.
 Prints PASS/FAIL per check and exits 1 on any FAIL; without a GPU, prints why and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -217,16 +216,6 @@ def train_tiny(torch: Any, steps: int, out: Path) -> None:
     check("our process is listed", any(p == pid for p, _ in procs), f"pid {pid} in {sorted(procs)[:6]}")
     for d in diagnose(t, world_size=1, parallel_mode="single"):
         print(f"diagnosis: {d.kind.value}: {d.message}")
-
-    from lossguard.gpu.mfu import estimate_mfu
-
-    model = trainer.model
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    tokens = steps * 8 * 10  # batch 8, ~10 tokens per reversal example
-    est = estimate_mfu(tokens, guard_s, total, trainable, gpu_name=torch.cuda.get_device_name(0))
-    print(f"== MFU of the tiny run: {json.dumps(est.to_dict() if est else None)} "
-          f"(params {total}, trainable {trainable}; a 100k-parameter model is launch-bound, MFU ~0 is expected)")
 
 
 def main() -> int:

@@ -263,7 +263,6 @@ class GpuConfig:
 
     enabled: bool = True
     interval_s: float = 1.0
-    peak_tflops: float | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -274,8 +273,6 @@ class GpuConfig:
 
     def _check(self) -> None:
         _check_range("interval_s", self.interval_s, 0.0, 3600.0, lo_open=True)
-        if self.peak_tflops is not None:
-            _check_range("peak_tflops", self.peak_tflops, 0.0, 1e6, lo_open=True)
 
 
 @dataclass

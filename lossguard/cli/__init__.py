@@ -25,18 +25,9 @@ app = typer.Typer(
 
 def _run(module: str, func: str, **kwargs: Any) -> None:
     """Import a subcommand lazily (keeps ``lossguard --help`` fast) and turn its result into an exit code."""
-    try:
-        mod = importlib.import_module(f"lossguard.cli.{module}")
-    except ModuleNotFoundError as err:
-        if err.name != f"lossguard.cli.{module}":
-            raise
-        _not_yet(module.replace("_", "-"))
+    mod = importlib.import_module(f"lossguard.cli.{module}")
     code = getattr(mod, func)(**kwargs)
     raise typer.Exit(int(code or 0))
-
-
-def _not_yet(name: str) -> None:
-    raise LossguardError(f"'lossguard {name}' is not available in this version yet")
 
 
 def _register() -> None:
