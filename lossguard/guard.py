@@ -73,8 +73,8 @@ class Guard:
 
         The detectors run over the samples of up to ``detection.batch_steps`` steps at once:
         after a training step has filled the caches, running them for ten samples at a time
-        costs less than half of running them at every step (36 against 85 us per step on the
-        tiny CPU model). They run at every multiple of ``batch_steps``,
+        costs less than half of running them at every step (docs/benchmarks.md). They run at
+        every multiple of ``batch_steps``,
         at once on a non-finite loss or grad norm, at every step while a recovery is in
         progress, and when ``flush`` is set: pass it when a snapshot will be taken after this
         step, so that the snapshot holds detector memory up to its own step. Each finding keeps
@@ -144,8 +144,8 @@ class Guard:
         return _unfreeze(frozen) if isinstance(frozen, bytes) else frozen
 
     def frozen_detector_state(self) -> bytes | dict[str, Any]:
-        """A private copy of the detectors' memory, taken with every snapshot: pickled (~20 us,
-        where ``deepcopy`` takes ~400 us), or deep-copied for state that pickle refuses."""
+        """A private copy of the detectors' memory, taken with every snapshot: pickled (far cheaper
+        than ``deepcopy``), or deep-copied for state that pickle refuses."""
         state = self.detectors.state_dict()
         try:
             return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)

@@ -100,7 +100,7 @@ class Sample:
     t: float | None = None
 
     def to_record(self) -> dict[str, Any]:
-        # built by hand: dataclasses.asdict costs ~15 us, and this runs every training step
+        # built by hand: dataclasses.asdict is slow for a call made every training step
         rec: dict[str, Any] = {"kind": "sample", "step": self.step, "loss": self.loss}
         for key in ("grad_norm", "lr", "epoch", "step_time_s", "tokens", "t"):
             value = getattr(self, key)

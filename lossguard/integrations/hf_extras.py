@@ -57,7 +57,7 @@ def start_gpu_sampler(report: Reporter, config: GuardConfig, args: Any, model: A
 
         on_gpu = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
         if not config.gpu.enabled or not (on_gpu or backend):
-            return None  # before the sampler's import, which costs a CPU-only run ~35 ms
+            return None  # before the sampler's import, which a CPU-only run need not pay
         from lossguard.gpu.sampler import GpuSampler, infer_parallel_context, is_local_rank_zero
 
         if not is_local_rank_zero():

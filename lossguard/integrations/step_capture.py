@@ -68,7 +68,7 @@ class TokenCount:
 
     Nothing in the step's decisions needs it, so the Trainer callback hands it to the log's
     writer thread, which reads it there: the training thread does not pay for the reduction
-    (~40 us per step on the tiny CPU model, a kernel launch and a sync on a GPU). ``int()``
+    (a kernel launch and a sync on a GPU). ``int()``
     reads it.
     """
 

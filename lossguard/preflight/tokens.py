@@ -12,7 +12,7 @@ import numpy as np
 from lossguard.preflight.readers import attr, dataset_len
 
 IGNORE_INDEX = -100
-COLLATE_BATCH = 128  # rows per collator call: fewer, larger batches audit the same rows ~30% faster than 16
+COLLATE_BATCH = 128  # rows per collator call: fewer, larger calls audit the same rows faster
 
 
 @dataclass

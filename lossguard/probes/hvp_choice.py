@@ -190,8 +190,8 @@ def choose_method(
         t_cmp = t_kept
         saves, floor = _saving(products_ahead, t_cmp, t_fd, deadline)
         if t_fd <= SWITCH_BELOW * t_cmp and saves >= floor:
-            # the first double backward of a process carries one-time warm-up (2.5 s on a
-            # 400-parameter quadratic): time a second one before acting on the difference
+            # the first double backward of a process carries one-time warm-up, which can exceed
+            # the product itself: time a second one before acting on the difference
             _, t_again, kept_again, _ = _double_backward(piece, space, v, deadline, device, clock)
             db_products += 1
             seconds["double_backward"] = min(t_db, t_again)

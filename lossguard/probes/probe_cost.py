@@ -269,8 +269,8 @@ def plan_probe(*, budget_s: float, product_s: float, micro_batches: int, groups:
     micro-batch, else it does not fit; then products up to ``settle_iter`` (Lanczos needs about
     20 to settle both ends), then micro-batches up to ``micro_batches``, then products up to
     ``max_iter``. ``pass_s`` prices the solver's own work (``solver_seconds``, with or without a
-    kept basis), which matters for full fine-tunes: 26M parameters cost 20-40 ms a pass, and 27
-    products with a kept basis spent about 50 s of a 190 s probe reorthogonalizing. ``single_s``, when given, is a
+    kept basis), which matters for full fine-tunes, where reorthogonalizing a kept basis can take
+    a large share of the probe (docs/benchmarks.md). ``single_s``, when given, is a
     product's cost on a single micro-batch whose double-backward graph is kept between products
     (only the second backward runs).
     """

@@ -154,8 +154,8 @@ class EventWriter:
         This runs after every optimizer step: a background writer formats the line on its own
         thread (the sample is not changed after it is recorded), and the line is formatted
         directly instead of through a dict and ``json``. The rounding happens there too: a
-        float's ``round`` goes through a decimal conversion that took ~15 us on the training
-        thread after a step. ``tokens``, when given, replaces ``sample.tokens`` and is read with
+        float's ``round`` goes through a decimal conversion, slow on the training thread right
+        after a step has filled the caches. ``tokens``, when given, replaces ``sample.tokens`` and is read with
         ``int()`` where the line is formatted (the Trainer callback's token count is summed
         there, off the training thread).
         """
