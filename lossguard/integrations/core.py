@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,25 +34,48 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def contained(hook: F) -> F:
-    """Run a framework hook (a method); on an internal error, warn once per hook and let training
-    go on. The owner keeps ``_failed_hooks`` (a set) and ``hook_seconds`` (time spent inside its
-    hooks, for overhead figures)."""
+    """Run a framework hook (a method); on an internal error, warn once per distinct failure (see
+    ``failure_key``) and let training go on. The owner keeps ``_failed_hooks`` (a set of those
+    keys) and ``hook_seconds`` (time spent inside its hooks, for overhead figures); while its
+    ``disabled`` is true (a second ``LossGuard`` on the same Trainer) the hook does nothing."""
 
     @functools.wraps(hook)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "disabled", False):
+            return None
         t0 = time.perf_counter()
         try:
             return hook(self, *args, **kwargs)
         except Exception as err:
-            if hook.__name__ not in self._failed_hooks:
-                self._failed_hooks.add(hook.__name__)
-                logger.warning("lossguard: %s failed (%s: %s); training continues",
-                               hook.__name__, type(err).__name__, err)
+            report_failure(self._failed_hooks, hook.__name__, err, "training continues")
             return None
         finally:
             self.hook_seconds += time.perf_counter() - t0
 
     return wrapper  # type: ignore[return-value]
+
+
+#: distinct failures reported per owner; past this, one line says the rest go unreported
+MAX_REPORTED_FAILURES = 20
+
+
+def failure_key(where: str, err: BaseException) -> str:
+    """What makes two failures "the same": where, the exception's type and its message with the
+    numbers taken out (a step or a byte count differs from one step to the next)."""
+    return f"{where}:{type(err).__name__}:{re.sub(r'[0-9]+', '#', str(err))[:200]}"
+
+
+def report_failure(seen: set[str], where: str, err: BaseException, outcome: str) -> bool:
+    """Log ``err`` (raised inside lossguard's ``where``) once per distinct failure; True when it was logged."""
+    key = failure_key(where, err)
+    if key in seen or len(seen) > MAX_REPORTED_FAILURES:
+        return False
+    seen.add(key)
+    if len(seen) > MAX_REPORTED_FAILURES:
+        logger.warning("lossguard: more than %d different internal failures; no more are reported", MAX_REPORTED_FAILURES)
+        return False
+    logger.warning("lossguard: %s failed (%s: %s); %s", where, type(err).__name__, err, outcome)
+    return True
 
 
 class Reporter:

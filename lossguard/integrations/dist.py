@@ -65,3 +65,12 @@ def mean_loss_and_sum_tokens(loss: float | None, tokens: int | None) -> tuple[fl
     torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.SUM)
     total_loss, total_tokens = buf.tolist()
     return total_loss / world_size(), (int(total_tokens) if tokens is not None else None)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (every rank gets the same answer); ``flag`` itself when not distributed."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)

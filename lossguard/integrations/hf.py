@@ -2,7 +2,8 @@
 
 ``Trainer(..., callbacks=[LossGuard()])`` records every optimizer step into
 ``<output_dir>/lossguard/events.jsonl``, runs the detectors on it and reports findings as they
-happen. Every hook is guarded: a failure inside lossguard logs one warning and training goes on.
+happen. Every hook is guarded: a failure inside lossguard logs one warning (per distinct
+failure) and training goes on. A second ``LossGuard`` on the same Trainer switches itself off.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from lossguard.integrations.step_capture import StepCapture, find_trainer
 from lossguard.records import Action, Finding, Sample
 
 logger = logging.getLogger("lossguard")
+
+OWNER_MARK = "_lossguard_owner"  # on the TrainerState: the LossGuard that took this train() call
 
 
 class LossGuard(TrainerCallback):
@@ -56,6 +59,7 @@ class LossGuard(TrainerCallback):
         self._gpu_backend = gpu_backend
         self.hook_seconds = 0.0  # time spent inside lossguard's hooks, for overhead figures
         self.judge: Judge | None = None  # the safety net's judge (recovery.safety_net)
+        self.disabled = False  # another LossGuard on the same Trainer took this run
 
     @property
     def findings(self) -> list[Finding]:
@@ -66,8 +70,23 @@ class LossGuard(TrainerCallback):
         return self.report.actions
 
     # --- hooks ---------------------------------------------------------------------------------
-    @contained
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self.disabled = False
+        try:
+            first = getattr(state, OWNER_MARK, None)
+            if first is not None and first is not self:
+                # two callbacks would cut the LR twice and set each other's log aside
+                self.disabled = True
+                logger.warning("lossguard: this Trainer already has a LossGuard, which records and recovers; "
+                               "this second one is switched off (pass a single LossGuard in callbacks=[...])")
+                return
+            setattr(state, OWNER_MARK, self)  # TrainerState is new per train() call; not saved (not a field)
+        except Exception as err:  # an unusual state object: no duplicate check
+            logger.debug("lossguard: duplicate check skipped (%s)", err)
+        self._begin(args, state, control, model, **kwargs)
+
+    @contained
+    def _begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self.report.is_main = bool(state.is_world_process_zero)
         self._distributed = dist.is_distributed()
         log_dir = self.log_dir or Path(args.output_dir) / self.config.log_subdir
@@ -90,7 +109,8 @@ class LossGuard(TrainerCallback):
             logger.warning("lossguard: detection unavailable (%s); recording only", err)
         if self.engine is not None and self.config.recovery.enabled:
             self.recovery = TrainerRecovery(self.config, log_dir)
-            self.recovery.begin(trainer, model, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
+            self.recovery.begin(trainer, model, kwargs.get("optimizer"), kwargs.get("lr_scheduler"),
+                                engine=self.engine, is_main=self.report.is_main)
             self.recovery.load_resumed(args, state, self.engine, self.report)
         self.probe.begin(model, int(args.get_warmup_steps(int(state.max_steps))), int(state.max_steps),
                          micro_batches=int(args.gradient_accumulation_steps))
@@ -133,7 +153,15 @@ class LossGuard(TrainerCallback):
                                       flush=rec is not None and rec.due(step), judge=self._judge())
         done = carry_out(decision, self.report, rec.recoverer if rec is not None else None, self.engine, step)
         if rec is not None:
-            rec.applied(done, control)
+            rec.applied(done, control, step, args.output_dir, refused=self._write_refused())
+
+    def _write_refused(self) -> str | None:
+        """Why the log cannot be written, when its disk has refused a write."""
+        writer = self.report.writer
+        if writer is None or not writer.failed:
+            return None
+        err = writer.error
+        return f"{writer.path} refused a write ({err.strerror if err is not None and err.strerror else err})"
 
     def _judge(self) -> Judge | None:
         rec = self.recovery

@@ -5,10 +5,14 @@ Trainer's own bookkeeping consistent: the global step keeps counting forward (th
 keeps moving), the scheduler keeps its position, the Trainer's logs go on.
 
 Checkpoints: right after a rollback the Trainer is asked to save; that checkpoint holds the
-restored pre-anomaly state and is moved to ``<output_dir>/lossguard-fallback-<step>``, a name the
-Trainer's ``save_total_limit`` rotation (which globs ``checkpoint-*``) never deletes. After the LR
-is restored the Trainer is asked to save again. Every checkpoint also gets ``lossguard_state.json``
-(detector and policy state), read back by ``trainer.train(resume_from_checkpoint=...)``.
+restored pre-anomaly state and is kept (hard-linked, else copied) as
+``<output_dir>/lossguard-fallback-<step>``, a name the Trainer's ``save_total_limit`` rotation
+(which globs ``checkpoint-*``) never deletes, while the ``checkpoint-*`` itself stays for
+``resume_from_checkpoint=True``. After the LR is restored the Trainer is asked to save again. No
+save is asked for when the disk has just refused a write, and a save lossguard asked for that
+fails does not stop training (``hf_saves``). Every checkpoint also gets ``lossguard_state.json``
+(detector and policy state), written before the Trainer's own files and read back by
+``trainer.train(resume_from_checkpoint=...)``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,7 @@ from typing import Any
 from lossguard.config import GuardConfig
 from lossguard.integrations import dist
 from lossguard.integrations.core import Applied, Reporter
+from lossguard.integrations.hf_saves import SaveGuard, disk_refusal
 from lossguard.records import Action, ActionKind
 from lossguard.recovery.apply import Recoverer
 
@@ -89,14 +95,23 @@ class TrainerRecovery:
         self.config = config
         self.log_dir = log_dir
         self.recoverer: Recoverer | None = None
-        self.pin_target: int | None = None
+        self.pin_target: tuple[int, int] | None = None  # (rollback target, step of the save that holds it)
         self.pinned: list[Path] = []
+        self.engine: Any = None
+        self.is_main = True
+        self.saves = SaveGuard(self._before_save, self._save_failed)
+        self._state_written: Path | None = None  # the checkpoint whose lossguard state is already in
+        self._refusals: set[str] = set()
+        self.save_error: str | None = None  # a save lossguard asked for failed: it asks for none again
         self._first_snapshot_due = False
 
     def steps(self) -> tuple[int, ...]:
         return self.recoverer.ring.steps() if self.recoverer is not None else ()
 
-    def begin(self, trainer: Any, model: Any, optimizer: Any, scheduler: Any) -> None:
+    def begin(self, trainer: Any, model: Any, optimizer: Any, scheduler: Any, *, engine: Any = None,
+              is_main: bool = True) -> None:
+        self.engine, self.is_main = engine, is_main
+        self.saves.install(trainer)
         optimizer = getattr(trainer, "optimizer", None) or optimizer
         scheduler = getattr(trainer, "lr_scheduler", None) or scheduler
         if optimizer is None:
@@ -108,6 +123,7 @@ class TrainerRecovery:
 
     def end(self) -> None:
         """At train end: the snapshots are scratch for this run (in memory and spilled)."""
+        self.saves.uninstall()
         if self.recoverer is not None:
             self.recoverer.close()
 
@@ -133,39 +149,76 @@ class TrainerRecovery:
         if self.recoverer is not None:
             self.recoverer.unscale_lr()
 
-    def applied(self, done: Applied, control: Any) -> None:
+    def applied(self, done: Applied, control: Any, step: int, output_dir: str, refused: str | None = None) -> None:
         """After ``core.carry_out``: ask the Trainer to save or stop, and remember a rollback's
-        target, whose checkpoint (the next save) gets pinned."""
-        if self.recoverer is None:  # recovery is off: nothing was carried out
+        target, whose checkpoint (this step's save) gets pinned.
+
+        No save is asked for when the disk has just refused a write (``refused``: the log's or a
+        snapshot spill's failure) or refuses a test write now: the Trainer's save would raise into
+        training. One line says so; the recovered state then lives in memory only.
+        """
+        rec = self.recoverer
+        if rec is None:  # recovery is off: nothing was carried out
             return
         if done.rolled_back_to is not None:
-            self.pin_target = done.rolled_back_to
+            self.pin_target = (done.rolled_back_to, step)
         if done.save:
-            control.should_save = True
+            why = disk_refusal(output_dir, rec.ring.newest_nbytes() + 2**20, refused=refused or rec.ring.spill_error or self.save_error)
+            if dist.any_rank(why is not None) and why is None:  # every rank asks, or none does
+                why = "another rank's disk refused a write"
+            if why is None:
+                control.should_save = True
+                self.saves.requested_at = step
+            else:
+                self.pin_target = None
+                if why not in self._refusals:
+                    self._refusals.add(why)
+                    logger.warning("lossguard: no checkpoint asked for at step %d: %s; the recovered state is kept "
+                                   "in memory only (training continues)", step, why)
         if done.stop:
             control.should_training_stop = True
 
+    def _before_save(self, ckpt: Path) -> None:
+        """Into a checkpoint folder, before the Trainer writes its files: lossguard's state."""
+        if not self.is_main or self.engine is None:
+            return
+        ckpt.mkdir(parents=True, exist_ok=True)
+        _write_state(ckpt, self.engine)
+        self._state_written = ckpt
+
+    def _save_failed(self, step: int, ckpt: Path, err: BaseException) -> None:
+        self.pin_target = None
+        self._state_written = None
+        self.save_error = f"the checkpoint it asked for at step {step} failed ({type(err).__name__})"
+        logger.warning("lossguard: the checkpoint lossguard asked for at step %d could not be written (%s: %s); "
+                       "its partial folder %s was removed, training continues with the recovered state in "
+                       "memory only, and lossguard asks for no more checkpoints in this run",
+                       step, type(err).__name__, err, ckpt.name)
+
     def on_save(self, args: Any, state: Any, engine: Any, is_main: bool) -> list[Action]:
-        """Write lossguard's state into the new checkpoint (and, while a rollback is on trial, each
-        rank's abandoned head); pin it when it holds a rollback target."""
+        """Write lossguard's state into the new checkpoint (unless it went in before the Trainer's
+        files) and, while a rollback is on trial, each rank's abandoned head; pin it when it holds
+        a rollback target."""
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         self._save_head(ckpt)
+        written, self._state_written = self._state_written, None
+        pin, step = self.pin_target, int(state.global_step)
+        if pin is not None and pin[1] <= step:
+            self.pin_target = None  # pinned now, or its save never came (it failed, or was not asked for)
         if not is_main or not ckpt.is_dir():
             return []
-        if engine is not None:
-            tmp = ckpt / (STATE_FILE + ".tmp")
-            tmp.write_text(json.dumps(engine.state_dict(), default=_jsonable))
-            os.replace(tmp, ckpt / STATE_FILE)
-        if self.pin_target is None:
+        if engine is not None and written != ckpt:
+            _write_state(ckpt, engine)
+        if pin is None or pin[1] != step:
             return []
-        target, self.pin_target = self.pin_target, None
-        pinned = _fallback_path(Path(args.output_dir), target, int(state.global_step))
-        os.replace(ckpt, pinned)
+        target = pin[0]
+        pinned = _fallback_path(Path(args.output_dir), target, step)
+        how = _pin(ckpt, pinned)
         self.pinned.append(pinned)
-        return [Action(ActionKind.SAVE, int(state.global_step),
+        return [Action(ActionKind.SAVE, step,
                        f"kept the restored state of step {target} as {pinned.name}, safe from save_total_limit "
                        f"rotation (resume from it with resume_from_checkpoint)", to_step=target,
-                       details={"path": str(pinned)})]
+                       details={"path": str(pinned), "pinned_by": how})]
 
     def load_resumed(self, args: Any, state: Any, engine: Any, report: Reporter) -> Path | None:
         """On ``resume_from_checkpoint``, load lossguard's state saved in that checkpoint and log
@@ -202,6 +255,27 @@ class TrainerRecovery:
             return False
         self.recoverer.load_head(heads[-1])
         return True
+
+
+def _write_state(ckpt: Path, engine: Any) -> None:
+    tmp = ckpt / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(engine.state_dict(), default=_jsonable))
+    os.replace(tmp, ckpt / STATE_FILE)
+
+
+def _pin(ckpt: Path, pinned: Path) -> str:
+    """Keep checkpoint ``ckpt`` as ``pinned``; how: "link" (hard links: no extra space), "copy", or
+    "move" when the disk takes neither. Linked or copied, ``ckpt`` stays a ``checkpoint-*`` that
+    ``resume_from_checkpoint=True`` finds (with ``save_total_limit=1``, the rotation has just
+    deleted every other one)."""
+    for how, copy in (("link", os.link), ("copy", shutil.copy2)):
+        try:
+            shutil.copytree(ckpt, pinned, copy_function=copy)
+            return how
+        except OSError:
+            shutil.rmtree(pinned, ignore_errors=True)
+    os.replace(ckpt, pinned)
+    return "move"
 
 
 def _fallback_path(output_dir: Path, target: int, step: int) -> Path:

@@ -146,8 +146,9 @@ class Recoverer:
             try:
                 head.path = save_snapshot(head, spill / "head")
                 head.params = head.optimizer = head.scheduler = head.rng = head.engine = None
-            except OSError as err:
-                logger.warning("lossguard: cannot spill the abandoned head (%s); keeping it in memory", err)
+            except Exception as err:  # OSError, or safetensors' SafetensorError on a full disk
+                logger.warning("lossguard: cannot spill the abandoned head (%s: %s); keeping it in memory",
+                               type(err).__name__, err)
         self.head = head
         self.snapshot_seconds += self._clock() - t0
         return head

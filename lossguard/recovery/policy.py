@@ -451,6 +451,16 @@ class RecoveryPolicy:
             return
         target = max((s for s in snapshots if s <= self.restore_step), default=None)
         if target is None:
+            # a run resumed after the restore holds snapshots from its resume step on only
+            self.ceiling *= cfg.relapse_lr_scale
+            held = f"the oldest snapshot held is of step {min(snapshots)}" if snapshots else "no snapshot is held"
+            decision.actions.append(Action(
+                ActionKind.LR_OVERRIDE, step,
+                f"no rollback after the relapse: no snapshot at or before the post-recovery step {self.restore_step} "
+                f"({held}; a run resumed after that step starts its snapshots anew); LR kept at "
+                f"{_fmt(self.ceiling)} x schedule from step {step} on instead",
+                from_step=step, lr_factor=self.ceiling, reason=Reason.RELAPSE,
+                details={"no_snapshot_before": self.restore_step}))
             return
         fields = self._fields()
         self.rollbacks += 1

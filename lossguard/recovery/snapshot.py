@@ -370,19 +370,23 @@ def save_snapshot(snap: Snapshot, directory: Path) -> Path:
     tmp = directory / f".tmp-step-{snap.step:09d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = _split_tensors({"params": snap.params, "optimizer": snap.optimizer}, "t", tensors)
-    save_file(tensors, str(tmp / "tensors.safetensors"))
-    with open(tmp / "rest.pkl", "wb") as fh:  # our own file: scheduler, RNG and detector state
-        pickle.dump({"skeleton": skeleton, "scheduler": snap.scheduler, "rng": snap.rng,
-                     "engine": snap.engine}, fh)
-    (tmp / "meta.json").write_text(json.dumps({"step": snap.step, "nbytes": snap.nbytes, "t": time.time()}))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = _split_tensors({"params": snap.params, "optimizer": snap.optimizer}, "t", tensors)
+        save_file(tensors, str(tmp / "tensors.safetensors"))  # raises SafetensorError, not OSError, on a full disk
+        with open(tmp / "rest.pkl", "wb") as fh:  # our own file: scheduler, RNG and detector state
+            pickle.dump({"skeleton": skeleton, "scheduler": snap.scheduler, "rng": snap.rng,
+                         "engine": snap.engine}, fh)
+        (tmp / "meta.json").write_text(json.dumps({"step": snap.step, "nbytes": snap.nbytes, "t": time.time()}))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written snapshot is worth nothing
+        raise
     return final
 
 
@@ -427,6 +431,7 @@ class SnapshotRing:
         self.memory_bytes = int(memory_mb * 2**20)
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self.disk_keep = disk_keep
+        self.spill_error: str | None = None  # why spilling was turned off, when the disk refused a snapshot
         self._snaps: dict[int, Snapshot] = {}
         self._steps: tuple[int, ...] | None = None  # sorted(self._snaps), asked for after every training step
 
@@ -438,6 +443,11 @@ class SnapshotRing:
 
     def __len__(self) -> int:
         return len(self._snaps)
+
+    def newest_nbytes(self) -> int:
+        """The size of the newest snapshot (about what a checkpoint of the trainable state takes)."""
+        steps = self.steps()
+        return self._snaps[steps[-1]].nbytes if steps else 0
 
     def memory_nbytes(self) -> int:
         return sum(s.nbytes for s in self._snaps.values() if not s.on_disk)
@@ -484,8 +494,13 @@ class SnapshotRing:
                     snap.path = save_snapshot(snap, self.spill_dir)
                     snap.params = snap.optimizer = snap.scheduler = snap.rng = snap.engine = None
                     continue
-                except OSError as err:
-                    logger.warning("lossguard: cannot write snapshot %s (%s); dropping it", snap.step, err)
+                except Exception as err:  # OSError, or safetensors' own SafetensorError on a full disk
+                    self.spill_error = f"{type(err).__name__}: {err}"
+                    logger.warning("lossguard: cannot write snapshot %s into %s (%s); snapshots stay in memory "
+                                   "from now on, the oldest dropped past the memory cap (the run's first kept)",
+                                   snap.step, self.spill_dir, self.spill_error)
+                    self.spill_dir = None  # a disk that refused once would stall every later spill too
+                    continue
             del self._snaps[snap.step]
             self._steps = None
         while sum(1 for s in self._snaps.values() if s.on_disk) > self.disk_keep:

@@ -101,6 +101,7 @@ class EventWriter:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self.failed = False
+        self.error: OSError | None = None  # what the file system answered when it refused a write
         self.written = 0
         self.dropped = 0
         self._queued = 0  # records given to the writer thread
@@ -114,12 +115,32 @@ class EventWriter:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
         except OSError as err:
+            self.error = err
             self._fail(f"cannot open {self.path} for appending ({err.strerror or err})")
+        if self._fd is not None and not self._ends_a_line():
+            # a run killed mid-write (or a full disk) left half a line: glued to it, our first
+            # record would be unreadable too
+            logger.warning("lossguard: %s ends in a partial line (an interrupted write); it is left "
+                           "as it is and the new records start on a fresh line", self.path)
+            self._append("\n", 0)
         if background and self._fd is not None:
             self._queue = deque()
             self._thread = threading.Thread(target=self._drain, name="lossguard-writer", daemon=True)
             self._thread.start()
             atexit.register(self.close)
+
+    def _ends_a_line(self) -> bool:
+        """Whether the file is empty or its last byte is a newline."""
+        assert self._fd is not None
+        try:
+            size = os.fstat(self._fd).st_size
+            if size == 0:
+                return True
+            with open(self.path, "rb") as fh:
+                fh.seek(size - 1)
+                return fh.read(1) == b"\n"
+        except OSError:
+            return True  # nothing can be done about it here; the write will say if the file is unusable
 
     def _fail(self, why: str) -> None:
         self.failed = True
@@ -230,9 +251,13 @@ class EventWriter:
 
     def _drain(self) -> None:
         """The writer thread: every ``INTERVAL`` seconds, what has been queued."""
-        while not self._stop.wait(self.INTERVAL):
+        try:
+            while not self._stop.wait(self.INTERVAL):
+                self._write_queued()
             self._write_queued()
-        self._write_queued()
+        except Exception as err:  # never let the thread die with a traceback into the user's console
+            self._close_quietly()
+            self._fail(f"the writer thread failed ({type(err).__name__}: {err})")
         with self._lock:  # close() may have given up waiting for this last round
             self._close_quietly()
 
@@ -271,6 +296,7 @@ class EventWriter:
                 self.written += records
             except OSError as err:
                 self._close_quietly()
+                self.error = err
                 self._fail(f"cannot write {self.path} ({err.strerror or err})")
 
     def _close_quietly(self) -> None:
