@@ -6,28 +6,14 @@ line and exits 2, never with a traceback.
 
 from __future__ import annotations
 
-import importlib
 import sys
-from typing import Any
 
 import typer
 
+from lossguard.cli.typer_app import app
 from lossguard.errors import LossguardError
 
-app = typer.Typer(
-    name="lossguard",
-    help="Training-dynamics diagnostics and recovery for fine-tuning language models.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-def _run(module: str, func: str, **kwargs: Any) -> None:
-    """Import a subcommand lazily (keeps ``lossguard --help`` fast) and turn its result into an exit code."""
-    mod = importlib.import_module(f"lossguard.cli.{module}")
-    code = getattr(mod, func)(**kwargs)
-    raise typer.Exit(int(code or 0))
+__all__ = ["app", "main"]
 
 
 def _register() -> None:

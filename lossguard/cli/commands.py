@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from lossguard.cli import _run, app
+from lossguard.cli.typer_app import app, run_subcommand
 
 RunDir = Annotated[str, typer.Argument(help="A Trainer output_dir (e.g. ./qwen-qlora-it).")]
 
@@ -24,8 +24,8 @@ def watch(
     report_every: Annotated[float, typer.Option(help="Daemon: seconds between report.html refreshes.")] = 60.0,
 ) -> None:
     """Watch a run: live dashboard, one-shot analysis (--once) or background daemon (--daemon)."""
-    _run("watch", "command", run_dir=run_dir, once=once, as_json=as_json, fail_on=fail_on, daemon=daemon,
-         stop=stop, on_alert=on_alert, refresh=refresh, report_every=report_every)
+    run_subcommand("watch", "command", run_dir=run_dir, once=once, as_json=as_json, fail_on=fail_on,
+                   daemon=daemon, stop=stop, on_alert=on_alert, refresh=refresh, report_every=report_every)
 
 
 @app.command()
@@ -34,7 +34,7 @@ def report(
     output: Annotated[str | None, typer.Option("-o", "--output", help="HTML file to write.")] = None,
 ) -> None:
     """Write a self-contained HTML report of a run (works offline)."""
-    _run("report", "command", run_dir=run_dir, output=output)
+    run_subcommand("report", "command", run_dir=run_dir, output=output)
 
 
 @app.command()
@@ -43,7 +43,7 @@ def export(
     output: Annotated[str, typer.Option("-o", "--output", help="CSV file to write.")] = "lossguard-samples.csv",
 ) -> None:
     """Export a run's per-step samples as CSV."""
-    _run("export", "command", run_dir=run_dir, output=output)
+    run_subcommand("export", "command", run_dir=run_dir, output=output)
 
 
 @app.command("gpu-report")
@@ -56,8 +56,8 @@ def gpu_report(
     run: Annotated[str | None, typer.Option(help="Summarise a lossguard run's GPU records.")] = None,
 ) -> None:
     """Per-GPU utilization, why a GPU idles, and what to change."""
-    _run("gpu_report", "command", seconds=seconds, interval=interval, as_json=as_json, record=record,
-         replay=replay, run=run)
+    run_subcommand("gpu_report", "command", seconds=seconds, interval=interval, as_json=as_json, record=record,
+                   replay=replay, run=run)
 
 
 @app.command()
@@ -66,7 +66,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """What a checkpoint holds, and what swapping adapters needs (never unpickles anything)."""
-    _run("inspect", "command", path=path, as_json=as_json)
+    run_subcommand("inspect", "command", path=path, as_json=as_json)
 
 
 @app.command()
@@ -75,7 +75,7 @@ def demo(
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 600,
 ) -> None:
     """Fine-tune a tiny model on CPU with LossGuard attached, then summarise."""
-    _run("demo", "command", output_dir=output_dir, steps=steps)
+    run_subcommand("demo", "command", output_dir=output_dir, steps=steps)
 
 
 @app.command()
