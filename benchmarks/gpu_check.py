@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lossguard.gpu.diagnosis import device_stats, diagnose
+from lossguard.gpu.diagnosis import diagnose
 from lossguard.gpu.nvml import NvmlUnavailable, RealNvmlBackend, nvml_get, visible_nvml_indices
 from lossguard.gpu.sampler import GpuSampler, timeline_from_records
+from lossguard.gpu.stats import device_stats
 from lossguard.gpu.timeline import Timeline
 
 RESULTS: list[tuple[str, bool, str]] = []

@@ -46,7 +46,7 @@ FRAMEWORKS = ("torch", "transformers", "peft", "accelerate", "datasets", "pynvml
 PURE = [
     "lossguard.numbers", "lossguard.errors", "lossguard.records", "lossguard.config", "lossguard.signals",
     "lossguard.recovery.policy", "lossguard.recovery.verdict", "lossguard.telemetry", "lossguard.guard",
-    "lossguard.analysis", "lossguard.gpu.timeline", "lossguard.gpu.diagnosis", "lossguard.gpu.nvml",
+    "lossguard.analysis", "lossguard.gpu.timeline", "lossguard.gpu.stats", "lossguard.gpu.diagnosis", "lossguard.gpu.nvml",
     "lossguard.gpu.replay", "lossguard.preflight", "lossguard.inspection", "lossguard.watch",
 ]
 

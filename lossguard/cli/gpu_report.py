@@ -15,17 +15,9 @@ from typing import Annotated, Any
 import typer
 
 from lossguard.errors import LossguardError
-from lossguard.gpu.diagnosis import (
-    UTIL_MEANS,
-    DeviceStats,
-    Diagnosis,
-    GpuContext,
-    ProcessStats,
-    device_stats,
-    diagnose,
-    process_stats,
-)
+from lossguard.gpu.diagnosis import UTIL_MEANS, Diagnosis, GpuContext, diagnose
 from lossguard.gpu.nvml import NvmlUnavailable, RealNvmlBackend
+from lossguard.gpu.stats import DeviceStats, ProcessStats, device_stats, process_stats
 from lossguard.gpu.timeline import Timeline
 
 

@@ -1,4 +1,4 @@
-"""Why the GPUs are idle: per-GPU statistics of a timeline, and diagnoses with advice.
+"""Why the GPUs are idle: diagnoses with advice, from the per-GPU statistics of a timeline.
 
 Pure functions over a ``Timeline`` (no NVML, no torch), shared by the sampler inside training,
 ``gpu-report`` live and ``gpu-report --replay``/``--run``, so they all say the same thing.
@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lossguard.gpu.stats import DeviceStats, ProcessStats, device_stats, process_stats, rounded
 from lossguard.gpu.timeline import DeviceInfo, Timeline
 from lossguard.records import Severity
 
@@ -63,51 +64,6 @@ class Diagnosis:
             "advice": self.advice,
             "evidence": dict(self.evidence),
         }
-
-
-@dataclass
-class DeviceStats:
-    """One GPU over a window: what the report table shows and the ``gpu`` record stores."""
-
-    index: int
-    uuid: str | None
-    name: str | None
-    mig: bool | None
-    n_samples: int
-    util_p5: float | None
-    util_p50: float | None
-    util_p95: float | None
-    util_mean: float | None
-    util_mem_mean: float | None
-    sm_active_mean: float | None
-    memory_used_mib: float | None
-    memory_total_mib: float | None
-    power_w: float | None
-    power_limit_w: float | None
-    sm_clock_mhz: float | None
-    sm_clock_max_mhz: float | None
-    temp_c: float | None
-    throttle_reasons: list[str]
-    util_series: list[float | None]
-
-    def to_dict(self, *, series: bool = True) -> dict[str, Any]:
-        d = dict(self.__dict__)
-        if not series:
-            d.pop("util_series")
-        return d
-
-
-@dataclass
-class ProcessStats:
-    """A process's largest allocation on one GPU over a window."""
-
-    pid: int
-    gpu_index: int
-    used_memory_mib: float | None
-    name: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -177,80 +133,6 @@ def _gpu_of(v: Any) -> int | None:
     if text.isdigit():
         return int(text)
     return None
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), ``q`` in [0, 100]."""
-    xs = sorted(values)
-    if not xs:
-        raise ValueError("percentile of no values")
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def _mean(xs: Sequence[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-def _r(x: float | None, nd: int = 1) -> float | None:
-    return None if x is None else round(x, nd)
-
-
-def device_stats(timeline: Timeline) -> list[DeviceStats]:
-    """Per-GPU percentiles and means over the whole timeline, in device order."""
-    out = []
-    for dev in timeline.devices:
-        readings = [g for s in timeline.samples for g in s.gpus if g.index == dev.index]
-        series = [g.util_gpu for g in readings]
-        util = [u for u in series if u is not None]
-
-        def vals(attr: str, rs: Sequence[Any] = readings) -> list[float]:
-            return [v for v in (getattr(g, attr) for g in rs) if v is not None]
-
-        mem = vals("memory_used_mib")
-        temps = vals("temp_c")
-        reasons = sorted({r for g in readings for r in g.throttle_reasons})
-        out.append(
-            DeviceStats(
-                index=dev.index,
-                uuid=dev.uuid,
-                name=dev.name,
-                mig=dev.mig,
-                n_samples=len(readings),
-                util_p5=_r(percentile(util, 5)) if util else None,
-                util_p50=_r(percentile(util, 50)) if util else None,
-                util_p95=_r(percentile(util, 95)) if util else None,
-                util_mean=_r(_mean(util)),
-                util_mem_mean=_r(_mean(vals("util_mem"))),
-                sm_active_mean=_r(_mean(vals("sm_active"))),
-                memory_used_mib=max(mem) if mem else None,
-                memory_total_mib=dev.memory_total_mib,
-                power_w=_r(_mean(vals("power_w"))),
-                power_limit_w=dev.power_limit_w,
-                sm_clock_mhz=_r(_mean(vals("sm_clock_mhz")), 0),
-                sm_clock_max_mhz=dev.sm_clock_max_mhz,
-                temp_c=max(temps) if temps else None,
-                throttle_reasons=reasons,
-                util_series=series,
-            )
-        )
-    return out
-
-
-def process_stats(timeline: Timeline) -> list[ProcessStats]:
-    """Each (process, GPU) pair seen, with its largest allocation, by GPU then memory."""
-    best: dict[tuple[int, int], ProcessStats] = {}
-    for s in timeline.samples:
-        for p in s.processes:
-            key = (p.pid, p.gpu_index)
-            cur = best.get(key)
-            if cur is None:
-                best[key] = ProcessStats(p.pid, p.gpu_index, p.used_memory_mib, p.name)
-            elif p.used_memory_mib is not None and (cur.used_memory_mib or -1) < p.used_memory_mib:
-                cur.used_memory_mib = p.used_memory_mib
-    return sorted(best.values(), key=lambda p: (p.gpu_index, -(p.used_memory_mib or 0), p.pid))
 
 
 def _correlation(a: Sequence[float | None], b: Sequence[float | None]) -> float | None:
@@ -356,9 +238,9 @@ def _placement(
     util = [by_index[g] for g in gpus if g in by_index and by_index[g].util_mean is not None]
     if len(util) >= 2:
         corr = _correlation(util[0].util_series, util[1].util_series)
-        evidence["correlation"] = _r(corr, 2)
+        evidence["correlation"] = rounded(corr, 2)
         evidence["util_mean"] = {str(st.index): st.util_mean for st in util}
-        evidence["util_sum"] = _r(sum(st.util_mean or 0.0 for st in util))
+        evidence["util_sum"] = rounded(sum(st.util_mean or 0.0 for st in util))
     if not strong and len(util) < 2:
         return None
     evidence["gpus"] = gpus
@@ -422,7 +304,7 @@ def _imbalance(active: list[DeviceStats], ctx: GpuContext) -> Diagnosis | None:
         "gradient all-reduce, and NCCL waiting counts as busy time."
     )
     evidence = {
-        "spread_points": _r(spread),
+        "spread_points": rounded(spread),
         "lowest_gpu": lo.index,
         "util_mean": {str(st.index): st.util_mean for st in measured},
     }

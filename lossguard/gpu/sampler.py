@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lossguard.gpu.diagnosis import GpuContext, device_stats, diagnose, process_stats
+from lossguard.gpu.diagnosis import GpuContext, diagnose
 from lossguard.gpu.nvml import NvmlBackend, NvmlUnavailable, RealNvmlBackend
+from lossguard.gpu.stats import device_stats, process_stats
 from lossguard.gpu.timeline import DeviceInfo, GpuReading, ProcessReading, Timeline, TimelineSample
 from lossguard.numbers import as_float
 
