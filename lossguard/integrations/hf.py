@@ -25,6 +25,8 @@ from lossguard.integrations.run_info import run_record
 from lossguard.integrations.safety_net import Judge, trainer_judge
 from lossguard.integrations.step_capture import StepCapture, find_trainer
 from lossguard.records import Action, Finding, Sample
+from lossguard.telemetry.resume_scan import scan_for_resume
+from lossguard.telemetry.schema import EVENTS_FILE
 
 logger = logging.getLogger("lossguard")
 
@@ -90,6 +92,9 @@ class LossGuard(TrainerCallback):
         self.report.is_main = bool(state.is_world_process_zero)
         self._distributed = dist.is_distributed()
         log_dir = self.log_dir or Path(args.output_dir) / self.config.log_subdir
+        # what the log says about the resumed step, read before this run appends to it
+        scan = scan_for_resume(log_dir / EVENTS_FILE, int(state.global_step)) \
+            if int(state.global_step) > 0 and self.report.is_main else None
         self.report.open(log_dir, resumed=int(state.global_step) > 0, background=True)
         trainer = find_trainer()
         run_first(trainer, self)
@@ -111,7 +116,7 @@ class LossGuard(TrainerCallback):
             self.recovery = TrainerRecovery(self.config, log_dir)
             self.recovery.begin(trainer, model, kwargs.get("optimizer"), kwargs.get("lr_scheduler"),
                                 engine=self.engine, is_main=self.report.is_main)
-            self.recovery.load_resumed(args, state, self.engine, self.report)
+            self.recovery.load_resumed(args, state, self.engine, self.report, scan)
         self.probe.begin(model, int(args.get_warmup_steps(int(state.max_steps))), int(state.max_steps),
                          micro_batches=int(args.gradient_accumulation_steps))
         self.probe.batches = self.capture.kept

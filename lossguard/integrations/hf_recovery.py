@@ -32,6 +32,7 @@ from lossguard.integrations.core import Applied, Reporter
 from lossguard.integrations.hf_saves import SaveGuard, disk_refusal
 from lossguard.records import Action, ActionKind
 from lossguard.recovery.apply import Recoverer
+from lossguard.telemetry.resume_scan import ResumeScan
 
 logger = logging.getLogger("lossguard")
 
@@ -220,19 +221,41 @@ class TrainerRecovery:
                        f"rotation (resume from it with resume_from_checkpoint)", to_step=target,
                        details={"path": str(pinned), "pinned_by": how})]
 
-    def load_resumed(self, args: Any, state: Any, engine: Any, report: Reporter) -> Path | None:
+    def load_resumed(self, args: Any, state: Any, engine: Any, report: Reporter,
+                     scan: ResumeScan | None = None) -> Path | None:
         """On ``resume_from_checkpoint``, load lossguard's state saved in that checkpoint and log
-        the ``resume``; the checkpoint."""
-        if engine is None or int(state.global_step) <= 0:
+        the ``resume``; the checkpoint.
+
+        Two things are said in one line each: a checkpoint without lossguard's state (detection
+        and recovery start afresh; the rollbacks already spent, read from the log, still count),
+        and a checkpoint inside a stretch lossguard had abandoned (rolled back from), with where
+        the recovered state is.
+        """
+        step = int(state.global_step)
+        if engine is None or step <= 0:
             return None
         ckpt = resumed_checkpoint(args, state)
-        if ckpt is None or not (ckpt / STATE_FILE).is_file():
-            return None
-        engine.load_state_dict(json.loads((ckpt / STATE_FILE).read_text()))
-        report.write("resume", step=int(state.global_step), checkpoint=str(ckpt),
-                  rollbacks=engine.policy.rollbacks, phase=engine.policy.phase.value)
-        if engine.policy.judging and not self._load_head(ckpt):
-            for action in engine.policy.unjudged(int(state.global_step), f"{ckpt.name} holds no abandoned head").actions:
+        fields: dict[str, Any] = {}
+        name = ckpt.name if ckpt is not None else f"the checkpoint of step {step}"
+        if ckpt is not None and (ckpt / STATE_FILE).is_file():
+            engine.load_state_dict(json.loads((ckpt / STATE_FILE).read_text()))
+        else:
+            fields["state"] = "missing"
+            if scan is not None:
+                engine.policy.rollbacks = max(engine.policy.rollbacks, scan.rollbacks)
+            low = f"; the log shows the LR at {scan.low_lr['lr_factor']} x schedule since step " \
+                  f"{scan.low_lr['step']}, this run resumes at the full schedule" if scan and scan.low_lr else ""
+            logger.warning("lossguard: %s holds no %s (saved without lossguard, or interrupted before lossguard's "
+                           "state was written): detection and recovery start afresh at step %d%s%s", name,
+                           STATE_FILE, step, f", with the {scan.rollbacks} rollback(s) the log shows counted"
+                           if scan and scan.rollbacks else "", low)
+        if scan is not None and scan.abandoned is not None:
+            fields["abandoned"] = scan.abandoned
+            logger.warning("lossguard: %s", _abandoned_message(Path(args.output_dir), name, step, scan.abandoned))
+        report.write("resume", step=step, checkpoint=None if ckpt is None else str(ckpt),
+                     rollbacks=engine.policy.rollbacks, phase=engine.policy.phase.value, **fields)
+        if ckpt is not None and engine.policy.judging and not self._load_head(ckpt):
+            for action in engine.policy.unjudged(step, f"{ckpt.name} holds no abandoned head").actions:
                 report.emit(action)
         return ckpt
 
@@ -255,6 +278,20 @@ class TrainerRecovery:
             return False
         self.recoverer.load_head(heads[-1])
         return True
+
+
+def _abandoned_message(output_dir: Path, name: str, step: int, abandoned: dict[str, Any]) -> str:
+    """One line: the resumed state is one lossguard had thrown away, and where the recovered one is."""
+    at, to = abandoned["step"], abandoned["to_step"]
+    recovered = [p.name for p in (output_dir / f"checkpoint-{at}",) if p.is_dir()]
+    recovered += sorted(p.name for p in output_dir.glob(f"{FALLBACK_PREFIX}{to}") if p.is_dir())
+    recovered += sorted(p.name for p in output_dir.glob(f"{FALLBACK_PREFIX}{to}-at-{at}*") if p.is_dir())
+    where = (f"resume from {' or '.join(recovered)} to continue the recovered run" if recovered else
+             "no checkpoint of the recovered state was saved (the run ended first); the trouble may come "
+             "back, and lossguard will act on it again")
+    return (f"resuming at step {step} from {name}, a state lossguard had abandoned: at step {at} it "
+            f"{'rolled back' if abandoned.get('action') == 'rollback' else 'reverted'} to step {to}"
+            f"{' (' + str(abandoned['reason']) + ')' if abandoned.get('reason') else ''}; {where}")
 
 
 def _write_state(ckpt: Path, engine: Any) -> None:

@@ -7,7 +7,7 @@ LLaMA-Factory, Lightning).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -29,11 +29,23 @@ class SampleColumns(Columns):
         return cls.from_record_batches([recs])
 
     @classmethod
-    def from_record_batches(cls, batches: Iterable[list[dict[str, Any]]]) -> SampleColumns:
-        """``from_records`` over the concatenation of ``batches``, without building one big list."""
+    def from_record_batches(cls, batches: Iterable[list[dict[str, Any]]],
+                            cuts: Sequence[tuple[int, int]] = ()) -> SampleColumns:
+        """``from_records`` over the concatenation of ``batches``, without building one big list.
+
+        ``cuts``: (number of batches before it, step) pairs, filled in while ``batches`` is read:
+        a resumed run started at that step there, so the samples of earlier batches past that
+        step belong to the branch the resume abandoned and are dropped.
+        """
         import numpy as np
 
-        parts = [_batch_columns(recs) for recs in batches if recs]
+        parts: list[Any] = [_batch_columns(recs) if recs else None for recs in batches]
+        for before, step in cuts:
+            for i in range(min(before, len(parts))):
+                if parts[i] is not None and bool((parts[i][0] > step).any()):
+                    keep = parts[i][0] <= step
+                    parts[i] = (parts[i][0][keep], {k: (v[keep], h[keep]) for k, (v, h) in parts[i][1].items()})
+        parts = [p for p in parts if p is not None]
         if parts:
             st_arr = np.concatenate([p[0] for p in parts])
             cols = {name: (np.concatenate([p[1][name][0] for p in parts]),
@@ -137,6 +149,22 @@ class RunLog:
         self._index[sample.step] = len(self.samples)
         self.samples.append(sample)
 
+    def cut_after(self, step: int) -> None:
+        """A run resumed at ``step`` starts here: what the log holds past ``step`` so far belongs
+        to the branch the resume abandoned (a run killed later than its last checkpoint), and goes."""
+        def alive(rec_step: Any) -> bool:
+            st = as_step(rec_step)
+            return st is None or st <= step
+
+        self.findings = [f for f in self.findings if f.step <= step]
+        self.actions = [a for a in self.actions if a.step <= step]
+        self.probes = [r for r in self.probes if alive(r.get("step"))]
+        self.gpu = [r for r in self.gpu if alive(r.get("step"))]
+        self.evals = [r for r in self.evals if alive(r.get("step"))]
+        if self.samples and self.samples[-1].step > step:
+            self.samples = [s for s in self.samples if s.step <= step]
+            self._index = {s.step: i for i, s in enumerate(self.samples)}
+
     def add_record(self, rec: dict[str, Any]) -> None:
         """Fold one lossguard telemetry record in; unknown kinds are ignored (forward compatible)."""
         kind = rec.get("kind")
@@ -157,6 +185,9 @@ class RunLog:
             elif kind == "preflight":
                 self.preflight = rec
             elif kind == "run":
+                start = branch_point(rec)
+                if start is not None:
+                    self.cut_after(start)
                 self.run = rec
                 self.ended = False
                 ms = as_step(rec.get("max_steps"))
@@ -167,3 +198,11 @@ class RunLog:
                 self.ended = True
         except (TypeError, ValueError, KeyError):
             pass  # one malformed record must not hide the rest of the run
+
+
+def branch_point(rec: dict[str, Any]) -> int | None:
+    """The step a ``run`` record's training started from (0 for a fresh run, the checkpoint's step
+    for a resumed one); None for a record without it (an older lossguard)."""
+    if rec.get("kind") != "run":
+        return None
+    return as_step(rec.get("start_step"))

@@ -17,7 +17,7 @@ from typing import Any
 from lossguard.errors import LogReadError
 from lossguard.telemetry.foreign import read_lightning_csv, read_llamafactory, read_trainer_state
 from lossguard.telemetry.reader import iter_event_batches
-from lossguard.telemetry.runlog import RunLog, SampleColumns
+from lossguard.telemetry.runlog import RunLog, SampleColumns, branch_point
 from lossguard.telemetry.schema import EVENTS_FILE
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -118,21 +118,32 @@ def read_lossguard_events(path: str | os.PathLike[str], *, columns: bool = False
                 log.add_record(rec)
         return log
 
+    cuts: list[tuple[int, int]] = []  # where a resumed run began: (batches before it, its start step)
+
     def sample_batches() -> Iterator[list[dict[str, Any]]]:
+        yielded = 0
         for batch in iter_event_batches(path):
             kinds = list(map(dict.get, batch, repeat("kind")))
             if kinds.count("sample") == len(batch):
                 yield batch
+                yielded += 1
                 continue
             samples = []
             for rec, kind in zip(batch, kinds):
                 if kind == "sample":
                     samples.append(rec)
-                else:
-                    log.add_record(rec)
+                    continue
+                start = branch_point(rec)
+                if start is not None:
+                    yield samples
+                    yielded += 1
+                    samples = []
+                    cuts.append((yielded, start))
+                log.add_record(rec)
             yield samples
+            yielded += 1
 
-    log.columns = SampleColumns.from_record_batches(sample_batches())
+    log.columns = SampleColumns.from_record_batches(sample_batches(), cuts)
     return log
 
 

@@ -21,6 +21,7 @@ from lossguard.numbers import as_float
 from lossguard.records import Sample, as_step
 from lossguard.telemetry.foreign import read_lightning_csv, read_trainer_state
 from lossguard.telemetry.reader import READ_CHUNK_BYTES, LogTail
+from lossguard.telemetry.runlog import branch_point
 from lossguard.telemetry.schema import EVENTS_FILE
 from lossguard.telemetry.source import LogSource, _lightning_csvs, check_run_dir, find_source, trainer_states
 
@@ -44,6 +45,9 @@ class Batch:
     behind: bool = False
     max_steps: int | None = None
     num_train_epochs: float | None = None
+    #: where a ``run`` record (a fresh or resumed run's start) sits among ``samples`` and
+    #: ``records``: (samples before it, records before it, the step it started from)
+    cuts: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -222,6 +226,9 @@ class RunFollower:
                 except (TypeError, ValueError):
                     continue
             else:
+                start = branch_point(rec)
+                if start is not None:
+                    batch.cuts.append((len(batch.samples), len(batch.records), start))
                 batch.records.append(rec)
 
     def _poll_llamafactory(self, batch: Batch) -> None:

@@ -110,8 +110,16 @@ class LiveRun:
         if batch.samples or batch.records:
             self.updated_at = self._clock()
         new: list[Finding] = []
+        bounds = [(0, 0, None), *batch.cuts, (len(batch.samples), len(batch.records), None)]
+        for (s0, r0, start), (s1, r1, _) in zip(bounds, bounds[1:]):
+            if start is not None:
+                self._cut_after(start, new)
+            self._fold_part(batch.samples[s0:s1], batch.records[r0:r1], new)
+        return new
+
+    def _fold_part(self, samples: list[Sample], records: list[dict[str, Any]], new: list[Finding]) -> None:
         later: list[dict[str, Any]] = []
-        for rec in batch.records:
+        for rec in records:
             kind = rec.get("kind")
             if kind == "run":
                 self._take_run(rec)
@@ -119,11 +127,25 @@ class LiveRun:
                 self.preflight = rec
             else:
                 later.append(rec)
-        for s in batch.samples:
+        for s in samples:
             self._take_sample(s, new)
         for rec in later:
             self._take_record(rec, new)
-        return new
+
+    def _cut_after(self, step: int, new: list[Finding]) -> None:
+        """A run resumed at ``step`` starts here: the findings, actions and probes past ``step``
+        so far are the abandoned branch's (a run killed after its last checkpoint), and go. The
+        detectors start afresh: they had seen that branch's samples."""
+        if self.last is None or self.last.step <= step:
+            return
+        self.findings = [f for f in self.findings if f.step <= step]
+        self._finding_keys = {(f.reason.value, f.onset_step): i for i, f in enumerate(self.findings)}
+        new[:] = [f for f in new if f.step <= step]
+        self.actions = [a for a in self.actions if a.step <= step]
+        self.probes = [r for r in self.probes if (as_step(r.get("step")) or 0) <= step]
+        self.evals = [r for r in self.evals if (as_step(r.get("step")) or 0) <= step]
+        self.recent = deque((s for s in self.recent if s.step <= step), maxlen=self.recent.maxlen)
+        self._suite = None
 
     def _tell_progress(self) -> None:
         setter = getattr(self._suite, "set_progress", None)

@@ -1,13 +1,15 @@
 """Faults injected into real Trainer runs: full and refusing disks, kills at named points, resumes,
 two callbacks. lossguard's own failures must never take the training down."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from fault_inject import NanAt, file_size_limit
+from fault_inject import DieAt, NanAt, file_size_limit
 from transformers import TrainerCallback
 
 from lossguard import GuardConfig, LossGuard
@@ -127,3 +129,107 @@ def test_a_second_lossguard_switches_itself_off(tmp_path, caplog):
     log = tmp_path / "lossguard" / "events.jsonl"
     assert len(_records(log, "run")) == 1 and not list(log.parent.glob("events.*.jsonl"))  # nothing set aside
     assert len(_records(log, "action")) == len(first.actions)
+
+
+def test_a_kill_right_after_trainer_state_json_still_resumes_lossguards_state(tmp_path, caplog):
+    """kill -9 right after the Trainer wrote checkpoint-20/trainer_state.json, mid-recovery (LR at
+    0.1x since the rollback at step 14): lossguard's state went in first, so the resume goes on
+    at 0.1x. Without it, the resume says so in one line and counts the log's rollbacks."""
+    proc = _run_script(tmp_path, "kill_after_trainer_state")
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    ckpt = tmp_path / "checkpoint-20"
+    assert (ckpt / "trainer_state.json").is_file() and (ckpt / "lossguard_state.json").is_file()
+    assert json.loads((ckpt / "lossguard_state.json").read_text())["policy"]["phase"] == "low_lr"
+
+    def resume(out: Path) -> LossGuard:
+        guard = _guard(max_low_lr_steps=30)
+        trainer = make_trainer(tiny_setup(n_train=128), str(out), callbacks=[guard], max_steps=24,
+                               learning_rate=1e-2, logging_steps=50, save_strategy="no")
+        trainer.train(resume_from_checkpoint=True)
+        return guard
+
+    bare = tmp_path.parent / (tmp_path.name + "-without-state")
+    shutil.copytree(tmp_path, bare)
+    (bare / "checkpoint-20" / "lossguard_state.json").unlink()
+    with caplog.at_level("WARNING", logger="lossguard"):
+        guard = resume(tmp_path)
+    assert "holds no lossguard_state.json" not in caplog.text
+    (resumed,) = _records(tmp_path / "lossguard" / "events.jsonl", "resume")
+    assert (resumed["step"], resumed["phase"], resumed["rollbacks"]) == (20, "low_lr", 1)
+    assert guard.engine.lr_multiplier(21) == pytest.approx(0.1)
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lossguard"):
+        guard = resume(bare)
+    lines = [r.getMessage() for r in caplog.records if "holds no lossguard_state.json" in r.getMessage()]
+    assert len(lines) == 1
+    assert "1 rollback(s) the log shows counted" in lines[0] and "0.1 x schedule since step 14" in lines[0]
+    (resumed,) = _records(bare / "lossguard" / "events.jsonl", "resume")
+    assert resumed["state"] == "missing" and resumed["rollbacks"] == 1 and guard.engine.policy.rollbacks == 1
+
+
+def test_a_resume_into_a_stretch_lossguard_abandoned_says_so_and_readers_drop_the_dead_branch(tmp_path, caplog):
+    """Killed right after the rollback at step 24 (to step 10), before its checkpoint:
+    resume_from_checkpoint=True picks checkpoint-20, inside the abandoned stretch. The resume says
+    so; watch/report/analysis show the resumed run, not the dead branch's rollback at 24."""
+    guard = _guard()
+    trainer = make_trainer(tiny_setup(n_train=128), str(tmp_path), callbacks=[guard, NanAt([24]), DieAt(24)],
+                           max_steps=30, learning_rate=1e-2, logging_steps=50, save_strategy="steps", save_steps=10)
+    with pytest.raises(SystemExit):
+        trainer.train()
+    guard.report.writer.flush()  # what the writer thread does within 50 ms
+    assert [(a.step, a.action.value, a.to_step) for a in guard.actions][0] == (24, "rollback", 10)
+
+    resumed = _guard()
+    trainer = make_trainer(tiny_setup(n_train=128), str(tmp_path), callbacks=[resumed], max_steps=30,
+                           learning_rate=1e-2, logging_steps=50, save_strategy="no")
+    with caplog.at_level("WARNING", logger="lossguard"):
+        trainer.train(resume_from_checkpoint=True)
+    lines = [r.getMessage() for r in caplog.records if "had abandoned" in r.getMessage()]
+    assert len(lines) == 1
+    assert "from checkpoint-20" in lines[0] and "at step 24 it rolled back to step 10 (nonfinite)" in lines[0]
+    assert "no checkpoint of the recovered state was saved" in lines[0]
+    log = tmp_path / "lossguard" / "events.jsonl"
+    (record,) = _records(log, "resume")
+    assert record["abandoned"]["step"] == 24 and record["abandoned"]["to_step"] == 10
+    assert any(r["kind"] == "action" and r["step"] == 24 for r in read_events(log))  # the log keeps everything
+
+    from lossguard.analysis import analyze
+    from lossguard.telemetry import open_run
+    from lossguard.watch.live import read_run
+
+    for name, log_view in (("columns", open_run(tmp_path, columns=True)), ("records", open_run(tmp_path))):
+        assert not [a for a in log_view.actions if a.step > 20], name
+        assert not [f for f in log_view.findings if f.reason.value == "nonfinite"], name
+    result = analyze(open_run(tmp_path, columns=True))
+    assert not result.actions and result.last_step == 30 and result.steps == 30
+    assert not [f for f in result.findings if f.step > 20 and f.reason.value == "nonfinite"]
+    live = read_run(tmp_path)
+    assert not live.actions and not [f for f in live.findings if f.reason.value == "nonfinite"]
+    assert live.last.step == 30
+
+
+def test_save_total_limit_one_leaves_a_checkpoint_to_resume_from_after_the_rollback_save(tmp_path):
+    """The rollback's checkpoint is pinned as a hard-linked copy: checkpoint-24 stays, so a kill
+    right after it (rotation has deleted every other checkpoint) still resumes with
+    resume_from_checkpoint=True, into the recovered state."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    guard = _guard()
+    trainer = make_trainer(tiny_setup(n_train=128), str(tmp_path), callbacks=[guard, NanAt([24]), DieAt(24, "on_save")],
+                           max_steps=30, learning_rate=1e-2, logging_steps=50, save_strategy="steps", save_steps=10,
+                           save_total_limit=1)
+    with pytest.raises(SystemExit):
+        trainer.train()
+    pinned = tmp_path / "lossguard-fallback-10"
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-24")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-24"]
+    for f in pinned.iterdir():
+        if f.is_file():
+            assert f.read_bytes() == (tmp_path / "checkpoint-24" / f.name).read_bytes()
+    resumed = _guard()
+    trainer = make_trainer(tiny_setup(n_train=128), str(tmp_path), callbacks=[resumed], max_steps=30,
+                           learning_rate=1e-2, logging_steps=50, save_strategy="no")
+    trainer.train(resume_from_checkpoint=True)
+    (record,) = _records(tmp_path / "lossguard" / "events.jsonl", "resume")
+    assert (record["step"], record["phase"], record["rollbacks"]) == (24, "low_lr", 1) and "abandoned" not in record

@@ -187,3 +187,32 @@ def test_actions_are_telemetry_records():
     assert rec["kind"] == "action" and rec["action"] == ActionKind.ROLLBACK.value
     assert {k: rec[k] for k in ("step", "from_step", "to_step", "lr_factor", "reason")} == {
         "step": 300, "from_step": 300, "to_step": 175, "lr_factor": 0.1, "reason": "spike"}
+
+
+def test_a_relapse_after_a_resume_without_an_older_snapshot_says_why_and_still_lowers_the_lr():
+    """Resumed after the LR was restored, the run holds snapshots from its resume step on only:
+    no rollback target at or before the restore step. It used to do nothing, silently."""
+    cfg = RecoveryConfig(smooth_window=5, max_low_lr_steps=20, relapse_watch_steps=50, relapse_fraction=0.5,
+                         relapse_lr_scale=0.3)
+    pol = RecoveryPolicy(cfg)
+    for step in range(1, 120):
+        pol.step(step, 2.9, [], [0, 25])
+    pol.step(120, 2.9, [_finding(Reason.EARLY_CONVERGENCE, 120, 60)], [0, 25, 50, 75, 100])
+    for step in range(121, 141):
+        pol.step(step, 1.0, [], [0])
+    assert pol.restore_step == 140
+    resumed = RecoveryPolicy(cfg)
+    resumed.load_state_dict(pol.state_dict())  # a checkpoint of step 145, resumed
+    for step in range(141, 146):
+        resumed.step(step, 1.0, [], [145])
+    d = None
+    for step in range(146, 175):
+        d = resumed.step(step, 2.9, [], [145])
+        if d.actions:
+            break
+    assert d is not None and d.findings[0].reason is Reason.RELAPSE and d.rollback_to is None
+    assert _kinds(d) == ["lr_override"]
+    assert "no snapshot at or before the post-recovery step 140" in d.actions[0].message
+    assert "oldest snapshot held is of step 145" in d.actions[0].message
+    assert resumed.ceiling == pytest.approx(0.3) and resumed.lr_multiplier(step + 1) == pytest.approx(0.3)
+    assert resumed.rollbacks == 1  # no rollback was spent

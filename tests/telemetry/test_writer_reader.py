@@ -184,3 +184,24 @@ def test_set_aside_keeps_every_earlier_log_under_its_own_name(tmp_path):
     assert [m.read_text() for m in moved] == ["first\n", "second\n", "third\n"]
     assert len({m.name for m in moved}) == 3
     assert moved[1].name == moved[0].name.replace(".jsonl", "-2.jsonl")
+
+
+def test_a_log_ending_in_a_partial_line_gets_new_records_on_a_fresh_line(tmp_path, caplog):
+    """A run killed mid-write (or a full disk) leaves half a line; the resumed run's first record
+    must not be glued to it."""
+    path = tmp_path / "events.jsonl"
+    with EventWriter(path) as w:
+        w.write("sample", step=1, loss=2.0)
+        w.write("sample", step=2, loss=1.9)
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) - 9])  # the second line cut short, as a kill leaves it
+    with caplog.at_level("WARNING", logger="lossguard"), EventWriter(path, background=True) as w:
+        w.write("run", start_step=1)
+        w.write("sample", step=2, loss=1.8)
+    assert "ends in a partial line" in caplog.text
+    recs = read_events(path)
+    assert [(r["kind"], r.get("step")) for r in recs] == [("sample", 1), ("run", None), ("sample", 2)]
+    assert recs[-1]["loss"] == 1.8
+    with EventWriter(path) as w:  # a log that ends in a newline is left alone
+        w.write("end", step=2)
+    assert path.read_bytes().count(b"\n\n") == 0 and read_events(path)[-1]["kind"] == "end"
