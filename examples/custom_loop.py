@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from lossguard import GuardConfig
+from lossguard import GuardConfig, label_references
 from lossguard.integrations.loop import LoopGuard
 from lossguard.records import ActionKind
 from lossguard.testing.tiny import eval_loss, tiny_setup
@@ -38,8 +38,11 @@ def main() -> None:
     epochs = math.ceil(args.steps / len(loader))
     batches = (batch for _ in range(epochs) for batch in loader)
     model.train()
+    # the evidence a plateau is weighed against: the unigram level of the training labels (the
+    # model's vocabulary gives the uniform level by itself)
+    references = label_references(setup.train, setup.collator)
     with LoopGuard(model, optimizer, scheduler, config=GuardConfig(), log_dir=f"{args.out}/lossguard",
-                   max_steps=args.steps) as guard:
+                   max_steps=args.steps, references=references) as guard:
         for _, batch in zip(range(args.steps), batches):
             loss = model(**batch).loss
             loss.backward()

@@ -12,6 +12,7 @@ from typing import Any
 
 from lossguard.config import DetectionConfig, GpuConfig, GuardConfig, ProbeConfig, RecoveryConfig
 from lossguard.records import Action, ActionKind, Finding, Reason, Sample, Severity
+from lossguard.signals.references import Objective, References
 
 __version__ = "0.1.0"
 
@@ -24,12 +25,15 @@ __all__ = [
     "GuardConfig",
     "LoopGuard",
     "LossGuard",
+    "Objective",
     "ProbeConfig",
     "Reason",
     "RecoveryConfig",
+    "References",
     "Sample",
     "Severity",
     "__version__",
+    "label_references",
     "load_run",
 ]
 
@@ -43,6 +47,10 @@ def __getattr__(name: str) -> Any:
         from lossguard.integrations.loop import LoopGuard
 
         return LoopGuard
+    if name == "label_references":
+        from lossguard.integrations.references import label_references
+
+        return label_references
     if name == "load_run":
         from lossguard.presentation.frames import load_run
 

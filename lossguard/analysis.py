@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lossguard.config import DetectionConfig
+from lossguard.numbers import as_float, as_step
 from lossguard.records import Action, ActionKind, Finding, worst_severity
+from lossguard.signals.references import Objective, References, objective_from_keys
 from lossguard.signals.suite import DetectorSuite
 from lossguard.telemetry.runlog import RunLog, SampleColumns
 
@@ -69,6 +71,9 @@ def analyze(log: RunLog, config: DetectionConfig | None = None) -> Analysis:
     if config is None and log.run and isinstance(log.run.get("config"), dict):
         config = _config_from_run(log.run["config"])
     suite = DetectorSuite(config, max_steps=log.max_steps, num_train_epochs=log.num_train_epochs)
+    suite.set_references(offline_references(log))
+    for step, loss in eval_losses(log):
+        suite.observe_eval(step, loss)
     cols = log.columns if log.columns is not None else SampleColumns.from_samples(log.samples)
     # the batch path of the same detectors: the findings ``observe`` would give, sample by sample
     found: list[Finding] = suite.observe_many(cols)
@@ -82,6 +87,28 @@ def analyze(log: RunLog, config: DetectionConfig | None = None) -> Analysis:
         findings=merged,
         actions=list(log.actions),
     )
+
+
+def offline_references(log: RunLog) -> References:
+    """What a log says about its own references: the record the callback wrote, else the
+    objective its metric keys betray (``rewards/chosen``: a preference run). A foreign log has
+    no vocabulary or label tokens, so its plateaus stay shape-only findings."""
+    refs = References.from_dict(log.references)
+    if refs.objective is Objective.UNKNOWN and log.metric_keys:
+        objective = objective_from_keys(log.metric_keys)
+        if objective is not Objective.UNKNOWN:
+            refs = refs.merged(References(objective=objective, sources={"objective": "the log's metric keys"}))
+    return refs
+
+
+def eval_losses(log: RunLog) -> list[tuple[int, float]]:
+    """(step, eval loss) of the log's evaluations, in step order, finite values only."""
+    out = {}
+    for rec in log.evals:
+        step, loss = as_step(rec.get("step")), as_float(rec.get("eval_loss"), finite=True)
+        if step is not None and loss is not None:
+            out[step] = loss
+    return sorted(out.items())
 
 
 def _verdict(action: Action) -> dict[str, Any]:

@@ -86,7 +86,7 @@ class DetectionConfig:
     stall_min_improvement: float = 0.05
     stall_rate: float = 2e-4
     stall_z: float = 2.0
-    degenerate_level: float = 0.05
+    reference_tolerance: float = 0.1
     cooldown_steps: int = 50
     # the detectors run over the samples of up to this many steps at once (each sample still on
     # its own; findings keep the step they name): at every multiple of it, at a non-finite loss or
@@ -119,7 +119,7 @@ class DetectionConfig:
         _check_range("stall_min_improvement", self.stall_min_improvement, 0.0, 1.0)
         _check_range("stall_rate", self.stall_rate, 0.0, 1.0)
         _check_range("stall_z", self.stall_z, 0.5, 100.0)
-        _check_range("degenerate_level", self.degenerate_level, 0.0, 1e6)
+        _check_range("reference_tolerance", self.reference_tolerance, 0.0, 1.0)
         _check_int("cooldown_steps", self.cooldown_steps, 0)
         _check_int("batch_steps", self.batch_steps, 1, 1000)
 

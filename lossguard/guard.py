@@ -16,6 +16,7 @@ from lossguard.records import Finding, ProbeVerdict, Reason, Sample
 from lossguard.recovery.policy import Decision, RecoveryPolicy
 from lossguard.recovery.verdict import Scores
 from lossguard.signals.base import Suite
+from lossguard.signals.references import References
 
 
 class Guard:
@@ -48,6 +49,19 @@ class Guard:
         self.policy = RecoveryPolicy(self.config.recovery, lookback=self.batch_steps)
         self.findings: list[Finding] = []
         self.pending: list[Sample] = []  # samples the detectors have not seen yet (``decide``)
+
+    def set_references(self, references: References) -> None:
+        """The no-learning levels and the objective of this run (``signals/references.py``):
+        the evidence a plateau is weighed against. A suite without the hook ignores them."""
+        hook = getattr(self.detectors, "set_references", None)
+        if hook is not None:
+            hook(references)
+
+    def observe_eval(self, step: int, loss: float) -> None:
+        """An evaluation loss at ``step``: a still-falling eval loss contradicts a plateau."""
+        hook = getattr(self.detectors, "observe_eval", None)
+        if hook is not None:
+            hook(step, loss)
 
     def observe(self, sample: Sample) -> list[Finding]:
         """Findings raised by this step's sample (usually none), and by any held back before it;

@@ -21,9 +21,11 @@ from lossguard.integrations.core import Reporter, carry_out, contained
 from lossguard.integrations.hf_extras import interval_logs, run_first, run_preflight, start_gpu_sampler
 from lossguard.integrations.hf_probe import TrainerProbe
 from lossguard.integrations.hf_recovery import TrainerRecovery
+from lossguard.integrations.references import run_references
 from lossguard.integrations.run_info import run_record
 from lossguard.integrations.safety_net import Judge, trainer_judge
 from lossguard.integrations.step_capture import StepCapture, find_trainer
+from lossguard.numbers import as_float
 from lossguard.records import Action, Finding, Sample
 from lossguard.telemetry.resume_scan import scan_for_resume
 from lossguard.telemetry.schema import EVENTS_FILE
@@ -112,6 +114,10 @@ class LossGuard(TrainerCallback):
         except Exception as err:
             self.engine = None
             logger.warning("lossguard: detection unavailable (%s); recording only", err)
+        if self.engine is not None:
+            refs = run_references(trainer, model)
+            self.engine.set_references(refs)
+            self.report.write("references", **refs.to_dict())
         if self.engine is not None and self.config.recovery.enabled:
             self.recovery = TrainerRecovery(self.config, log_dir)
             self.recovery.begin(trainer, model, kwargs.get("optimizer"), kwargs.get("lr_scheduler"),
@@ -193,6 +199,17 @@ class LossGuard(TrainerCallback):
         self._interval = []
         if self.gpu is not None:
             self.gpu.flush(step=int(state.global_step))
+
+    @contained
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
+                    **kwargs: Any) -> None:
+        loss = as_float((metrics or {}).get("eval_loss"), finite=True)
+        if loss is None:
+            return
+        step = int(state.global_step)
+        self.report.write("eval", step=step, eval_loss=loss)
+        if self.engine is not None:
+            self.engine.observe_eval(step, loss)
 
     @contained
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -33,10 +33,12 @@ from lossguard.config import GuardConfig, resolve_config
 from lossguard.guard import Guard
 from lossguard.integrations import core, dist
 from lossguard.integrations.core import Reporter, carry_out
+from lossguard.integrations.references import model_references
 from lossguard.integrations.safety_net import Judge, TrainingRows, per_rank
 from lossguard.records import Action, ActionKind, Finding, Sample
 from lossguard.recovery.apply import Recoverer
 from lossguard.recovery.snapshot import trainable_parameters
+from lossguard.signals.references import References
 
 logger = logging.getLogger("lossguard")
 
@@ -68,7 +70,8 @@ class LoopGuard:
     def __init__(self, model: Any, optimizer: Any, scheduler: Any = None, *, config: GuardConfig | None = None,
                  log_dir: str | os.PathLike[str] | None = None, max_steps: int | None = None,
                  num_train_epochs: float | None = None, start_step: int = 0,
-                 judge_batches: Sequence[Mapping[str, Any]] | None = None, **sections: Any) -> None:
+                 judge_batches: Sequence[Mapping[str, Any]] | None = None,
+                 references: References | None = None, **sections: Any) -> None:
         self.config = resolve_config("LoopGuard", config, sections)
         self.model = model
         self.engine = Guard(self.config, max_steps=max_steps, num_train_epochs=num_train_epochs)
@@ -102,6 +105,21 @@ class LoopGuard:
         trainable = sum(p.numel() for p in trainable_parameters(model).values())
         self.report.write("run", world_size=dist.world_size(), total_params=total, trainable_params=trainable,
                     max_steps=max_steps, start_step=start_step, capture="loop", config=self.config.to_dict())
+        # the no-learning levels a plateau is weighed against: the model's (uniform) unless given
+        # (``label_references`` over the training rows adds the unigram level)
+        refs = model_references(model)
+        self.set_references(references.merged(refs) if references is not None else refs)
+
+    def set_references(self, references: References) -> None:
+        """The levels and objective this run's loss is judged against (``lossguard.References``)."""
+        self.engine.set_references(references)
+        self.report.write("references", **references.to_dict())
+
+    def observe_eval(self, step: int, loss: float) -> None:
+        """An evaluation loss at ``step``: a still-falling eval loss contradicts a plateau, a flat
+        one a divergence."""
+        self.engine.observe_eval(int(step), float(loss))
+        self.report.write("eval", step=int(step), eval_loss=float(loss))
 
     @property
     def findings(self) -> list[Finding]:

@@ -213,7 +213,9 @@ class RecoveryPolicy:
         return decision
 
     def _trigger(self, step: int, findings: Sequence[Finding]) -> Finding | None:
-        wanted = [f for f in findings if f.reason in self.config.triggers and f.reason.value not in self.false_alarms]
+        # an info finding (shape only, or contradicted by other evidence) is reported, never acted on
+        wanted = [f for f in findings if f.reason in self.config.triggers and f.severity is not Severity.INFO
+                  and f.reason.value not in self.false_alarms]
         if not wanted:
             return None
         wanted.sort(key=lambda f: (_PRIORITY.get(f.reason, 9), f.onset_step))

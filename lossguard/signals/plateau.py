@@ -14,6 +14,7 @@ from lossguard.numbers import fmt
 from lossguard.records import Columns, Finding, Reason, Sample, Severity
 from lossguard.signals import plateau_batch
 from lossguard.signals.decay import fit_kink
+from lossguard.signals.references import References
 from lossguard.signals.stats import StepBins
 
 _MAX_RECENT = 50_000
@@ -29,6 +30,12 @@ def _median(a: np.ndarray) -> float:
         return float(np.partition(a, k)[k])
     p = np.partition(a, (k - 1, k))
     return 0.5 * (float(p[k - 1]) + float(p[k]))
+
+
+_LEVELS = {
+    "unigram": "the entropy of the label tokens: a model that ignores its inputs",
+    "uniform": "ln of the vocabulary or class count: a model that predicts all alike",
+}
 
 
 class PlateauDetector:
@@ -98,6 +105,8 @@ class PlateauDetector:
         self.active = False
         self.episode_level = 0.0
         self.last_eval: dict[str, Any] = {}
+        # the no-learning levels (``references.py``): set by the integration, not state
+        self.references = References()
 
     # progress -----------------------------------------------------------------------------
     def progress(self, step: int) -> float | None:
@@ -240,7 +249,9 @@ class PlateauDetector:
                 self.hits = 0
             return None
 
-        hit = self._stall(step, stall_start, sigma, len(ys))
+        hit = self._at_reference(step, stall_start, sigma)
+        if hit is None:
+            hit = self._stall(step, stall_start, sigma, len(ys))
         if hit is None and not young:
             if self.kink_rest:
                 self.kink_rest = False
@@ -258,7 +269,13 @@ class PlateauDetector:
         onset = self._onset(hit["level"], sigma, scale, hit["start"], seg)
         total = self.max_steps
         where = f"{100 * progress:.0f}% of {total} steps" if total else f"{100 * progress:.0f}% of training"
-        if hit["rule"] == "model":
+        if hit["rule"] == "reference":
+            why = (
+                f"for the last {step - hit['start']} steps it has not been more than "
+                f"{100 * self.config.reference_tolerance:.0f}% below the {hit['reference']} level "
+                f"{fmt(hit['reference_level'])} ({_LEVELS[hit['reference']]}), and fell {fmt(hit['observed_drop'])}"
+            )
+        elif hit["rule"] == "model":
             why = (
                 f"the decay fitted to steps {seg}-{hit['start']} predicts a further drop of "
                 f"{fmt(hit['predicted_drop'])} over the last {step - hit['start']} steps, but it fell "
@@ -283,9 +300,40 @@ class PlateauDetector:
                 "rule": hit["rule"], "level": hit["level"], "window": step - hit["start"],
                 "predicted_drop": hit["predicted_drop"], "observed_drop": hit["observed_drop"],
                 "z": hit["z"], "noise": sigma, "progress": progress,
+                **({"reference": hit["reference"], "reference_level": hit["reference_level"]}
+                   if "reference" in hit else {}),
             },
             detector=self.name,
         )
+
+    def _at_reference(self, step: int, start: int, sigma: float) -> dict[str, Any] | None:
+        """The loss has sat at a no-learning level (unigram or uniform, ``references.py``) for
+        ``plateau_min_steps``: whatever the curve's shape, the model has learned nothing from its
+        inputs. Values above the level count as at it (a spike is no progress), and the level
+        must not be falling by more than half the tolerance over the stretch."""
+        c = self.config
+        levels = self.references.levels
+        window = c.plateau_min_steps
+        if not levels or step - start < window:
+            return None
+        xs, ys = self._recent(step - window)
+        if len(ys) < _MIN_WINDOW_SAMPLES:
+            return None
+        level = float(np.mean(ys))
+        found = self.references.nearest(level, c.reference_tolerance)
+        if found is None:
+            return None
+        name, ref = found
+        tol = c.reference_tolerance * ref
+        if float(np.mean(np.minimum(ys, ref))) < ref - tol:
+            return None
+        xc = xs - xs.mean()
+        sxx = float((xc * xc).sum())
+        drop = -float((xc * (ys - ys.mean())).sum()) / sxx * (xs[-1] - xs[0]) if sxx > 0 else 0.0
+        if drop > 0.5 * tol:
+            return None  # still leaving the level: a run from scratch passes through it
+        return {"rule": "reference", "level": level, "start": int(xs[0]), "predicted_drop": 0.0,
+                "observed_drop": drop, "z": 0.0, "needed": 0.0, "reference": name, "reference_level": ref}
 
     def _stall(self, step: int, seg: int, sigma: float, n_noise: int) -> dict[str, Any] | None:
         """The run never got going: since the segment began the loss has not fallen by even a
@@ -418,6 +466,8 @@ class PlateauDetector:
         predicted_drop = level - float(d.predict(now))
         if predicted_drop < c.plateau_min_drop * scale:
             return None
+        if level - predicted_drop < min(0.0, float(np.min(ys))):
+            return None  # a decay heading below zero (for a loss that never went there) is no evidence
         post = xs >= fit.tau + seg
         px, py = xs[post], ys[post]
         xc = px - px.mean()

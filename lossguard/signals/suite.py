@@ -18,9 +18,11 @@ from lossguard.records import Columns, Finding, Reason, Sample
 from lossguard.signals.base import Detector, Stage
 from lossguard.signals.degenerate import DegenerateLossDetector
 from lossguard.signals.divergence import DivergenceDetector
+from lossguard.signals.evidence import EvidenceStage
 from lossguard.signals.gradients import GradientDetector
 from lossguard.signals.nonfinite import NonfiniteDetector
 from lossguard.signals.plateau import PlateauDetector
+from lossguard.signals.references import References
 from lossguard.signals.spike import GradExplosionDetector, SpikeDetector
 
 # reasons whose detector already reports once per episode; a cooldown would only hide a new one
@@ -64,8 +66,10 @@ DETECTORS: tuple[Registration, ...] = (
                  reads_convergence=True),
 )
 
-# run in this order over each step's findings, before the cooldown: none yet
-STAGES: tuple[Callable[[DetectionConfig, RunPlan], Stage], ...] = ()
+# run in this order over each step's findings, before the cooldown
+STAGES: tuple[Callable[[DetectionConfig, RunPlan], Stage], ...] = (
+    lambda c, plan: EvidenceStage(c),
+)
 
 
 class DetectorSuite:
@@ -122,6 +126,22 @@ class DetectorSuite:
             self.plateau.max_steps = int(max_steps)
         if num_train_epochs is not None and math.isfinite(num_train_epochs) and num_train_epochs > 0:
             self.plateau.num_train_epochs = float(num_train_epochs)
+
+    def set_references(self, references: References) -> None:
+        """The levels and objective the run's loss is judged against (``references.py``): given
+        to every detector and stage that reads them."""
+        for part in [*self.detectors, *self.stages]:
+            if hasattr(part, "references"):
+                part.references = references
+
+    def observe_eval(self, step: int, loss: float) -> None:
+        """An evaluation loss, for the stages that weigh findings against it."""
+        if not math.isfinite(loss):
+            return
+        for stage in self.stages:
+            hook = getattr(stage, "observe_eval", None)
+            if hook is not None:
+                hook(step, loss)
 
     def observe(self, sample: Sample) -> list[Finding]:
         """Run every detector on one sample (samples must come in step order)."""

@@ -56,6 +56,7 @@ def read_trainer_state(path: str | os.PathLike[str]) -> RunLog:
         step = as_step(entry.get("step"))
         if step is None:
             continue
+        log.metric_keys.update(entry)
         if "loss" in entry:
             log.add_sample(
                 Sample(
@@ -78,6 +79,7 @@ def read_llamafactory(path: str | os.PathLike[str]) -> RunLog:
     for entry in iter_events(p):
         step = as_step(entry.get("current_steps"))
         total = as_step(entry.get("total_steps"))
+        log.metric_keys.update(entry)
         if total:
             log.max_steps = total
         if step is None:
@@ -124,6 +126,7 @@ def read_lightning_csv(path: str | os.PathLike[str]) -> RunLog:
             lr_col = next((c for c in columns if c == "lr" or c.startswith("lr-")), None)
             val_col = next((c for c in _VAL_COLUMNS if c in columns), None)
             gn_col = next((c for c in columns if "grad" in c and "norm" in c), None)
+            log.metric_keys.update(columns)
             for row in reader:
                 step = as_step(row.get("step"))
                 loss = row.get(loss_col)

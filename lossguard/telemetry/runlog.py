@@ -124,6 +124,8 @@ class RunLog:
     gpu: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     preflight: dict[str, Any] | None = None
+    references: dict[str, Any] | None = None  # the ``references`` record the callback wrote
+    metric_keys: set[str] = field(default_factory=set)  # keys a foreign log's entries carry
     max_steps: int | None = None
     num_train_epochs: float | None = None
     ended: bool = False
@@ -184,6 +186,8 @@ class RunLog:
                 self.evals.append(rec)
             elif kind == "preflight":
                 self.preflight = rec
+            elif kind == "references":
+                self.references = rec
             elif kind == "run":
                 start = branch_point(rec)
                 if start is not None:

@@ -20,6 +20,7 @@ from typing import Any
 from lossguard.config import DetectionConfig
 from lossguard.numbers import as_float
 from lossguard.records import Action, ActionKind, Finding, Sample, Severity, as_step, worst_severity
+from lossguard.signals.references import References
 from lossguard.watch.downsample import MinMaxBuckets
 from lossguard.watch.follow import Batch
 
@@ -66,6 +67,7 @@ class LiveRun:
         """Forget the run (its log was truncated or replaced): the next batch starts afresh."""
         self.run: dict[str, Any] | None = None
         self.preflight: dict[str, Any] | None = None
+        self.references: dict[str, Any] | None = None
         self.max_steps: int | None = None
         self.num_train_epochs: float | None = None
         self.ended = False
@@ -125,7 +127,12 @@ class LiveRun:
                 self._take_run(rec)
             elif kind == "preflight":
                 self.preflight = rec
+            elif kind == "references":
+                self.references = rec
+                self._tell_references()
             else:
+                if kind == "eval":
+                    self._tell_eval(rec)
                 later.append(rec)
         for s in samples:
             self._take_sample(s, new)
@@ -151,6 +158,17 @@ class LiveRun:
         setter = getattr(self._suite, "set_progress", None)
         if setter is not None:
             setter(max_steps=self.max_steps, num_train_epochs=self.num_train_epochs)
+
+    def _tell_references(self) -> None:
+        setter = getattr(self._suite, "set_references", None)
+        if setter is not None and self.references is not None:
+            setter(References.from_dict(self.references))
+
+    def _tell_eval(self, rec: dict[str, Any]) -> None:
+        step, loss = as_step(rec.get("step")), as_float(rec.get("eval_loss"), finite=True)
+        hook = getattr(self._suite, "observe_eval", None)
+        if hook is not None and step is not None and loss is not None:
+            hook(step, loss)
 
     def _take_run(self, rec: dict[str, Any]) -> None:
         self.run = rec
@@ -191,6 +209,9 @@ class LiveRun:
 
                 self._suite = DetectorSuite(self.config or _run_config(self.run), max_steps=self.max_steps,
                                             num_train_epochs=self.num_train_epochs)
+                self._tell_references()
+                for rec in self.evals:
+                    self._tell_eval(rec)
             return list(self._suite.observe(s))
         except Exception as err:  # a detector bug must not take the watcher down
             self.detector_error = f"detectors unavailable ({type(err).__name__}: {err}); showing logged findings only"

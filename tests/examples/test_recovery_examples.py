@@ -37,7 +37,7 @@ def test_demo_detects_the_early_plateau_recovers_and_writes_a_report(tmp_path):
     assert rollbacks and rollbacks[0].to_step <= plateau[0].onset_step
     assert any(a.action is ActionKind.LR_RESTORE for a in log.actions)
     # the recovery paid off: the held-out loss ends far below the ~2.9 plateau
-    line = next(ln for ln in text.splitlines() if "held-out loss" in ln)
+    line = next(ln for ln in text.splitlines() if "held-out loss" in ln and "before ->" in ln)
     after = float(line.split("->")[1].split()[0])
     assert after < 2.5
     assert "lossguard summary" in text and "rollback" in text
