@@ -87,6 +87,8 @@ class DetectionConfig:
     stall_rate: float = 2e-4
     stall_z: float = 2.0
     reference_tolerance: float = 0.1
+    climb_factor: float = 1.5
+    climb_z: float = 4.0
     cooldown_steps: int = 50
     # the detectors run over the samples of up to this many steps at once (each sample still on
     # its own; findings keep the step they name): at every multiple of it, at a non-finite loss or
@@ -120,6 +122,8 @@ class DetectionConfig:
         _check_range("stall_rate", self.stall_rate, 0.0, 1.0)
         _check_range("stall_z", self.stall_z, 0.5, 100.0)
         _check_range("reference_tolerance", self.reference_tolerance, 0.0, 1.0)
+        _check_range("climb_factor", self.climb_factor, 1.0, 1e6, lo_open=True)
+        _check_range("climb_z", self.climb_z, 0.0, 100.0)
         _check_int("cooldown_steps", self.cooldown_steps, 0)
         _check_int("batch_steps", self.batch_steps, 1, 1000)
 

@@ -93,11 +93,23 @@ def judge_plateau(finding: Finding, refs: References, evals: list[tuple[int, flo
         "plateau from convergence; not acted on.", "shape_only", support)
 
 
+def eval_rise(evals: list[tuple[int, float]], since: int, step: int, rel: float = 0.01) -> str | None:
+    """Whether the eval loss at ``step`` is above its best up to ``since`` (or its first value
+    when there is none by then) by more than ``rel``: "rising", else "flat"; None with fewer than
+    two evaluations by ``step``."""
+    upto = [(s, v) for s, v in evals if s <= step]
+    if len(upto) < 2:
+        return None
+    before = [v for s, v in upto[:-1] if s <= since] or [upto[0][1]]
+    best = min(before)
+    return "rising" if upto[-1][1] > best + rel * max(abs(best), 1e-12) else "flat"
+
+
 def judge_divergence(finding: Finding, evals: list[tuple[int, float]]) -> Finding:
     """A training-loss climb that the eval loss does not share is reported, not acted on."""
-    trend = eval_trend(evals, finding.onset_step, finding.step)
-    if trend in ("falling", "flat"):
-        return _as_info(finding, f"But the eval loss is {trend} over the same steps: not acted on.",
+    trend = eval_rise(evals, finding.onset_step, finding.step)
+    if trend == "flat":
+        return _as_info(finding, "But the eval loss has not risen above its best before the onset: not acted on.",
                         "contradicted", ["training loss shape", f"eval loss {trend}"])
     if trend == "rising":
         finding.evidence["support"] = ["training loss shape", "eval loss rising"]

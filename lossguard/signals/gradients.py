@@ -19,9 +19,10 @@ _ZERO = 1e-12
 class GradientDetector:
     """Grad norm ~0 for ``vanishing_window`` samples in a row: the weights have stopped moving.
 
-    When the loss is exactly 0 as well (and the grad norm is 0 or not logged), the likelier
-    story is that every label in the batch is masked (-100): the model is being shown nothing
-    to learn. That is reported as ``zero_loss`` instead. One finding per streak.
+    A loss of exactly 0 for as long is reported as ``zero_loss``: with the grad norm 0 or not
+    logged, every label in the batch is likely masked (-100) and the model is shown nothing to
+    learn; with a live grad norm, the loss is below the log's rounding (a trivial or leaked
+    task). One finding per streak.
     """
 
     name = "gradients"
@@ -40,7 +41,7 @@ class GradientDetector:
         gn_zero = gn is not None and math.isfinite(gn) and abs(gn) <= c.vanishing_grad_norm
         loss_zero = loss is not None and abs(loss) <= _ZERO
         finding = None
-        if loss_zero and (gn is None or gn_zero):
+        if loss_zero:
             if self.zero_start is None:
                 self.zero_start = step
             self.zero_count += 1
@@ -64,16 +65,19 @@ class GradientDetector:
 
     def _zero(self, step: int, start: int, gn: float | None) -> Finding:
         n = self.config.vanishing_window
-        gn_text = "grad norm 0" if gn is not None else "grad norm not logged"
+        if gn is not None and math.isfinite(gn) and abs(gn) > self.config.vanishing_grad_norm:
+            why = (f"grad norm {fmt(gn)}: the gradient is alive, so the loss is below what the log rounds to; "
+                   "the task is trivial for the model (labels leaking into the inputs, duplicated examples, "
+                   "a degenerate target), and it has nothing left to learn")
+        else:
+            gn_text = "grad norm 0" if gn is not None else "grad norm not logged"
+            why = f"{gn_text}: labels may be fully masked (-100), nothing is being learned"
         return Finding(
             reason=Reason.ZERO_LOSS,
             severity=Severity.WARNING,
             step=step,
             onset_step=start,
-            message=(
-                f"Loss exactly 0 ({gn_text}) for {n} samples since step "
-                f"{start}: labels may be fully masked (-100), nothing is being learned."
-            ),
+            message=f"Loss exactly 0 for {n} samples since step {start} ({why}).",
             evidence={"samples": n, "grad_norm": gn},
             detector=self.name,
         )
@@ -102,7 +106,7 @@ class GradientDetector:
         with np.errstate(invalid="ignore"):
             loss_zero = has_loss & (np.abs(losses) <= _ZERO)
             gn_zero = has_gn & np.isfinite(grad_norms) & (np.abs(grad_norms) <= c.vanishing_grad_norm)
-        z = loss_zero & (~has_gn | gn_zero)
+        z = loss_zero
         z_reset = ~z & (has_loss | has_gn)
         out: list[tuple[int, Finding]] = []
         if z.any():

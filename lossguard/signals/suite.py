@@ -16,6 +16,7 @@ import numpy as np
 from lossguard.config import DetectionConfig
 from lossguard.records import Columns, Finding, Reason, Sample
 from lossguard.signals.base import Detector, Stage
+from lossguard.signals.climb import ClimbDetector
 from lossguard.signals.degenerate import DegenerateLossDetector
 from lossguard.signals.divergence import DivergenceDetector
 from lossguard.signals.evidence import EvidenceStage
@@ -62,6 +63,7 @@ DETECTORS: tuple[Registration, ...] = (
     Registration(lambda c, plan: SpikeDetector(c)),
     Registration(lambda c, plan: GradExplosionDetector(c)),
     Registration(lambda c, plan: DivergenceDetector(c), reads_convergence=True),
+    Registration(lambda c, plan: ClimbDetector(c), reads_convergence=True),
     Registration(lambda c, plan: PlateauDetector(c, max_steps=plan.max_steps, num_train_epochs=plan.num_train_epochs),
                  reads_convergence=True),
 )
