@@ -70,8 +70,15 @@ def _curve(kind: str, seed: int, every: int = 1) -> tuple[list[Sample], int | No
     return curve.samples, curve.max_steps
 
 
+def _short_jump() -> list[Sample]:
+    # a sparse log of ten values that jumps several-fold and stays (a QLoRA run at a bad LR)
+    values = [2.1, 1.8, 1.6, 11.8, 11.7, 11.9, 11.8, math.nan, 11.7, 11.8]
+    return [Sample(step=10 * (i + 1), loss=v, grad_norm=1.0) for i, v in enumerate(values)]
+
+
 STREAMS = {
     "noisy": lambda: (_noisy(1), 1500),
+    "short_jump": lambda: (_short_jump(), 1000),
     "zeros": lambda: (_zeros(), 400),
     "rl": lambda: (_rl(), 600),
     "nonfinite": lambda: _curve("nonfinite", 11),
