@@ -160,6 +160,7 @@ DEFAULT_TRIGGERS = (
     Reason.SPIKE,
     Reason.DIVERGENCE,
     Reason.NONFINITE,
+    Reason.LR_TOO_HIGH,
 )
 
 

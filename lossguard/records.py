@@ -44,6 +44,7 @@ class Reason(str, enum.Enum):
     EARLY_CONVERGENCE = "early_convergence"
     GRAD_EXPLOSION = "grad_explosion"
     GRAD_VANISHING = "grad_vanishing"
+    LR_TOO_HIGH = "lr_too_high"
     ZERO_LOSS = "zero_loss"
     NOT_A_CONVERGENCE_SIGNAL = "not_a_convergence_signal"
     RELAPSE = "relapse"

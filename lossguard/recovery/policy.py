@@ -99,10 +99,11 @@ def pick_target(snapshots: Sequence[int], onset: int, rollback_steps: int, detec
     return max(eligible) if eligible else min(before)
 
 
-_PRIORITY = {Reason.NONFINITE: 0, Reason.DIVERGENCE: 1, Reason.SPIKE: 2, Reason.EARLY_CONVERGENCE: 3}
+_PRIORITY = {Reason.NONFINITE: 0, Reason.DIVERGENCE: 1, Reason.LR_TOO_HIGH: 1, Reason.SPIKE: 2,
+             Reason.EARLY_CONVERGENCE: 3}
 # trouble of the trajectory (the LR may be too high: watch for a relapse after the restore), as
 # opposed to events (a bad batch, an overflow) that the rollback itself undoes
-_TRAJECTORY = frozenset({Reason.EARLY_CONVERGENCE.value, Reason.DIVERGENCE.value})
+_TRAJECTORY = frozenset({Reason.EARLY_CONVERGENCE.value, Reason.DIVERGENCE.value, Reason.LR_TOO_HIGH.value})
 
 
 class RecoveryPolicy:

@@ -21,6 +21,7 @@ from lossguard.signals.degenerate import DegenerateLossDetector
 from lossguard.signals.divergence import DivergenceDetector
 from lossguard.signals.evidence import EvidenceStage
 from lossguard.signals.gradients import GradientDetector
+from lossguard.signals.lr_too_high import LRTooHighStage
 from lossguard.signals.nonfinite import NonfiniteDetector
 from lossguard.signals.plateau import PlateauDetector
 from lossguard.signals.references import References
@@ -28,7 +29,7 @@ from lossguard.signals.spike import GradExplosionDetector, SpikeDetector
 
 # reasons whose detector already reports once per episode; a cooldown would only hide a new one
 _EPISODIC = frozenset({Reason.NONFINITE, Reason.EARLY_CONVERGENCE, Reason.NOT_A_CONVERGENCE_SIGNAL,
-                       Reason.ZERO_LOSS, Reason.GRAD_VANISHING})
+                       Reason.ZERO_LOSS, Reason.GRAD_VANISHING, Reason.LR_TOO_HIGH})
 _CONVERGENCE = frozenset({Reason.EARLY_CONVERGENCE, Reason.DIVERGENCE})
 
 
@@ -70,6 +71,7 @@ DETECTORS: tuple[Registration, ...] = (
 
 # run in this order over each step's findings, before the cooldown
 STAGES: tuple[Callable[[DetectionConfig, RunPlan], Stage], ...] = (
+    lambda c, plan: LRTooHighStage(c),
     lambda c, plan: EvidenceStage(c),
 )
 
