@@ -134,6 +134,7 @@ TRIGGER_REASONS = (
     Reason.SPIKE,
     Reason.DIVERGENCE,
     Reason.NONFINITE,
+    Reason.LR_TOO_HIGH,
     Reason.GRAD_EXPLOSION,
     Reason.GRAD_VANISHING,
     Reason.ZERO_LOSS,
