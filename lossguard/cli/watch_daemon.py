@@ -26,9 +26,10 @@ from typing import IO, Any
 
 from lossguard.errors import LogReadError, LossguardError
 from lossguard.records import Finding, Severity
-from lossguard.telemetry.reader import parse_line
 from lossguard.telemetry.schema import SCHEMA_VERSION, encode
 from lossguard.telemetry.source import check_run_dir
+from lossguard.watch.alert_book import AlertBook
+from lossguard.watch.silence import Silence, stalled_alert
 
 ALERT_COMMAND_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -156,12 +157,17 @@ class Daemon:
         report_every: seconds between rewrites of ``report.html`` (only when something changed).
         on_alert: argv run per alert with the alert JSON on stdin, or None.
         alert_level: the least severe finding that alerts.
+        stall_after: seconds without a new record (the run not ended) before a ``stalled`` alert;
+            default: ``watch.silence.STALL_AFTER_S`` or ``STALL_STEPS`` steps at the recent pace, the longer.
+
+    Alerts are de-duplicated by (reason, step) within one log: a log replaced by a fresh run's
+    (another first ``run`` record) gets alerts of its own.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], *, refresh: float = 1.0, report_every: float = 60.0,
                  on_alert: list[str] | None = None, alert_level: Severity = Severity.WARNING,
                  subdir: str = "lossguard", log: IO[str] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, stall_after: float | None = None) -> None:
         self.run_dir = check_run_dir(run_dir)
         self.paths = daemon_paths(self.run_dir, subdir)
         self.refresh = refresh
@@ -174,6 +180,7 @@ class Daemon:
         self._stop = threading.Event()
         self.alerts_sent = 0
         self.reports_written = 0
+        self.stall_after = stall_after
 
     def stop(self, *_: Any) -> None:
         self._stop.set()
@@ -186,28 +193,19 @@ class Daemon:
         except (OSError, ValueError):
             pass
 
-    def _known_alerts(self) -> set[tuple[str, int]]:
-        """Alerts already sent for this run (a restarted daemon does not repeat them)."""
-        keys: set[tuple[str, int]] = set()
-        try:
-            with open(self.paths.alerts, "rb") as fh:
-                for raw in fh:
-                    rec = parse_line(raw)
-                    if rec and isinstance(rec.get("step"), int):
-                        keys.add((str(rec.get("reason")), rec["step"]))
-        except OSError:
-            pass
-        return keys
+    def _alert(self, f: Finding, log_id: str | None = None) -> None:
+        self._send(alert_record(f, self.run_dir, self._clock()) | {"log_id": log_id},
+                   f"ALERT {f.severity.value} {f.reason.value} at step {f.step}: {f.message}")
 
-    def _alert(self, f: Finding) -> None:
-        line = encode(alert_record(f, self.run_dir, self._clock()))
+    def _send(self, record: dict[str, Any], said: str) -> None:
+        line = encode(record)
         try:
             with open(self.paths.alerts, "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
         except OSError as err:
             self.say(f"cannot append to {self.paths.alerts}: {err.strerror or err}")
         self.alerts_sent += 1
-        self.say(f"ALERT {f.severity.value} {f.reason.value} at step {f.step}: {f.message}")
+        self.say(said)
         if self.on_alert is None:
             return
         try:
@@ -240,7 +238,8 @@ class Daemon:
 
         follower = RunFollower(self.run_dir, subdir=self.subdir)
         live = LiveRun(self.run_dir)
-        known = self._known_alerts()
+        book = AlertBook.read(self.paths.alerts)
+        quiet = Silence()
         self.say(f"watching {self.run_dir} every {self.refresh:g} s (pid {os.getpid()}); "
                  f"alerts -> {self.paths.alerts}, report -> {self.paths.report} every {self.report_every:g} s")
         next_report = 0.0
@@ -251,10 +250,12 @@ class Daemon:
             try:
                 while True:
                     batch = follower.poll()
+                    book.follow(batch)
                     for f in live.fold(batch):
-                        if f.severity.rank >= self.alert_level.rank and (f.reason.value, f.step) not in known:
-                            known.add((f.reason.value, f.step))
-                            self._alert(f)
+                        if f.severity.rank >= self.alert_level.rank and book.first_time(f):
+                            self._alert(f, book.log_id)
+                    if batch.samples or batch.records:
+                        quiet.heard(self._clock(), self.say)
                     for note in batch.notes:
                         self.say(note)
                     if batch.waiting and batch.waiting != waiting_said:
@@ -264,11 +265,15 @@ class Daemon:
                     last_error = None
                     if not batch.behind or self._stop.is_set():
                         break
-            except LossguardError as err:
-                if str(err) != last_error:
-                    self.say(f"error: {err}; retrying every {self.refresh:g} s")
-                last_error = str(err)
+            except Exception as err:  # a LossguardError or a surprise: said once, the daemon keeps watching
+                text = str(err) if isinstance(err, LossguardError) else f"{type(err).__name__}: {err}"
+                if text != last_error:
+                    self.say(f"error: {text}; retrying every {self.refresh:g} s")
+                last_error = text
             now = self._clock()
+            silent = quiet.check(now, live, self.stall_after)
+            if silent is not None and self.alert_level.rank <= Severity.WARNING.rank:
+                self._send(stalled_alert(silent, now, live, self.run_dir, book.log_id), f"ALERT warning stalled: {silent}")
             if dirty and now >= next_report and live.source_kind is not None:
                 self._write_report(live)
                 self.say(f"report refreshed: {summary_line(live)}")
@@ -289,6 +294,7 @@ def serve(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-every", type=float, default=60.0)
     ap.add_argument("--on-alert", default=None)
     ap.add_argument("--alert-level", default="warning")
+    ap.add_argument("--stall-after", type=float, default=None)
     a = ap.parse_args(argv)
     run_dir = Path(a.run_dir)
     paths = daemon_paths(run_dir)
@@ -301,7 +307,7 @@ def serve(argv: list[str] | None = None) -> int:
     try:
         daemon = Daemon(run_dir, refresh=a.refresh, report_every=a.report_every,
                         on_alert=shlex.split(a.on_alert) if a.on_alert else None,
-                        alert_level=Severity(a.alert_level), log=sys.stderr)
+                        alert_level=Severity(a.alert_level), log=sys.stderr, stall_after=a.stall_after)
         signal.signal(signal.SIGTERM, daemon.stop)
         signal.signal(signal.SIGINT, daemon.stop)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -124,3 +124,49 @@ def test_sigterm_stops_cleanly(tmp_path: Path, sig_name: str) -> None:
     assert _wait(lambda: not pid_alive(pid))
     assert not paths.pidfile.exists()
     assert "stopped after 0 alert(s)" in paths.log.read_text()
+
+
+def test_daemon_notices_silence_and_a_replaced_log_gets_its_own_alerts(tmp_path: Path) -> None:
+    """Training that stops writing (killed, hung) gets one ``stalled`` alert; a fresh run whose log
+    replaces the first one's alerts again at the same (reason, step)."""
+    import threading
+
+    from lossguard.cli.watch_daemon import Daemon
+    from lossguard.telemetry.writer import set_aside
+
+    run = tmp_path / "run"
+    events = run / "lossguard" / "events.jsonl"
+    events.parent.mkdir(parents=True)
+
+    def write_run(t0: float) -> None:
+        _append(events, [{"v": 1, "t": t0, "kind": "run", "max_steps": 100, "start_step": 0}] +
+                [{"v": 1, "t": t0 + i, "kind": "sample", "step": i, "loss": 2.0, "grad_norm": 1.0} for i in range(1, 21)] +
+                [{"v": 1, "t": t0 + 21, "kind": "sample", "step": 21, "loss": "nan", "grad_norm": 1.0}])
+
+    def alerts() -> list[dict]:
+        return [json.loads(x) for x in daemon_paths(run).alerts.read_text().splitlines()] \
+            if daemon_paths(run).alerts.exists() else []
+
+    write_run(1000.0)
+    said = run / "lossguard" / "watch.log"
+    with open(said, "a", encoding="utf-8") as log:
+        daemon = Daemon(run, refresh=0.05, report_every=3600, log=log, stall_after=1.0)
+        thread = threading.Thread(target=daemon.run, daemon=True)
+        thread.start()
+        try:
+            assert _wait(lambda: [a["reason"] for a in alerts()] == ["nonfinite", "stalled"], 30), said.read_text()
+            stalled = alerts()[1]
+            assert stalled["step"] == 21 and "no record for" in stalled["message"] and "has not ended" in stalled["message"]
+            _append(events, [{"v": 1, "t": 1030.0, "kind": "sample", "step": 22, "loss": 2.0, "grad_norm": 1.0},
+                             {"v": 1, "t": 1031.0, "kind": "end", "step": 22}])
+            assert _wait(lambda: "written again" in said.read_text(), 30)
+            set_aside(events)  # what a fresh run in the same output_dir does first
+            write_run(5000.0)
+            assert _wait(lambda: [a["reason"] for a in alerts()].count("nonfinite") == 2, 30), said.read_text()
+            first, second = [a for a in alerts() if a["reason"] == "nonfinite"]
+            assert first["step"] == second["step"] == 21 and first["log_id"] != second["log_id"]
+        finally:
+            daemon.stop()
+            thread.join(10)
+    assert not thread.is_alive()
+    assert [a["reason"] for a in alerts()].count("stalled") <= 2  # once per silence, never per poll
