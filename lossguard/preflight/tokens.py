@@ -49,14 +49,16 @@ def _as_list(value: Any) -> list[Any] | None:
     return None
 
 
-def _flat_ints(value: Any) -> list[int] | None:
+def _flat_array(value: Any) -> np.ndarray | None:
+    """A row's column as a 1-d integer array; None when missing, nested or not integers."""
     seq = _as_list(value)
-    if seq is None or any(isinstance(x, (list, tuple)) for x in seq):
+    if seq is None:
         return None
     try:
-        return [int(x) for x in seq]
-    except (TypeError, ValueError):
+        arr = np.asarray(seq, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
         return None
+    return arr if arr.ndim == 1 else None
 
 
 def unwrap_loader(dataset: Any, collator: Any) -> tuple[Any, Any]:
@@ -156,19 +158,13 @@ def audit_row(row: Any, audit: TokenAudit, shift: bool, pad_id: int | None) -> N
     """Count one row (a dict of flat integer lists) into ``audit``; anything else is skipped."""
     if not isinstance(row, dict) and not hasattr(row, "keys"):
         return
-    ids = _flat_ints(row.get("input_ids"))
+    ids = _flat_array(row.get("input_ids"))
     if ids is None:
         return
-    mask = _flat_ints(row.get("attention_mask"))
-    labels = _flat_ints(row.get("labels"))
-    _count(
-        audit,
-        np.asarray([ids], dtype=np.int64),
-        np.asarray([mask], dtype=np.int64) if mask is not None else None,
-        np.asarray([labels], dtype=np.int64) if labels is not None else None,
-        shift,
-        pad_id,
-    )
+    mask = _flat_array(row.get("attention_mask"))
+    labels = _flat_array(row.get("labels"))
+    _count(audit, ids[None], None if mask is None else mask[None], None if labels is None else labels[None],
+           shift, pad_id)
 
 
 def _count(
