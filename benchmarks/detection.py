@@ -2,6 +2,7 @@
 instead of lossguard, and the throughput of ``watch --once``.
 
     .venv/bin/python benchmarks/detection.py [--quick] [--throughput-only] [--no-corpus] [--no-throughput] [--detail]
+                                             [--no-testbed] [--testbed-only] [--testbed-curves FILE]
 
 1. Synthetic curves (``lossguard/testing/synthetic.py``): per detector, per logging interval
    (every step, every 10, every 20 steps) and per seed set (three independent sets of curves,
@@ -14,7 +15,13 @@ instead of lossguard, and the throughput of ``watch --once``.
    best F1 on seed set 0 (``--detail``: which kinds of curve each rule alarms on).
 3. The same tables on the corpus of real logs (``benchmarks/corpus``), per split: ``dev`` to
    look at, ``test`` for the figures in docs (nothing is tuned on it).
-4. Writes a 1,000,000-sample events.jsonl and times reading it alone (the baseline) against
+4. Real runs beside the real logs: every scenario of the testbed
+   (``lossguard/testing/testbed/scenarios.py``: a base pretrained here, fine-tuned by a real
+   ``Trainer``, healthy or troubled for a known reason) with ``LossGuard`` attached, recovery off,
+   so the run is the one measured without it: lossguard's findings per scenario, beside what
+   the scenario is expected to show and its outcome (``--testbed-curves``: the curves as JSON,
+   for ``benchmarks/testbed_plots.py``).
+5. Writes a 1,000,000-sample events.jsonl and times reading it alone (the baseline) against
    the full ``once()`` (read + detect + JSON).
 
 lossguard is called through its public offline entry points only: ``DetectorSuite.observe``
@@ -340,6 +347,54 @@ _CORPUS_REASONS = {
 }
 
 
+def testbed(names: list[str] | None = None, curves_path: str | None = None) -> None:
+    """Each testbed scenario as a real run with the callback attached (detection only)."""
+    from lossguard import GuardConfig, LossGuard
+    from lossguard.testing.testbed.scenarios import SCENARIOS, run_scenario
+
+    print("\n### Testbed scenarios: real Trainer runs on the pretrained testbed base, LossGuard attached "
+          "(recovery off)\n")
+    print("| scenario | expected | steps | wall (s) | outcome without lossguard | lossguard's findings |")
+    print("|---|---|---|---|---|---|")
+    dump = {}
+    for name in names or list(SCENARIOS):
+        sc = SCENARIOS[name]
+        guard = LossGuard(GuardConfig(console=False, recovery={"enabled": False}))
+        with tempfile.TemporaryDirectory() as out:
+            r = run_scenario(name, out, callbacks=[guard])
+        found = ", ".join(f"{f.reason.value}/{f.severity.value}@{f.step} (onset {f.onset_step})"
+                          for f in guard.findings) or "none"
+        print(f"| {name} | {sc.expected} | {r.steps[-1] if r.steps else 0} | {r.wall_s:.1f} | "
+              f"{_outcome_text(r.outcome)} | {found} |")
+        sys.stdout.flush()
+        dump[name] = {"expected": sc.expected, "steps": r.steps, "loss": r.losses, "grad_norm": r.grad_norms,
+                      "epoch": r.epochs, "outcome": r.outcome, "wall_s": round(r.wall_s, 2),
+                      "findings": [f.to_record() for f in guard.findings]}
+    print("\nfindings in full:")
+    for name, d in dump.items():
+        for f in d["findings"]:
+            print(f"  {name}: {f['reason']}/{f['severity']} at {f['step']}: {f['message']}")
+    if curves_path:
+        Path(curves_path).write_text(json.dumps(dump, default=_json_float) + "\n", encoding="utf-8")
+        print(f"curves written to {curves_path}")
+
+
+def _json_float(v: Any) -> Any:
+    return str(v)
+
+
+def _outcome_text(o: dict[str, Any]) -> str:
+    parts = [f"answer loss {o['eval_loss_before']:.2f} -> {o['eval_loss_after']:.2f}"]
+    if "prior_entropy" in o:
+        parts.append(f"accuracy {o['accuracy']:.2f} (majority {o['majority_share']:.2f}), "
+                     f"prior entropy {o['prior_entropy']:.3f}")
+    if "culprit_steps" in o:
+        parts.append("culprit batches at steps " + ", ".join(str(s) for s in o["culprit_steps"]))
+    if "first_nonfinite_step" in o:
+        parts.append(f"first non-finite loss at step {o['first_nonfinite_step']}")
+    return "; ".join(parts)
+
+
 def throughput(n: int) -> None:
     from lossguard.analysis import analyze
     from lossguard.cli.watch_once import once
@@ -425,8 +480,15 @@ def main() -> int:
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--detail", action="store_true", help="per curve kind: who alarmed (synthetic)")
     ap.add_argument("--samples", type=int, default=1_000_000)
+    ap.add_argument("--no-testbed", action="store_true", help="leave out the testbed's real runs")
+    ap.add_argument("--testbed-only", action="store_true", help="only the testbed's real runs")
+    ap.add_argument("--scenarios", nargs="+", default=None, help="testbed scenarios to run (default: all)")
+    ap.add_argument("--testbed-curves", default=None, help="write the testbed runs' curves to this JSON file")
     args = ap.parse_args()
     ok = True
+    if args.testbed_only:
+        testbed(args.scenarios, args.testbed_curves)
+        return 0
     if not args.throughput_only:
         results: list[RunResult] = []
         ok = quality(20 if args.quick else 50, 8 if args.quick else 20, SEED_SETS[:1] if args.quick else SEED_SETS,
@@ -446,6 +508,8 @@ def main() -> int:
             _detail(results, specs)
         if not args.no_corpus:
             corpus(("dev", "test"), specs)
+        if not args.no_testbed:
+            testbed(args.scenarios, args.testbed_curves)
     if not args.no_throughput:
         throughput(args.samples)
     return 0 if ok else 1

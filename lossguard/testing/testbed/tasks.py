@@ -1,5 +1,5 @@
 """Fine-tuning tasks cut from the same real text as the base: instruction pairs, an imbalanced
-classification, preference pairs. Prompts are masked with ``-100`` as users mask them.
+classification, preference pairs, and the data bugs that break them. Prompts are masked with ``-100`` as users mask them.
 
 Every builder is deterministic for a seed and a Python version (the text is the running Python's).
 """
@@ -7,7 +7,6 @@ Every builder is deterministic for a seed and a Python version (the text is the 
 from __future__ import annotations
 
 import ast
-import base64
 import math
 import random
 import re
@@ -174,15 +173,15 @@ def misaligned(pairs: Sequence[Pair], *, seed: int = 0) -> list[Pair]:
     return [Pair(p.task, p.prompt, a) for p, a in zip(pairs, answers)]
 
 
-def corrupted(pairs: Sequence[Pair], positions: Sequence[int], *, seed: int = 0, chars: int = 240) -> list[Pair]:
-    """``pairs`` with the answers at ``positions`` replaced by base64 noise (a binary blob that
-    slipped into a scraped data set)."""
+def foreign_tokens(example: dict[str, list[int]], vocab_size: int, *, seed: int = 0,
+                   length: int = 200) -> dict[str, list[int]]:
+    """``example`` with its answer replaced by ``length`` token ids of another tokenizer's vocabulary
+    (a shard tokenized for a different model, merged in): to this model, random tokens."""
     rng = random.Random(seed)
-    out = list(pairs)
-    for i in positions:
-        blob = base64.b64encode(bytes(rng.getrandbits(8) for _ in range(chars))).decode()[:chars]
-        out[i] = Pair(out[i].task, out[i].prompt, " " + blob)
-    return out
+    n_prompt = next((i for i, v in enumerate(example["labels"]) if v != IGNORE), len(example["labels"]))
+    answer = [rng.randrange(3, vocab_size) for _ in range(length)]
+    ids = example["input_ids"][:n_prompt] + answer
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE] * n_prompt + answer}
 
 
 def preference_pairs(n: int, *, seed: int = 0) -> list[tuple[str, str, str]]:

@@ -55,10 +55,13 @@ def test_classification_has_the_stated_prior_and_a_long_prompt_keeps_its_answer(
     assert len(ex["input_ids"]) == 64 and ex["labels"][-1] == ex["input_ids"][-1] != T.IGNORE
 
 
-def test_corrupted_and_preference_pairs():
-    pairs = T.instruction_pairs(20, seed=0)
-    bad = T.corrupted(pairs, [2, 5], seed=0)
-    assert [i for i, (a, b) in enumerate(zip(pairs, bad)) if a != b] == [2, 5]
-    assert len(bad[2].answer) > 200 and bad[2].prompt == pairs[2].prompt
+def test_foreign_tokens_keep_the_prompt_and_preference_pairs_differ(tok):
+    ex = T.encode(tok, T.instruction_pairs(1, seed=0)[0])
+    n_prompt = ex["labels"].count(T.IGNORE)
+    bad = T.foreign_tokens(ex, len(tok), seed=0, length=50)
+    assert bad["input_ids"][:n_prompt] == ex["input_ids"][:n_prompt]
+    assert bad["labels"][:n_prompt] == [T.IGNORE] * n_prompt
+    assert bad["labels"][n_prompt:] == bad["input_ids"][n_prompt:] and len(bad["input_ids"]) == n_prompt + 50
+    assert all(3 <= t < len(tok) for t in bad["input_ids"][n_prompt:])
     prefs = T.preference_pairs(10, seed=0)
     assert len(prefs) == 10 and all(chosen != rejected for _, chosen, rejected in prefs)
