@@ -205,3 +205,77 @@ def test_a_checkpoint_taken_mid_trial_resumes_into_the_same_revert(tmp_path):
     revert = [a for a in _actions(out, "revert") if a["step"] == 30]
     assert len(revert) == 1 and revert[0]["to_step"] == 20
     _assert_same_state(spy.kept[30], plain.kept[20])
+
+
+# every detector's bar at (or near) its floor: a healthy run raises false alarms on its own
+OVER_SENSITIVE = {"spike_sigmas": 1.5, "spike_min_rise": 0.0, "spike_tail_factor": 0.0, "min_history": 10,
+                  "divergence_window": 10, "divergence_probability": 0.6, "divergence_min_rise": 0.01,
+                  "plateau_min_steps": 20, "plateau_z": 0.5, "plateau_min_drop": 0.0,
+                  "stall_z": 0.5, "stall_rate": 0.01, "stall_min_improvement": 0.5, "early_fraction": 0.9}
+
+
+def test_real_false_alarms_of_over_sensitive_detection_are_reverted_and_shown_everywhere(tmp_path, capsys):
+    """No forced finding: the detectors themselves misfire on a healthy run. The first rollback is
+    reverted to the plain run's state bitwise, the verdict names both scores and the false alarm,
+    and the console, the dashboard, the HTML report and ``watch --once --json`` all show it."""
+    import io
+    import json
+
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from lossguard.cli import _register, app
+    from lossguard.presentation.dashboard import render
+    from lossguard.presentation.report import render_html
+    from lossguard.watch.live import read_run
+
+    steps = 90
+    plain = Spy(keep=range(1, steps + 1))
+    make_trainer(tiny_setup(n_train=128), str(tmp_path / "plain"), callbacks=[plain], max_steps=steps,
+                 learning_rate=1e-2, logging_steps=50).train()
+
+    guard = LossGuard(GuardConfig(detection=OVER_SENSITIVE, probe={"enabled": False},
+                                  recovery={"snapshot_every": 5, "rollback_steps": 10, "max_low_lr_steps": 40,
+                                            "judge_sequences": 32}))
+    spy = Spy(keep=range(1, steps + 1))
+    out = tmp_path / "run"
+    trainer = make_trainer(tiny_setup(n_train=128), str(out), callbacks=[guard, spy], max_steps=steps,
+                           learning_rate=1e-2, logging_steps=50)
+    trainer.train()
+    assert trainer.state.global_step == steps
+    detected = {f.reason.value for f in guard.findings if f.detector != "recovery"}
+    rollbacks, reverts = _actions(out, "rollback"), _actions(out, "revert")
+    assert rollbacks and reverts, (detected, [a["action"] for a in _actions(out)])
+    first, revert = rollbacks[0], reverts[0]
+    # the first verdict judges the first rollback: its head is the plain run's state at that step
+    assert revert["details"]["head_step"] == first["step"] == revert["to_step"]
+    assert revert["step"] == first["details"]["verdict_step"] == 2 * first["step"] - first["to_step"]
+    _assert_same_state(spy.kept[revert["step"]], plain.kept[first["step"]])
+    det = revert["details"]
+    assert det["head_score"] == pytest.approx(first["details"]["head_score"])
+    assert det["branch_score"] - det["head_score"] == pytest.approx(-det["gain"], rel=1e-6)
+    assert det["gain"] <= det["z"] * det["stderr"] and det["units"] == 32 and det["equal_compute"]
+    assert det["false_alarm"] == first["reason"] and det["false_alarm"] in guard.engine.policy.false_alarms
+    assert f"{first['reason']} findings start no recovery for the rest of the run" in revert["message"]
+    # a reverted reason never rolls back again
+    later = [r for r in rollbacks if r["step"] > revert["step"]]
+    assert all(r["reason"] not in guard.engine.policy.false_alarms[:1] for r in later)
+
+    console = capsys.readouterr().err
+    assert f"lossguard action revert reverted the {first['reason']} rollback at step {revert['step']}" in console
+    live = read_run(out)
+    buf = io.StringIO()
+    Console(file=buf, width=120, color_system=None, force_terminal=False).print(render(live, width=120, now=0))
+    kept = len(_actions(out, "keep"))
+    assert f"kept {kept}  reverted {len(reverts)}" in buf.getvalue()
+    page = render_html(live)
+    assert f"<td>verdicts on rollbacks</td><td>kept {kept}, reverted {len(reverts)}</td>" in page
+    assert f"verdicts ({kept + len(reverts)})" in page
+    _register()
+    result = CliRunner().invoke(app, ["watch", str(out), "--once", "--json"])
+    doc = json.loads(result.output)
+    verdicts = [v for v in doc["verdicts"] if v["verdict"] == "revert"]
+    assert len(verdicts) == len(reverts)
+    assert verdicts[0]["head_score"] == pytest.approx(det["head_score"])
+    assert verdicts[0]["branch_score"] == pytest.approx(det["branch_score"])
+    assert verdicts[0]["false_alarm"] == first["reason"]
