@@ -172,7 +172,9 @@ class RecoveryConfig:
     enabled: bool = True
     triggers: tuple[Reason, ...] = DEFAULT_TRIGGERS
     rollback_steps: int = 100
-    snapshot_every: int = 50
+    # None: chosen at train begin so that snapshots stay within snapshot_budget of training time
+    snapshot_every: int | None = None
+    snapshot_budget: float = 0.01
     lr_factor: float = 0.1
     max_low_lr_steps: int = 300
     restore_ramp_steps: int = 0
@@ -204,7 +206,9 @@ class RecoveryConfig:
     def _check(self) -> None:
         self.triggers = _triggers(self.triggers)
         _check_int("rollback_steps", self.rollback_steps, 0)
-        _check_int("snapshot_every", self.snapshot_every, 1)
+        if self.snapshot_every is not None:
+            _check_int("snapshot_every", self.snapshot_every, 1)
+        _check_range("snapshot_budget", self.snapshot_budget, 0.0, 1.0, lo_open=True)
         _check_range("lr_factor", self.lr_factor, 0.0, 1.0, lo_open=True)
         _check_int("max_low_lr_steps", self.max_low_lr_steps, 1)
         _check_int("restore_ramp_steps", self.restore_ramp_steps, 0)

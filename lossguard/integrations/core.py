@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 
 from lossguard.config import GuardConfig
+from lossguard.integrations import dist
 from lossguard.records import Action, ActionKind, Finding
 from lossguard.recovery.apply import Recoverer
 from lossguard.recovery.policy import Decision
@@ -204,3 +205,48 @@ def _restored(decision: Decision, kind: ActionKind, snap: Any, step: int, recove
     action = next((a for a in decision.actions if a.action is kind), None)
     if action is not None:
         action.details["restore_seconds"] = round(recoverer.last_rollback_seconds or 0.0, 6)
+
+
+def pace_snapshots(recoverer: Recoverer | None, report: Reporter, step: int, seconds: float | None, *,
+                   max_steps: int | None, save_every: int | None = None) -> None:
+    """After optimizer step ``step`` took ``seconds``: once the first steps are timed (and again
+    whenever a snapshot measured its own cost), choose how often to snapshot so that snapshots
+    stay within ``recovery.snapshot_budget`` of training time; write the ``cost`` record and print
+    what recovery costs this run. Every DDP rank takes the coarsest rank's cadence, so that all
+    hold the same rollback targets."""
+    if recoverer is None or not recoverer.observe_step(seconds):
+        return
+    from lossguard.recovery.budget import cost_line
+
+    first = recoverer.cadence is None
+    if not first and dist.is_distributed():
+        return  # chosen once: a revision on one rank's measurement alone would split the ranks' targets
+    cadence = recoverer.choose_cadence(max_steps=max_steps, save_every=save_every)
+    every = dist.max_int(cadence.every or 0) or None if cadence.every is not None else None
+    if not first and every == recoverer.every:
+        return
+    recoverer.set_cadence(cadence, every)
+    line = cost_line(recoverer.cost, cadence, probe_fraction=report.config.probe.max_time_fraction
+                     if report.config.probe.enabled else None)
+    report.write("cost", step=step, revised=not first, every=every, cadence=cadence.summary(),
+                 cost=recoverer.measured_cost().summary() if recoverer.cost is not None else None, line=line)
+    if report.is_main and report.config.console:
+        from lossguard.presentation.console import console
+
+        console().print(f"lossguard: {line}", markup=False, highlight=False)
+
+
+def measure_snapshot_cost(config: GuardConfig, model: Any, optimizer: Any, spill_dir: Path | None,
+                          max_steps: int | None = None) -> Any:
+    """The recovery cost model's measurements for this rank (``recovery.cost.measure_cost``); None
+    when they failed (a warning says why)."""
+    try:
+        from lossguard.recovery.cost import measure_cost
+
+        return measure_cost(model, optimizer, memory_mb=config.recovery.snapshot_memory_mb, spill_dir=spill_dir,
+                            world_size=dist.world_size(), probe_vectors=config.probe.max_iter,
+                            max_steps=max_steps)
+    except Exception as err:
+        logger.warning("lossguard: the recovery cost model is unavailable (%s: %s)", type(err).__name__, err)
+        return None
+

@@ -74,3 +74,12 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device())
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def max_int(value: int) -> int:
+    """The largest ``value`` over all ranks (itself when not distributed)."""
+    if not is_distributed():
+        return value
+    buf = torch.tensor([value], dtype=torch.int64, device=device())
+    torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.MAX)
+    return int(buf.item())

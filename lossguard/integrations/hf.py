@@ -20,7 +20,7 @@ from lossguard.integrations import dist
 from lossguard.integrations.core import Reporter, carry_out, contained
 from lossguard.integrations.hf_extras import interval_logs, run_first, run_preflight, start_gpu_sampler
 from lossguard.integrations.hf_probe import TrainerProbe
-from lossguard.integrations.hf_recovery import TrainerRecovery
+from lossguard.integrations.hf_recovery import TrainerRecovery, snapshot_cost
 from lossguard.integrations.references import run_references
 from lossguard.integrations.run_info import run_record
 from lossguard.integrations.safety_net import Judge, trainer_judge
@@ -103,8 +103,9 @@ class LossGuard(TrainerCallback):
         self.capture.keep_rows = self.probe.rows_wanted
         self.judge = trainer_judge(trainer, model, self.config.recovery, self.capture)
         mode = self.capture.install(trainer, model)
-        self.report.write("run", **run_record(args, state, model, self.config, mode))
-        run_preflight(self.report, self.config, args, model, kwargs.get("train_dataloader"), trainer)
+        cost = snapshot_cost(self.config, log_dir, trainer, model, kwargs.get("optimizer"), int(state.max_steps))
+        self.report.write("run", **run_record(args, state, model, self.config, mode, cost))
+        run_preflight(self.report, self.config, args, model, kwargs.get("train_dataloader"), trainer, cost)
         self.gpu = start_gpu_sampler(self.report, self.config, args, model, log_dir, self._gpu_backend)
         try:
             from lossguard.guard import Guard
@@ -121,7 +122,7 @@ class LossGuard(TrainerCallback):
         if self.engine is not None and self.config.recovery.enabled:
             self.recovery = TrainerRecovery(self.config, log_dir)
             self.recovery.begin(trainer, model, kwargs.get("optimizer"), kwargs.get("lr_scheduler"),
-                                engine=self.engine, is_main=self.report.is_main)
+                                engine=self.engine, is_main=self.report.is_main, cost=cost)
             self.recovery.load_resumed(args, state, self.engine, self.report, scan)
         self.probe.begin(model, int(args.get_warmup_steps(int(state.max_steps))), int(state.max_steps),
                          micro_batches=int(args.gradient_accumulation_steps))
@@ -159,6 +160,8 @@ class LossGuard(TrainerCallback):
         if self.probe.due(step):
             self.report.write_record(self.probe.run(step, got.lr, "every_n_steps"))
         rec = self.recovery
+        if rec is not None:
+            rec.observe_step(args, state, got.seconds, self.report)
         decision = self.engine.decide(sample, rec.steps() if rec is not None else [],
                                       probe=self._probe_plateau if self.config.probe.enabled else None,
                                       flush=rec is not None and rec.due(step), judge=self._judge())

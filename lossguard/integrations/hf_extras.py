@@ -27,8 +27,10 @@ def run_first(trainer: Any, callback: Any) -> None:
         handler.callbacks.insert(0, callback)
 
 
-def run_preflight(report: Reporter, config: GuardConfig, args: Any, model: Any, loader: Any, trainer: Any) -> None:
-    """Check the run's set-up before the first step; write the ``preflight`` record and print its table."""
+def run_preflight(report: Reporter, config: GuardConfig, args: Any, model: Any, loader: Any, trainer: Any,
+                  cost: Any = None) -> None:
+    """Check the run's set-up before the first step; write the ``preflight`` record and print its table
+    (with the recovery cost model's rows when ``cost`` was measured)."""
     if not report.is_main:
         return
     try:
@@ -37,6 +39,15 @@ def run_preflight(report: Reporter, config: GuardConfig, args: Any, model: Any, 
         checks = preflight(args, model, loader if loader is not None else getattr(trainer, "train_dataset", None),
                            world_size=world_size(args), rollback_steps=config.recovery.rollback_steps,
                            data_collator=None if loader is not None else getattr(trainer, "data_collator", None))
+        if cost is not None:
+            from lossguard.preflight import PreflightRow, Status
+            from lossguard.recovery.budget import cost_rows
+
+            rec = config.recovery
+            checks.facts["recovery_cost"] = cost.summary()
+            for name, value, warn, advice in cost_rows(cost, budget=rec.snapshot_budget, user_every=rec.snapshot_every,
+                                                       spill_dir=rec.snapshot_dir):
+                checks.rows.append(PreflightRow(name, value, Status.WARN if warn else Status.OK, advice))
     except Exception as err:
         logger.warning("lossguard: preflight skipped (%s)", err)
         return

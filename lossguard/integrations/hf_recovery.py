@@ -28,10 +28,11 @@ from typing import Any
 
 from lossguard.config import GuardConfig
 from lossguard.integrations import dist
-from lossguard.integrations.core import Applied, Reporter
+from lossguard.integrations.core import Applied, Reporter, measure_snapshot_cost, pace_snapshots
 from lossguard.integrations.hf_saves import SaveGuard, disk_refusal
 from lossguard.records import Action, ActionKind
 from lossguard.recovery.apply import Recoverer
+from lossguard.recovery.budget import SnapshotCost
 from lossguard.telemetry.resume_scan import ResumeScan
 
 logger = logging.getLogger("lossguard")
@@ -77,6 +78,28 @@ def _holds_state(path: Path, state: Any) -> bool:
             and json.dumps(saved.get("log_history")) == json.dumps(state.log_history))
 
 
+def snapshot_cost(config: GuardConfig, log_dir: Path, trainer: Any, model: Any, optimizer: Any,
+                  max_steps: int | None = None) -> SnapshotCost | None:
+    """What one snapshot of this rank's trainable state costs, measured once at train begin."""
+    if not config.recovery.enabled or model is None:
+        return None
+    return measure_snapshot_cost(config, model, getattr(trainer, "optimizer", None) or optimizer,
+                                 dist.snapshot_folder(config.recovery.snapshot_dir, log_dir), max_steps)
+
+
+def save_interval(args: Any, max_steps: int | None) -> int | None:
+    """Steps between the Trainer's checkpoints (``save_strategy='steps'``), else None."""
+    strategy = getattr(getattr(args, "save_strategy", None), "value", getattr(args, "save_strategy", None))
+    if strategy != "steps":
+        return None
+    value = float(getattr(args, "save_steps", 0) or 0)
+    if value <= 0:
+        return None
+    if value < 1:
+        return max(1, int(value * max_steps + 0.999)) if max_steps else None
+    return int(value)
+
+
 def _train_argument(max_depth: int = 12) -> Path | None:
     frame = inspect.currentframe()
     depth = 0
@@ -110,7 +133,7 @@ class TrainerRecovery:
         return self.recoverer.ring.steps() if self.recoverer is not None else ()
 
     def begin(self, trainer: Any, model: Any, optimizer: Any, scheduler: Any, *, engine: Any = None,
-              is_main: bool = True) -> None:
+              is_main: bool = True, cost: SnapshotCost | None = None) -> None:
         self.engine, self.is_main = engine, is_main
         self.saves.install(trainer)
         optimizer = getattr(trainer, "optimizer", None) or optimizer
@@ -120,7 +143,16 @@ class TrainerRecovery:
             return
         self.recoverer = Recoverer(model, optimizer, scheduler, config=self.config.recovery,
                                    spill_dir=dist.snapshot_folder(self.config.recovery.snapshot_dir, self.log_dir))
+        self.recoverer.cost = cost
+        if cost is not None and not cost.fits_host:  # decided now: even the first snapshot would not fit
+            self.recoverer.set_cadence(self.recoverer.choose_cadence(max_steps=None, save_every=None))
         self._first_snapshot_due = True
+
+    def observe_step(self, args: Any, state: Any, seconds: float | None, report: Reporter) -> None:
+        """After each optimizer step: the snapshot cadence, once the first steps are timed."""
+        max_steps = int(state.max_steps) or None
+        pace_snapshots(self.recoverer, report, int(state.global_step), seconds, max_steps=max_steps,
+                       save_every=save_interval(args, max_steps))
 
     def end(self) -> None:
         """At train end: the snapshots are scratch for this run (in memory and spilled)."""

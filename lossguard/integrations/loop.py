@@ -85,9 +85,11 @@ class LoopGuard:
         self._optimizer_steps = 0
         self._last_lr: float | None = None
         self._t0: float | None = None
+        self._max_steps = max_steps
         if self.config.recovery.enabled:
             spill = dist.snapshot_folder(self.config.recovery.snapshot_dir, self.log_dir)
             self.recoverer = Recoverer(model, optimizer, scheduler, config=self.config.recovery, spill_dir=spill)
+            self.recoverer.cost = core.measure_snapshot_cost(self.config, model, optimizer, spill, max_steps)
             self._remove_hooks = self.recoverer.install_step_hooks(
                 lambda: self.engine.lr_multiplier(self.global_step + 1))
             self.recoverer.snapshot(start_step, self.engine.frozen_detector_state())
@@ -104,7 +106,8 @@ class LoopGuard:
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in trainable_parameters(model).values())
         self.report.write("run", world_size=dist.world_size(), total_params=total, trainable_params=trainable,
-                    max_steps=max_steps, start_step=start_step, capture="loop", config=self.config.to_dict())
+                    max_steps=max_steps, start_step=start_step, capture="loop", config=self.config.to_dict(),
+                    cost=self.recoverer.cost.summary() if self.recoverer is not None and self.recoverer.cost else None)
         # the no-learning levels a plateau is weighed against: the model's (uniform) unless given
         # (``label_references`` over the training rows adds the unigram level)
         refs = model_references(model)
@@ -161,6 +164,7 @@ class LoopGuard:
         self._t0 = now
         self.report.write_record(sample.to_record())
         rec = self.recoverer
+        core.pace_snapshots(rec, self.report, step, sample.step_time_s, max_steps=self._max_steps)
         label = step if stepped else step - 1  # the step whose weights a snapshot now would hold
         decision = self.engine.decide(sample, rec.ring.steps() if rec is not None else [],
                                       flush=rec is not None and (rec.due(label) or not len(rec.ring)),

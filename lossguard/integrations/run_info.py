@@ -51,8 +51,10 @@ def world_size(args: Any) -> int:
     return max(int(getattr(args, "world_size", 1) or 1), dist.world_size())
 
 
-def run_record(args: Any, state: Any, model: Any, config: GuardConfig, capture_mode: str) -> dict[str, Any]:
-    """The fields of the ``run`` record written at train begin."""
+def run_record(args: Any, state: Any, model: Any, config: GuardConfig, capture_mode: str,
+               cost: Any = None) -> dict[str, Any]:
+    """The fields of the ``run`` record written at train begin (``cost``: the snapshot cost model's
+    ``SnapshotCost``, when recovery measured one)."""
     total, trainable = param_counts(model) if model is not None else (None, None)
     world = world_size(args)
     return dict(
@@ -75,4 +77,5 @@ def run_record(args: Any, state: Any, model: Any, config: GuardConfig, capture_m
         output_dir=str(args.output_dir),
         capture=capture_mode,
         config=config.to_dict(),
+        cost=cost.summary() if cost is not None else None,
     )

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from lossguard.config import RecoveryConfig
+from lossguard.recovery.budget import DEFAULT_EVERY, Cadence, CadenceReason, SnapshotCost, choose_cadence
 from lossguard.recovery.snapshot import (
     Capturer,
     Snapshot,
@@ -81,6 +82,13 @@ class Recoverer:
         self.snapshot_seconds = 0.0
         self.n_snapshots = 0
         self.last_rollback_seconds: float | None = None
+        # the cadence: the user's, else DEFAULT_EVERY until the first steps have been timed
+        self.every: int | None = self.config.snapshot_every or DEFAULT_EVERY
+        self.cost: SnapshotCost | None = None
+        self.cadence: Cadence | None = None
+        self.step_times: list[float] = []
+        self.capture_seconds: list[float] = []  # measured, scheduled snapshots with optimizer state
+        self.spill_seconds: list[float] = []
 
     def close(self) -> None:
         """Free the snapshots, in memory and on disk: they are scratch for this run only (a
@@ -90,19 +98,77 @@ class Recoverer:
 
     # --- snapshots -----------------------------------------------------------------------------
     def due(self, step: int) -> bool:
-        return step % self.config.snapshot_every == 0 or not len(self.ring)
+        if self.cadence is not None and self.cadence.reason is CadenceReason.NO_ROOM:
+            return False
+        return not len(self.ring) or (self.every is not None and step % self.every == 0)
 
     def snapshot(self, step: int, engine_state: dict[str, Any] | bytes | None = None, *,
                  require_finite: bool = False) -> Snapshot | None:
         """Add a snapshot of ``step`` to the ring; with ``require_finite``, none (None) while a
         parameter is NaN or infinite: a damaged state is no rollback target."""
+        if self.cadence is not None and self.cadence.reason is CadenceReason.NO_ROOM:
+            return None  # one snapshot would not fit in host memory
         t0 = self._clock()
         snap = self.capturer.capture(step, self.scheduler, engine_state, require_finite=require_finite)
+        t1 = self._clock()
         if snap is not None:
-            self.ring.add(snap)
+            spilled = self.ring.add(snap)
             self.n_snapshots += 1
+            if self.cost is None or snap.nbytes >= 0.9 * self.cost.snapshot_bytes:  # optimizer state included
+                self.capture_seconds.append(t1 - t0)
+                if spilled:
+                    self.spill_seconds.append((self._clock() - t1) / spilled)
         self.snapshot_seconds += self._clock() - t0
         return snap
+
+    # --- the cadence ---------------------------------------------------------------------------
+    CADENCE_STEPS = 6  # timed steps before the cadence is chosen (the first one is not counted)
+
+    def observe_step(self, seconds: float | None) -> bool:
+        """Note one optimizer step's time; True when the cadence should be chosen (again) now:
+        after ``CADENCE_STEPS`` steps, then after each snapshot that measured a new cost."""
+        if seconds is None or seconds <= 0 or self.config.snapshot_every is not None and self.cadence is not None:
+            return False
+        self.step_times.append(seconds)
+        if self.cadence is None:
+            return len(self.step_times) >= self.CADENCE_STEPS + 1
+        return self.cadence.reason is not CadenceReason.NO_ROOM and self._measured_news()
+
+    def _measured_news(self) -> bool:
+        seen = (len(self.capture_seconds), len(self.spill_seconds))
+        news = seen != getattr(self, "_seen", (0, 0))
+        self._seen = seen
+        return news
+
+    def step_seconds(self) -> float | None:
+        """The median step time seen (the first step, with its warm-up, left out once there are others)."""
+        times = sorted(self.step_times[1:] or self.step_times)
+        return times[len(times) // 2] if times else None
+
+    def measured_cost(self) -> SnapshotCost | None:
+        """The cost model with its bandwidths replaced by what the snapshots so far measured."""
+        cost = self.cost
+        if cost is None:
+            return None
+        from dataclasses import replace
+
+        size = cost.snapshot_bytes
+        if self.capture_seconds:
+            cost = replace(cost, capture_bytes_per_s=size / max(_median(self.capture_seconds), 1e-9))
+        if self.spill_seconds:
+            cost = replace(cost, disk_bytes_per_s=size / max(_median(self.spill_seconds), 1e-9))
+        return cost
+
+    def choose_cadence(self, *, max_steps: int | None, save_every: int | None) -> Cadence:
+        """The cadence the budget allows now (from the measured cost once there is one); not yet applied."""
+        return choose_cadence(self.measured_cost(), step_seconds=self.step_seconds(),
+                              budget=self.config.snapshot_budget, rollback_steps=self.config.rollback_steps,
+                              max_steps=max_steps, save_every=save_every, user_every=self.config.snapshot_every)
+
+    def set_cadence(self, cadence: Cadence, every: int | None = None) -> None:
+        """Apply ``cadence`` (``every`` overrides its step count: all DDP ranks must agree)."""
+        self.cadence = cadence
+        self.every = every if every is not None else cadence.every
 
     def params_finite(self) -> bool:
         return self.capturer.params_finite()
@@ -120,6 +186,7 @@ class Recoverer:
     def _put_back(self, snap: Snapshot) -> None:
         """Trainable parameters (pending gradients dropped), optimizer state and RNGs from ``snap``, bitwise."""
         assert snap.params is not None
+        self.capturer.fence()
         self.capturer.refresh()
         params = trainable_parameters(self.model)
         missing = set(snap.params) ^ set(params)
@@ -205,7 +272,9 @@ class Recoverer:
 
     # --- LR override ---------------------------------------------------------------------------
     def scale_lr(self, multiplier: float) -> None:
-        """Before ``optimizer.step()``: LR = multiplier x the scheduled LR (nothing to do at 1)."""
+        """Before ``optimizer.step()``: LR = multiplier x the scheduled LR (nothing to do at 1); the
+        step waits (on the device) for snapshot copies still reading the state it changes."""
+        self.capturer.fence()
         if multiplier == 1.0:
             self._scheduled = None
             return
@@ -240,3 +309,8 @@ class Recoverer:
             post.remove()
 
         return remove
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]

@@ -123,6 +123,8 @@ class Snapshot:
     def params(self, value: dict[str, torch.Tensor] | None) -> None:
         self._params = value
         if value is None:
+            if self._flat is not None and self._flat.release is not None:
+                self._flat.release(self._flat.buffers)  # pinned buffers go back to the capturer's pool
             self._flat = None
 
     @property
@@ -179,8 +181,16 @@ class _FlatState:
     buffers: list[torch.Tensor]
     scalars: dict[tuple[Any, str], Any]
     param_groups: list[dict[str, Any]] | None
+    ready: Any = None  # a CUDA event while device-to-host copies into the buffers are in flight
+    release: Any = None  # gives pinned buffers back for reuse once the snapshot no longer needs them
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
 
     def _view(self, i: int) -> torch.Tensor:
+        self.wait()
         buf, off, n, shape = self.layout.slots[i]
         return self.buffers[buf][off:off + n].view(shape)
 
@@ -218,6 +228,7 @@ class Capturer:
         self._n_opt_params = -1
         self._sources: list[list[torch.Tensor]] = []
         self._copy_whole: list[bool] = []
+        self._pinned = _PinnedCopies() if torch.cuda.is_available() else None
 
     def refresh(self) -> None:
         """Forget the cached parameters and layout (the model's trainable set may have changed)."""
@@ -253,6 +264,35 @@ class Capturer:
             self._build(state, live, keys)
         layout = self._layout
         assert layout is not None
+        pinned = self._pinned
+        if pinned is not None and pinned.usable(self._sources, self._copy_whole):
+            got = pinned.copy(self._sources, layout.param_elems, require_finite)
+            if got is None:
+                return None
+            buffers, ready = got
+        else:
+            ready = None
+            buffers = self._host_copy(layout, require_finite)
+            if buffers is None:
+                return None
+        scalars = {(key, k): copy.deepcopy(state[key][k]) for key, entries in layout.state_keys
+                   for k, slot in entries if slot is None}
+        sched = unwrap(scheduler) if scheduler is not None else None
+        snap = Snapshot(step=step, scheduler=copy.deepcopy(sched.state_dict()) if sched is not None else None,
+                        rng=rng_state(), engine=engine)
+        groups = None if groups is None else [
+            {k: list(v) if k == "params" else _clone_tree(v) for k, v in g.items()} for g in groups]
+        snap._flat = _FlatState(layout, buffers, scalars, groups, ready, pinned.give_back if ready else None)
+        snap.nbytes = sum(b.numel() * b.element_size() for b in buffers)
+        return snap
+
+    def fence(self) -> None:
+        """Before anything writes the trainable state (the optimizer's step, a restore): wait on
+        the device (not the host) for the snapshot copies still reading it."""
+        if self._pinned is not None:
+            self._pinned.fence()
+
+    def _host_copy(self, layout: _Layout, require_finite: bool) -> list[torch.Tensor] | None:
         with torch.no_grad():
             buffers = []
             for sources, whole in zip(self._sources, self._copy_whole):
@@ -264,16 +304,7 @@ class Capturer:
             if require_finite and not all(
                     bool(torch.isfinite(b[:n]).all()) for b, n in zip(buffers, layout.param_elems) if n):
                 return None
-        scalars = {(key, k): copy.deepcopy(state[key][k]) for key, entries in layout.state_keys
-                   for k, slot in entries if slot is None}
-        sched = unwrap(scheduler) if scheduler is not None else None
-        snap = Snapshot(step=step, scheduler=copy.deepcopy(sched.state_dict()) if sched is not None else None,
-                        rng=rng_state(), engine=engine)
-        groups = None if groups is None else [
-            {k: list(v) if k == "params" else _clone_tree(v) for k, v in g.items()} for g in groups]
-        snap._flat = _FlatState(layout, buffers, scalars, groups)
-        snap.nbytes = sum(b.numel() * b.element_size() for b in buffers)
-        return snap
+        return buffers
 
     def _build(self, state: dict[Any, dict[str, Any]], live: list[torch.Tensor], keys: list[Any]) -> None:
         named = self.named_parameters()
@@ -321,6 +352,75 @@ class Capturer:
         groups = unwrap(self.optimizer).param_groups if self.optimizer is not None else None
         self._n_opt_params = sum(len(g["params"]) for g in groups) if groups is not None else -1
         self._param_ptrs = [p.data_ptr() for _, p in named]
+
+
+class _PinnedCopies:
+    """CUDA state copied off the training path: non-blocking copies on a side stream into pinned
+    host buffers reused across snapshots; one snapshot in flight at a time.
+
+    The copies read the parameters and optimizer state in place (no device temporaries), so the
+    next optimizer step, or a restore, must wait for them: ``fence`` makes the current stream wait
+    on the copy stream (a device-side wait; the host never blocks). They overlap the next forward
+    and backward passes. A snapshot's buffers are read only after its event has completed.
+    """
+
+    KEEP = 2  # spare buffers kept per size
+
+    def __init__(self) -> None:
+        self.stream: Any = None
+        self.pending: Any = None  # the event of the copies in flight
+        self.pool: dict[tuple[int, torch.dtype], list[torch.Tensor]] = {}
+
+    @staticmethod
+    def usable(sources: list[list[torch.Tensor]], whole: list[bool]) -> bool:
+        return (any(src and src[0].device.type == "cuda" for src in sources)
+                and all(w for src, w in zip(sources, whole) if src and src[0].device.type == "cuda"))
+
+    def copy(self, sources: list[list[torch.Tensor]], param_elems: list[int],
+             require_finite: bool) -> tuple[list[torch.Tensor], Any] | None:
+        if require_finite:  # on the device, one host read; optimizer state in a chunk with parameters counts too
+            checks = [torch.isfinite(t).all().to("cpu") for src, n in zip(sources, param_elems) if n for t in src]
+            if checks and not bool(torch.stack(checks).all()):
+                return None
+        if self.pending is not None:  # bounded: one snapshot's copies in flight
+            self.pending.synchronize()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        self.stream.wait_stream(torch.cuda.current_stream())  # copy the state as the last step left it
+        buffers = []
+        with torch.no_grad(), torch.cuda.stream(self.stream):
+            for src in sources:
+                n = sum(t.numel() for t in src)
+                if src[0].device.type != "cuda":
+                    buffers.append(torch.cat(src))
+                    continue
+                buf = self._take(n, src[0].dtype)
+                off = 0
+                for t in src:
+                    buf[off:off + t.numel()].copy_(t, non_blocking=True)
+                    off += t.numel()
+                buffers.append(buf)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.pending = event
+        return buffers, event
+
+    def fence(self) -> None:
+        if self.pending is not None and self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+            if self.pending.query():
+                self.pending = None
+
+    def _take(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        spare = self.pool.get((n, dtype))
+        return spare.pop() if spare else torch.empty(n, dtype=dtype, pin_memory=True)
+
+    def give_back(self, buffers: list[torch.Tensor]) -> None:
+        for buf in buffers:
+            if buf.is_pinned():
+                spare = self.pool.setdefault((buf.numel(), buf.dtype), [])
+                if len(spare) < self.KEEP:
+                    spare.append(buf)
 
 
 def capture(step: int, model: Any, optimizer: Any, scheduler: Any = None,
@@ -452,13 +552,14 @@ class SnapshotRing:
     def memory_nbytes(self) -> int:
         return sum(s.nbytes for s in self._snaps.values() if not s.on_disk)
 
-    def add(self, snap: Snapshot) -> None:
+    def add(self, snap: Snapshot) -> int:
+        """Keep ``snap``; how many snapshots this spilled to disk to stay within the memory cap."""
         self._steps = None
         old = self._snaps.pop(snap.step, None)
         if old is not None:
             self._forget(old)
         self._snaps[snap.step] = snap
-        self._enforce()
+        return self._enforce()
 
     def get(self, step: int) -> Snapshot:
         snap = self._snaps[step]
@@ -483,7 +584,8 @@ class SnapshotRing:
             return pool[1:] + pool[:1]  # the run's first snapshot goes last
         return pool
 
-    def _enforce(self) -> None:
+    def _enforce(self) -> int:
+        spilled = 0
         while self.memory_nbytes() > self.memory_bytes:
             pool = self._evictable(on_disk=False)
             if not pool:
@@ -493,6 +595,7 @@ class SnapshotRing:
                 try:
                     snap.path = save_snapshot(snap, self.spill_dir)
                     snap.params = snap.optimizer = snap.scheduler = snap.rng = snap.engine = None
+                    spilled += 1
                     continue
                 except Exception as err:  # OSError, or safetensors' own SafetensorError on a full disk
                     self.spill_error = f"{type(err).__name__}: {err}"
@@ -509,6 +612,7 @@ class SnapshotRing:
                 break
             self._forget(self._snaps.pop(pool[0]))
             self._steps = None
+        return spilled
 
     def clear(self) -> None:
         for snap in self._snaps.values():

@@ -1,0 +1,147 @@
+"""Measuring what a snapshot will cost, once, at train begin (the model is in ``budget.py``).
+
+Everything here is small and bounded: a copy of at most ``CAPTURE_SAMPLE_BYTES`` of the
+trainable parameters off their device, timed; one ``DISK_SAMPLE_BYTES`` file written to the
+spill folder with ``fsync`` and deleted; the host's ``MemAvailable``; the probe's memory estimate
+(``probes.probe_cost.probe_memory``) against the device's free memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lossguard.recovery.budget import DEFAULT_EVERY, SnapshotCost
+from lossguard.recovery.snapshot import trainable_parameters, unwrap
+
+logger = logging.getLogger("lossguard")
+
+CAPTURE_SAMPLE_BYTES = 128 * 2**20
+DISK_SAMPLE_BYTES = 32 * 2**20
+
+
+def optimizer_bytes(optimizer: Any, params: list[torch.Tensor]) -> tuple[int, bool]:
+    """The optimizer state's bytes for ``params``, and whether that is an estimate (no state yet).
+
+    With state (a resumed run, a later call): what its tensors hold. Without: from the type,
+    the way torch creates it at the first step: Adam/AdamW two moments like the parameter
+    (three with amsgrad), SGD one momentum buffer when momentum is on, others assumed Adam-like.
+    """
+    opt = unwrap(optimizer) if optimizer is not None else None
+    if opt is None:
+        return 0, False
+    held = sum(v.numel() * v.element_size() for entry in getattr(opt, "state", {}).values()
+               for v in entry.values() if isinstance(v, torch.Tensor))
+    if held:
+        return held, False
+    like = sum(p.numel() * p.element_size() for p in params)
+    defaults = getattr(opt, "defaults", {}) or {}
+    name = type(opt).__name__
+    if name in ("SGD",):
+        copies = 1 if defaults.get("momentum", 0) else 0
+    elif name in ("Adam", "AdamW"):
+        copies = 3 if defaults.get("amsgrad") else 2
+    else:
+        copies = 2
+    return copies * like, True
+
+
+def measure_capture(params: list[torch.Tensor], sample_bytes: int = CAPTURE_SAMPLE_BYTES,
+                    clock: Callable[[], float] = time.perf_counter) -> float | None:
+    """Bytes per second of copying trainable tensors off their device into fresh CPU memory, the way
+    ``Capturer`` does (one ``cat`` per chunk, then to the host), on at most ``sample_bytes``."""
+    picked, total = [], 0
+    for p in params:
+        if total >= sample_bytes:
+            break
+        n = min(p.numel(), max(1, (sample_bytes - total) // p.element_size()))
+        picked.append(p.detach().reshape(-1)[:n])
+        total += n * p.element_size()
+    if not total:
+        return None
+    by_key: dict[tuple[Any, Any], list[torch.Tensor]] = {}
+    for t in picked:
+        by_key.setdefault((t.device, t.dtype), []).append(t)
+    on_cuda = any(d.type == "cuda" for d, _ in by_key)
+    with torch.no_grad():
+        # on CUDA the capturer copies into reused pinned buffers: allocated here before the clock starts
+        targets = {k: torch.empty(sum(t.numel() for t in g), dtype=k[1], pin_memory=True)
+                   for k, g in by_key.items() if k[0].type == "cuda"}
+        if on_cuda:
+            torch.cuda.synchronize()
+        t0 = clock()
+        for key, group in by_key.items():
+            if key in targets:
+                off = 0
+                for t in group:
+                    targets[key][off:off + t.numel()].copy_(t, non_blocking=True)
+                    off += t.numel()
+            else:
+                flat = torch.cat(group)  # what the capturer does on the host: one fresh buffer
+                del flat
+        if on_cuda:
+            torch.cuda.synchronize()
+        seconds = clock() - t0
+    return total / seconds if seconds > 0 else None
+
+
+def measure_disk(folder: Path | None, nbytes: int = DISK_SAMPLE_BYTES,
+                 clock: Callable[[], float] = time.perf_counter) -> float | None:
+    """Bytes per second of one ``nbytes`` write (with ``fsync``) into ``folder``; None on failure."""
+    if folder is None:
+        return None
+    path = folder / f".lossguard-disk-check-{os.getpid()}"
+    block = os.urandom(min(nbytes, 4 * 2**20))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        t0 = clock()
+        with open(path, "wb") as fh:
+            written = 0
+            while written < nbytes:
+                fh.write(block)
+                written += len(block)
+            fh.flush()
+            os.fsync(fh.fileno())
+        seconds = clock() - t0
+    except OSError as err:
+        logger.info("lossguard: could not measure the spill folder's bandwidth (%s)", err)
+        return None
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    return written / seconds if seconds > 0 else None
+
+
+def measure_cost(model: Any, optimizer: Any, *, memory_mb: float, spill_dir: Path | None, world_size: int = 1,
+                 probe_vectors: int = 30, max_steps: int | None = None) -> SnapshotCost:
+    """What a snapshot of ``model``'s trainable state with ``optimizer``'s costs on this rank.
+
+    The disk is measured only when the run's snapshots at the finest cadence (``max_steps``
+    unknown: any run) would not all fit the in-memory cap, with a write no larger than a snapshot.
+    """
+    from lossguard.probes.hessian import free_memory
+    from lossguard.probes.probe_cost import probe_memory
+
+    params = list(trainable_parameters(model).values())
+    n = sum(p.numel() for p in params)
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    opt_bytes, estimated = optimizer_bytes(optimizer, params)
+    device = params[0].device if params else torch.device("cpu")
+    dev_free, host_free = free_memory(device)
+    size, cap = param_bytes + opt_bytes, int(memory_mb * 2**20)
+    spills = max_steps is None or max_steps <= 0 or size * (max_steps // DEFAULT_EVERY + 1) > cap
+    disk = measure_disk(spill_dir, max(2**20, min(DISK_SAMPLE_BYTES, size))) if spills else None
+    return SnapshotCost(
+        trainable_params=n, param_bytes=param_bytes, optimizer_bytes=opt_bytes, optimizer_estimated=estimated,
+        capture_bytes_per_s=measure_capture(params), disk_bytes_per_s=disk,
+        host_available=host_free, memory_cap=cap, world_size=world_size,
+        probe_bytes=probe_memory(n, vectors=probe_vectors).device_bytes if n else None,
+        device_free=dev_free if device.type != "cpu" else None)
