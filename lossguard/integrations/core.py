@@ -223,9 +223,12 @@ def pace_snapshots(recoverer: Recoverer | None, report: Reporter, step: int, sec
         return  # chosen once: a revision on one rank's measurement alone would split the ranks' targets
     cadence = recoverer.choose_cadence(max_steps=max_steps, save_every=save_every)
     every = dist.max_int(cadence.every or 0) or None if cadence.every is not None else None
-    if not first and every == recoverer.every:
-        return
+    old = recoverer.every
+    changed = (every is None) != (old is None) or (every is not None and old is not None
+                                                   and abs(every - old) > 0.25 * old)
     recoverer.set_cadence(cadence, every)
+    if not first and not changed:
+        return
     line = cost_line(recoverer.cost, cadence, probe_fraction=report.config.probe.max_time_fraction
                      if report.config.probe.enabled else None)
     report.write("cost", step=step, revised=not first, every=every, cadence=cadence.summary(),

@@ -242,6 +242,7 @@ class TrainerRecovery:
             return []
         if engine is not None and written != ckpt:
             _write_state(ckpt, engine)
+        self._offer_checkpoint(ckpt, step)
         if pin is None or pin[1] != step:
             return []
         target = pin[0]
@@ -252,6 +253,20 @@ class TrainerRecovery:
                        f"kept the restored state of step {target} as {pinned.name}, safe from save_total_limit "
                        f"rotation (resume from it with resume_from_checkpoint)", to_step=target,
                        details={"path": str(pinned), "pinned_by": how})]
+
+    def _offer_checkpoint(self, ckpt: Path, step: int) -> None:
+        """Where snapshots are too costly to land near an onset (``Cadence.use_checkpoints``), the
+        Trainer's new checkpoint becomes a rollback target (``recovery.checkpoint_target``)."""
+        rec = self.recoverer
+        if (rec is None or rec.cadence is None or not rec.cadence.use_checkpoints or rec.ring.spill_dir is None
+                or dist.is_distributed() or step in rec.ring):
+            return
+        from lossguard.recovery import checkpoint_target
+        from lossguard.recovery.snapshot import trainable_parameters
+
+        snap = checkpoint_target.pin(ckpt, rec.ring.spill_dir, step, list(trainable_parameters(rec.model)))
+        if snap is not None:
+            rec.ring.add(snap)
 
     def load_resumed(self, args: Any, state: Any, engine: Any, report: Reporter,
                      scan: ResumeScan | None = None) -> Path | None:

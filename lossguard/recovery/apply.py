@@ -89,6 +89,7 @@ class Recoverer:
         self.step_times: list[float] = []
         self.capture_seconds: list[float] = []  # measured, scheduled snapshots with optimizer state
         self.spill_seconds: list[float] = []
+        self._seen = (0, 0)  # measurements the cadence was chosen from
 
     def close(self) -> None:
         """Free the snapshots, in memory and on disk: they are scratch for this run only (a
@@ -135,10 +136,7 @@ class Recoverer:
         return self.cadence.reason is not CadenceReason.NO_ROOM and self._measured_news()
 
     def _measured_news(self) -> bool:
-        seen = (len(self.capture_seconds), len(self.spill_seconds))
-        news = seen != getattr(self, "_seen", (0, 0))
-        self._seen = seen
-        return news
+        return (len(self.capture_seconds), len(self.spill_seconds)) != self._seen
 
     def step_seconds(self) -> float | None:
         """The median step time seen (the first step, with its warm-up, left out once there are others)."""
@@ -169,6 +167,7 @@ class Recoverer:
         """Apply ``cadence`` (``every`` overrides its step count: all DDP ranks must agree)."""
         self.cadence = cadence
         self.every = every if every is not None else cadence.every
+        self._seen = (len(self.capture_seconds), len(self.spill_seconds))
 
     def params_finite(self) -> bool:
         return self.capturer.params_finite()

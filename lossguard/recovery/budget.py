@@ -171,10 +171,10 @@ def choose_cadence(cost: SnapshotCost | None, *, step_seconds: float | None, bud
     coarse = every > max(rollback_steps, DEFAULT_EVERY)
     if not coarse:
         return Cadence(every, CadenceReason.BUDGET, share, p, step_seconds, False,
-                       f"a snapshot every {every} steps to stay within {budget:.1%} of training time{_costs(share, p)}")
+                       f"a snapshot every {every} steps to stay within {_pct(budget)} of training time{_costs(share, p)}")
     beyond = max_steps is not None and max_steps > 0 and every >= max_steps
     what = ("only the run's first snapshot" if beyond else f"a snapshot every {every} steps")
-    base = f"{what}: to stay within {budget:.1%} of training time{_costs(share, p)}"
+    base = f"{what}: to stay within {_pct(budget)} of training time{_costs(share, p)}"
     if save_every:
         return Cadence(every, CadenceReason.CHECKPOINTS, share, p, step_seconds, True,
                        f"{base}; the Trainer's checkpoints (every {save_every} steps) are rollback targets too")
@@ -226,7 +226,7 @@ def cost_rows(cost: SnapshotCost, *, budget: float, user_every: int | None = Non
                      f"on the {where}", tight,
                      "the probe will keep no basis (the three-term recurrence) or skip as no_memory" if tight else ""))
     cadence = (f"every {user_every} steps (recovery.snapshot_every)" if user_every else
-               f"chosen after the first steps are timed, to stay within {budget:.1%} of training time")
+               f"chosen after the first steps are timed, to stay within {_pct(budget)} of training time")
     rows.append(("snapshot cadence", cadence, False, ""))
     return rows
 
@@ -244,7 +244,7 @@ def _costs(share: float | None, per: float | None) -> str:
 
 
 def _pct(share: float) -> str:
-    return f"{share:.2%}" if share >= 0.0001 else "< 0.01%"
+    return f"{100 * share:.3g}%" if share >= 1e-4 else "< 0.01%"
 
 
 def _bytes(n: float) -> str:

@@ -458,7 +458,7 @@ def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-_SNAPSHOT_NAME = re.compile(r"(\.tmp-)?step-\d{9}(-\d+)?")
+_SNAPSHOT_NAME = re.compile(r"(\.tmp-)?(ckpt-)?step-\d{9}(-\d+)?")  # ckpt-: a pinned Trainer checkpoint
 
 
 def save_snapshot(snap: Snapshot, directory: Path) -> Path:
@@ -563,7 +563,14 @@ class SnapshotRing:
 
     def get(self, step: int) -> Snapshot:
         snap = self._snaps[step]
+        if snap.meta.get("source") == "checkpoint":
+            from lossguard.recovery import checkpoint_target
+
+            return checkpoint_target.load(snap)
         return load_snapshot(snap.path) if snap.on_disk and snap.path is not None else snap
+
+    def __contains__(self, step: object) -> bool:
+        return step in self._snaps
 
     def drop_after(self, step: int) -> None:
         """Forget snapshots newer than ``step`` (states of a trajectory that was rolled back)."""
