@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,7 @@ class Recoverer:
         self.every: int | None = self.config.snapshot_every or DEFAULT_EVERY
         self.cost: SnapshotCost | None = None
         self.cadence: Cadence | None = None
-        self.step_times: list[float] = []
+        self.step_times: deque[float] = deque(maxlen=256)
         self.capture_seconds: list[float] = []  # measured, scheduled snapshots with optimizer state
         self.spill_seconds: list[float] = []
         self._seen = (0, 0)  # measurements the cadence was chosen from
@@ -140,8 +141,10 @@ class Recoverer:
 
     def step_seconds(self) -> float | None:
         """The median step time seen (the first step, with its warm-up, left out once there are others)."""
-        times = sorted(self.step_times[1:] or self.step_times)
-        return times[len(times) // 2] if times else None
+        times = list(self.step_times)
+        if 1 < len(times) < (self.step_times.maxlen or 0):  # the first step is still among them
+            times = times[1:]
+        return _median(times) if times else None
 
     def measured_cost(self) -> SnapshotCost | None:
         """The cost model with its bandwidths replaced by what the snapshots so far measured."""

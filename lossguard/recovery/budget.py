@@ -91,6 +91,14 @@ class SnapshotCost:
         spilled = max(0.0, n - self.in_memory()) / n if n != math.inf else 1.0
         return cap + spilled * spill
 
+    def host_bytes(self, every: int, steps: int | None) -> int:
+        """Host memory the snapshots of a run hold at most: those the ring keeps in memory, plus
+        the newest while an older one is being written out (or dropped)."""
+        n = (steps // every) + 1 if steps and steps > 0 else None
+        held = self.in_memory() if n is None else min(n, self.in_memory())
+        spilling = n is None or n > self.in_memory()
+        return (held + (1 if spilling else 0)) * self.snapshot_bytes
+
     def summary(self) -> dict[str, Any]:
         return {
             "trainable_params": self.trainable_params,
