@@ -38,16 +38,9 @@ def run_preflight(report: Reporter, config: GuardConfig, args: Any, model: Any, 
 
         checks = preflight(args, model, loader if loader is not None else getattr(trainer, "train_dataset", None),
                            world_size=world_size(args), rollback_steps=config.recovery.rollback_steps,
-                           data_collator=None if loader is not None else getattr(trainer, "data_collator", None))
-        if cost is not None:
-            from lossguard.preflight import PreflightRow, Status
-            from lossguard.recovery.budget import cost_rows
-
-            rec = config.recovery
-            checks.facts["recovery_cost"] = cost.summary()
-            for name, value, warn, advice in cost_rows(cost, budget=rec.snapshot_budget, user_every=rec.snapshot_every,
-                                                       spill_dir=rec.snapshot_dir):
-                checks.rows.append(PreflightRow(name, value, Status.WARN if warn else Status.OK, advice))
+                           data_collator=None if loader is not None else getattr(trainer, "data_collator", None),
+                           recovery_cost=cost, snapshot_budget=config.recovery.snapshot_budget,
+                           snapshot_every=config.recovery.snapshot_every)
     except Exception as err:
         logger.warning("lossguard: preflight skipped (%s)", err)
         return

@@ -41,6 +41,7 @@ from lossguard.preflight.checks import (
 )
 from lossguard.preflight.model import count_params, device_map_gpus, gpu_info
 from lossguard.preflight.readers import attr, dataset_len
+from lossguard.preflight.recovery_cost import check_recovery_cost
 from lossguard.preflight.report import PreflightReport, PreflightRow, Status
 from lossguard.preflight.run import run_facts, world_size_of
 from lossguard.preflight.tokens import COLLATE_BATCH, IGNORE_INDEX, TokenAudit, audit_dataset, unwrap_loader
@@ -77,6 +78,9 @@ def preflight(
     rollback_steps: int = 100,
     data_collator: Callable[[list[Any]], Any] | None = None,
     sample_limit: int = 2000,
+    recovery_cost: Any = None,
+    snapshot_budget: float = 0.01,
+    snapshot_every: int | None = None,
 ) -> PreflightReport:
     """Check a fine-tuning set-up before training and say what to change.
 
@@ -91,6 +95,8 @@ def preflight(
         data_collator: applied to the sampled rows so the audit sees labels as the model will
             (``DataCollatorForLanguageModeling`` replaces the dataset's labels, for example).
         sample_limit: the most dataset rows to read.
+        recovery_cost: the recovery cost model's measurements (``recovery.budget.SnapshotCost``),
+            worded as rows with ``snapshot_budget`` and ``snapshot_every`` (``recovery_cost.py``).
 
     Returns:
         A ``PreflightReport``; ``report.warnings`` lists what to change, one sentence each.
@@ -125,6 +131,10 @@ def preflight(
     _safe(rows, lambda: check_masking(audit, model), "masking")
     _safe(rows, lambda: check_precision(args, model, gpu_info()), "precision")
     _safe(rows, lambda: check_placement(model, ws), "placement")
+    if recovery_cost is not None:
+        _safe(rows, lambda: check_recovery_cost(recovery_cost, snapshot_budget=snapshot_budget,
+                                                snapshot_every=snapshot_every), "recovery cost")
+        facts["recovery_cost"] = recovery_cost.summary()
 
     facts.update(
         world_size=ws,
