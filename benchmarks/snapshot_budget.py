@@ -20,7 +20,7 @@ train-begin measurements) as a share of the arm's wall time, the rollback target
 and the cost model's predictions (made at train begin) against what the naive arm measured:
 capture seconds, spill seconds, the share of training time at the naive cadence, host memory.
 
-    nice python benchmarks/snapshot_budget.py [--steps 80] [--naive-every 5] [--save-steps 40] [--tiny]
+    nice python benchmarks/snapshot_budget.py [--steps 60] [--naive-every 5] [--save-steps 30] [--tiny]
 """
 
 from __future__ import annotations
@@ -161,9 +161,9 @@ def main() -> None:
                                 sys.argv[6] == "tiny")))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--naive-every", type=int, default=5)
-    ap.add_argument("--save-steps", type=int, default=40)
+    ap.add_argument("--save-steps", type=int, default=30)
     ap.add_argument("--tiny", action="store_true", help="a 1M-parameter model: checks the script in seconds")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
