@@ -143,9 +143,7 @@ class TrainerRecovery:
             return
         self.recoverer = Recoverer(model, optimizer, scheduler, config=self.config.recovery,
                                    spill_dir=dist.snapshot_folder(self.config.recovery.snapshot_dir, self.log_dir))
-        self.recoverer.cost = cost
-        if cost is not None and not cost.fits_host:  # decided now: even the first snapshot would not fit
-            self.recoverer.set_cadence(self.recoverer.choose_cadence(max_steps=None, save_every=None))
+        self.recoverer.set_cost(cost)
         self._first_snapshot_due = True
 
     def observe_step(self, args: Any, state: Any, seconds: float | None, report: Reporter) -> None:

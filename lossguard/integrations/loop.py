@@ -89,7 +89,7 @@ class LoopGuard:
         if self.config.recovery.enabled:
             spill = dist.snapshot_folder(self.config.recovery.snapshot_dir, self.log_dir)
             self.recoverer = Recoverer(model, optimizer, scheduler, config=self.config.recovery, spill_dir=spill)
-            self.recoverer.cost = core.measure_snapshot_cost(self.config, model, optimizer, spill, max_steps)
+            self.recoverer.set_cost(core.measure_snapshot_cost(self.config, model, optimizer, spill, max_steps))
             self._remove_hooks = self.recoverer.install_step_hooks(
                 lambda: self.engine.lr_multiplier(self.global_step + 1))
             self.recoverer.snapshot(start_step, self.engine.frozen_detector_state())

@@ -166,6 +166,13 @@ class Recoverer:
                               budget=self.config.snapshot_budget, rollback_steps=self.config.rollback_steps,
                               max_steps=max_steps, save_every=save_every, user_every=self.config.snapshot_every)
 
+    def set_cost(self, cost: SnapshotCost | None) -> None:
+        """The cost model measured at train begin; when one snapshot would not fit in host memory,
+        no snapshot is taken from now on (not even the run's first)."""
+        self.cost = cost
+        if cost is not None and not cost.fits_host:
+            self.set_cadence(self.choose_cadence(max_steps=None, save_every=None))
+
     def set_cadence(self, cadence: Cadence, every: int | None = None) -> None:
         """Apply ``cadence`` (``every`` overrides its step count: all DDP ranks must agree)."""
         self.cadence = cadence

@@ -179,3 +179,14 @@ def test_a_user_cadence_is_kept() -> None:
     rec.set_cadence(rec.choose_cadence(max_steps=100, save_every=None))
     assert rec.every == 7 and rec.cadence.reason is CadenceReason.USER
     assert not rec.observe_step(0.1)
+
+
+def test_a_snapshot_that_does_not_fit_the_host_is_never_taken(tmp_path) -> None:
+    model = torch.nn.Linear(64, 64)
+    rec = Recoverer(model, torch.optim.AdamW(model.parameters()), spill_dir=tmp_path)
+    cost = measure_cost(model, rec.optimizer, memory_mb=512.0, spill_dir=tmp_path)
+    from dataclasses import replace
+
+    rec.set_cost(replace(cost, host_available=cost.snapshot_bytes))  # one snapshot needs all of it
+    assert rec.cadence.reason is CadenceReason.NO_ROOM and rec.every is None
+    assert rec.snapshot(0) is None and len(rec.ring) == 0 and not rec.due(0) and not rec.due(50)
