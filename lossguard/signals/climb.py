@@ -20,6 +20,7 @@ from lossguard.numbers import fmt
 from lossguard.records import Columns, Finding, Reason, Sample, Severity
 
 _MIN_VALUES = 5
+_MIN_GAP = 5  # steps between logged values: each is an average over a logging interval
 _NOISE_VALUES = 16  # the noise is the recent values' (a smooth early fall says nothing of a noisy tail)  # past this many values a log is dense enough for the trend test
 
 
@@ -28,7 +29,9 @@ class ClimbDetector:
     before them (the first value, or a median of three), ``climb_z`` times the log's own
     value-to-value noise above it, and none of the three is back near it.
 
-    Only while a log is too short for the trend test (fewer values than ``divergence_window``):
+    Only on logs with values ``_MIN_GAP`` or more steps apart (averages over a logging interval,
+    not single batches: the callback's per-step record never qualifies), and only while a log is
+    too short for the trend test (fewer values than ``divergence_window``):
     on longer real logs, noisy ones above all, the minimum of many medians sits far enough below
     the typical level that three values above it say little (measured on the corpus's dev split).
     One finding per climb; it re-arms when the loss comes back under the factor.
@@ -49,6 +52,10 @@ class ClimbDetector:
             return None
         if len(self.values) >= self.config.divergence_window:
             return None  # long enough for the trend test (``divergence.py``)
+        if self.steps and sample.step - self.steps[-1] < _MIN_GAP:
+            # values logged (nearly) every step are single batches: too noisy to judge by three
+            # of them, and the trend test gets its 50 values soon enough
+            return None
         self.steps.append(sample.step)
         self.values.append(float(loss))
         return self._check()
