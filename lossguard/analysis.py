@@ -16,12 +16,11 @@ from typing import Any
 
 from lossguard.config import DetectionConfig
 from lossguard.numbers import as_float, as_step
-from lossguard.records import Action, ActionKind, Finding, worst_severity
+from lossguard.records import Action, ActionKind, Finding
 from lossguard.signals.references import Objective, References, objective_from_keys
 from lossguard.signals.suite import DetectorSuite
+from lossguard.status import RunStatus, StatusVerdict, run_status
 from lossguard.telemetry.runlog import RunLog, SampleColumns
-
-STATUSES = ("healthy", "warning", "critical")
 
 
 @dataclass
@@ -33,14 +32,19 @@ class Analysis:
     last_step: int | None
     findings: list[Finding] = field(default_factory=list)
     actions: list[Action] = field(default_factory=list)
+    max_steps: int | None = None
+    num_train_epochs: float | None = None
+    ended: bool = True
 
     @property
-    def status(self) -> str:
-        """"critical" / "warning" from the worst finding; info findings leave a run "healthy"."""
-        worst = worst_severity(self.findings)
-        if worst is None or worst.rank == 0:
-            return "healthy"
-        return worst.value
+    def verdict(self) -> StatusVerdict:
+        """What was handled, what is open, what could not be judged (``lossguard.status``)."""
+        return run_status(self.findings, self.actions, self.steps, last_step=self.last_step,
+                          max_steps=self.max_steps, num_train_epochs=self.num_train_epochs, ended=self.ended)
+
+    @property
+    def status(self) -> RunStatus:
+        return self.verdict.status
 
     def to_json(self, run_dir: str) -> dict[str, Any]:
         """The one object ``watch --once --json`` prints."""
@@ -57,13 +61,8 @@ class Analysis:
             "findings": [f.summary() for f in self.findings],
             "actions": actions,
             "verdicts": [_verdict(a) for a in self.actions if a.action in (ActionKind.KEEP, ActionKind.REVERT)],
-            "status": self.status,
+            **self.verdict.to_json(),
         }
-
-
-def status_at_least(status: str, threshold: str) -> bool:
-    """Whether ``status`` is as bad as ``threshold`` ("healthy" < "warning" < "critical")."""
-    return STATUSES.index(status) >= STATUSES.index(threshold)
 
 
 def analyze(log: RunLog, config: DetectionConfig | None = None) -> Analysis:
@@ -86,6 +85,9 @@ def analyze(log: RunLog, config: DetectionConfig | None = None) -> Analysis:
         last_step=cols.last_step,
         findings=merged,
         actions=list(log.actions),
+        max_steps=log.max_steps,
+        num_train_epochs=log.num_train_epochs,
+        ended=log.ended,
     )
 
 

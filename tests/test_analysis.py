@@ -47,7 +47,8 @@ def test_foreign_trainer_state_never_raises(tmp_path, n, grad_norm):
     _trainer_state(tmp_path / "checkpoint-10", n, grad_norm=grad_norm)
     code, out = _once(tmp_path, True, "warning")
     doc = json.loads(out)
-    assert set(doc) == {"run_dir", "source", "steps", "last_step", "findings", "actions", "verdicts", "status"}
+    assert set(doc) == {"run_dir", "source", "steps", "last_step", "findings", "actions", "verdicts", "status",
+                        "handled", "open", "checks_off", "unfinished"}
     assert doc["source"] == "trainer_state" and doc["steps"] == n and doc["last_step"] == n * 10
     assert doc["status"] in ("healthy", "warning", "critical")
     assert code == (0 if doc["status"] == "healthy" else 1)
@@ -97,7 +98,9 @@ def test_telemetry_log_merges_recorded_and_replayed_findings(tmp_path):
     assert (Reason.RELAPSE, 180, "relapse after restore") in reasons
     doc = result.to_json(str(tmp_path))
     assert doc["actions"][0]["action"] == "rollback" and "kind" not in doc["actions"][0]
-    assert doc["status"] == "critical" and doc["steps"] == 200
+    # the NaN was rolled back (handled); the relapse after it was not: open, a warning
+    assert doc["status"] == "warning" and doc["steps"] == 200
+    assert doc["handled"] == ["nonfinite@150"] and "relapse@180" in doc["open"]
 
 
 @pytest.mark.parametrize("source", ["lossguard", "trainer_state", "llamafactory"])

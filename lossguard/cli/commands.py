@@ -15,8 +15,11 @@ RunDir = Annotated[str, typer.Argument(help="A Trainer output_dir (e.g. ./qwen-q
 def watch(
     run_dir: RunDir,
     once: Annotated[bool, typer.Option("--once", help="Analyse what is there now, print, exit.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="With --once: one JSON object.")] = False,
-    fail_on: Annotated[str | None, typer.Option(help="Exit 1 when status reaches warning|critical.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object (implies --once).")] = False,
+    fail_on: Annotated[str | None, typer.Option(
+        help="Exit 1 at this level (implies --once): info (any finding), recovered (any trouble, even "
+             "handled), warning or critical (trouble still open); a log with no samples always fails. "
+             "With --daemon: the alert level (info|warning|critical).")] = None,
     daemon: Annotated[bool, typer.Option("--daemon", help="Detach: alerts, report, pidfile.")] = False,
     stop: Annotated[bool, typer.Option("--stop", help="Stop the daemon watching RUN_DIR.")] = False,
     on_alert: Annotated[str | None, typer.Option(help="Command run per alert; finding JSON on stdin.")] = None,

@@ -39,5 +39,5 @@ def command(run_dir: str, output: str | None = None) -> int:
     for note in live.notes:
         print(f"lossguard: {note}")
     print(f"lossguard: wrote {out} ({size / 1e6:.1f} MB): {live.n_samples} steps, "
-          f"{len(live.findings)} finding(s), status {live.status}")
+          f"{len(live.findings)} finding(s), status {live.status.value}")
     return 0

@@ -12,24 +12,35 @@ from lossguard.records import Severity
 if TYPE_CHECKING:
     from rich.console import Console
 
-_LEVELS = ("warning", "critical")
+_ALERT_LEVELS = ("info", "warning", "critical")
 
 
 def _check(once: bool, as_json: bool, fail_on: str | None, daemon: bool, stop: bool,
-           on_alert: str | None, refresh: float, report_every: float) -> None:
+           on_alert: str | None, refresh: float, report_every: float) -> bool:
+    """Refuse what cannot be combined; returns whether the call means ``--once``.
+
+    ``--fail-on`` or ``--json`` without a mode imply ``--once``: the live dashboard runs until
+    Ctrl-C and prints no verdict, so a CI job that forgot ``--once`` would otherwise hang.
+    """
+    from lossguard.status import FAIL_ON
+
     modes = [name for name, on in (("--once", once), ("--daemon", daemon), ("--stop", stop)) if on]
     if len(modes) > 1:
         raise LossguardError(f"{' and '.join(modes)} cannot be combined; pick one")
-    if as_json and not once:
-        raise LossguardError("--json needs --once (the live dashboard and the daemon do not print JSON)")
+    if as_json and (daemon or stop):
+        raise LossguardError("--json needs --once (the daemon does not print JSON)")
     if on_alert is not None and not daemon:
         raise LossguardError("--on-alert needs --daemon")
-    if fail_on is not None and fail_on not in _LEVELS:
-        raise LossguardError(f"--fail-on {fail_on!r}: expected one of {', '.join(_LEVELS)}")
+    if fail_on is not None and daemon and fail_on not in _ALERT_LEVELS:
+        raise LossguardError(f"--fail-on {fail_on!r}: with --daemon, the alert level; expected one of "
+                             f"{', '.join(_ALERT_LEVELS)}")
+    if fail_on is not None and fail_on not in FAIL_ON:
+        raise LossguardError(f"--fail-on {fail_on!r}: expected one of {', '.join(FAIL_ON)}")
     if not (0.05 <= refresh <= 3600):
         raise LossguardError(f"--refresh {refresh:g}: expected 0.05 to 3600 seconds")
     if not (1 <= report_every <= 86400):
         raise LossguardError(f"--report-every {report_every:g}: expected 1 to 86400 seconds")
+    return once or (not modes and (fail_on is not None or as_json))
 
 
 def command(run_dir: str, once: bool = False, as_json: bool = False, fail_on: str | None = None,
@@ -37,12 +48,16 @@ def command(run_dir: str, once: bool = False, as_json: bool = False, fail_on: st
             report_every: float = 60.0) -> int:
     """Watch a run. Returns the exit code (0 ok, 1 findings over --fail-on, 2 user error).
 
-    With ``--daemon``, ``--fail-on`` sets the alert level (default: warning).
+    With ``--daemon``, ``--fail-on`` sets the alert level (default: warning). Without a mode,
+    ``--fail-on`` and ``--json`` imply ``--once`` (said on stderr).
     """
-    _check(once, as_json, fail_on, daemon, stop, on_alert, refresh, report_every)
-    if once:
+    implied = _check(once, as_json, fail_on, daemon, stop, on_alert, refresh, report_every)
+    if implied:
         from lossguard.cli.watch_once import once as run_once
 
+        if not once:
+            flag = "--fail-on" if fail_on is not None else "--json"
+            print(f"lossguard: {flag} implies --once (one analysis, then exit)", file=sys.stderr)
         return run_once(run_dir, as_json, fail_on)
     if stop:
         from lossguard.cli import watch_daemon as d

@@ -18,13 +18,15 @@ from rich.text import Text
 
 from lossguard.numbers import as_float
 from lossguard.records import ActionKind, Severity, as_step
+from lossguard.status import RunStatus
 from lossguard.watch.downsample import MinMaxBuckets
 
 if TYPE_CHECKING:
     from lossguard.watch.live import LiveRun
 
 _SEVERITY_STYLE = {Severity.INFO: "cyan", Severity.WARNING: "yellow", Severity.CRITICAL: "bold red"}
-_STATUS_STYLE = {"healthy": "bold green", "warning": "bold yellow", "critical": "bold red"}
+_STATUS_STYLE = {RunStatus.NO_DATA: "bold magenta", RunStatus.HEALTHY: "bold green", RunStatus.RECOVERED: "bold cyan",
+                 RunStatus.WARNING: "bold yellow", RunStatus.CRITICAL: "bold red"}
 _BRAILLE_BITS = ((0x01, 0x02, 0x04, 0x40), (0x08, 0x10, 0x20, 0x80))
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
@@ -184,11 +186,19 @@ def header(live: LiveRun, now: float) -> Text:
         t.append("  source ", style="dim")
         t.append(f"{live.source_kind}")
     t.append("  status ", style="dim")
-    t.append(live.status.upper(), style=_STATUS_STYLE.get(live.status, "bold"))
+    verdict = live.verdict()
+    if verdict.status is RunStatus.NO_DATA and live.waiting:
+        t.append("WAITING", style="bold magenta")  # no evidence yet: neither healthy nor not
+    else:
+        t.append(verdict.status.label, style=_STATUS_STYLE.get(verdict.status, "bold"))
     if live.ended:
         t.append("  run ended", style="bold")
     if live.updated_at is not None:
         t.append(f"  updated {duration(max(0.0, now - live.updated_at))} ago", style="dim")
+    if verdict.handled:
+        t.append("\nhandled: " + ", ".join(f"{f.reason.value} at {f.step}" for f in verdict.handled), style="cyan")
+        if verdict.open:
+            t.append("  open: " + ", ".join(f"{f.reason.value} at {f.step}" for f in verdict.open), style="yellow")
     return t
 
 
@@ -395,4 +405,4 @@ def summary_line(live: LiveRun) -> str:
     last = live.last
     step: Any = last.step if last else "-"
     return (f"step {step}/{live.max_steps or '?'} loss {num(last.loss if last else None)} "
-            f"status {live.status} findings {len(live.findings)}")
+            f"status {live.status.value} findings {len(live.findings)}")

@@ -122,6 +122,6 @@ def load_run(run_dir: str | Path) -> RunFrames:
         source_path=live.source_path or Path(run_dir),
         run=live.run,
         preflight=live.preflight,
-        status=live.status,
+        status=live.status.value,
         notes=list(live.notes),
     )

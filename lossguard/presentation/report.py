@@ -228,7 +228,7 @@ _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 .meta{color:#555;font-size:13px}.status{font-weight:bold;padding:2px 8px;border-radius:4px;color:#fff}
-.healthy{background:#2ca02c}.warning{background:#e6a100}.critical{background:#d62728}
+.healthy{background:#2ca02c}.recovered{background:#17becf}.no_data{background:#9467bd}.warning{background:#e6a100}.critical{background:#d62728}
 table{border-collapse:collapse;font-size:13px;margin:6px 0}td,th{border:1px solid #ddd;padding:3px 8px;
 text-align:left;vertical-align:top}th{background:#f4f4f4}td{white-space:pre-wrap;word-break:break-word}
 .plot{width:100%;min-height:300px}.note{color:#666;font-size:12px}
@@ -258,6 +258,7 @@ def render_html(live: LiveRun, *, title: str | None = None, plotly_js: str | Non
     name = title or live.run_dir.name or str(live.run_dir)
     figs = figures(live)
     last = live.last
+    verdict = live.verdict()
     summary = [
         ["run directory", str(live.run_dir)],
         ["log read", f"{live.source_path} ({live.source_kind})" if live.source_path else "none"],
@@ -282,8 +283,8 @@ def render_html(live: LiveRun, *, title: str | None = None, plotly_js: str | Non
         f"<script type=\"text/javascript\">{plotly_js}</script>",
         "</head><body>",
         f"<h1>lossguard report: {html.escape(name)}</h1>",
-        f"<div class=\"meta\">status <span class=\"status {html.escape(live.status)}\">"
-        f"{html.escape(live.status.upper())}</span></div>",
+        f"<div class=\"meta\">status <span class=\"status {verdict.status.value}\">"
+        f"{verdict.status.label}</span> {html.escape(verdict.summary())}</div>",
         "<h2>Summary</h2>", _table(None, summary, "summary"),
     ]
     for fid, _ in figs:

@@ -50,6 +50,8 @@ def read_trainer_state(path: str | os.PathLike[str]) -> RunLog:
     log = RunLog(source="trainer_state", path=p)
     log.max_steps = as_step(state.get("max_steps")) or None
     log.num_train_epochs = as_float(state.get("num_train_epochs"))
+    global_step = as_step(state.get("global_step"))
+    log.ended = bool(log.max_steps and global_step is not None and global_step >= log.max_steps)
     for entry in state.get("log_history", []):
         if not isinstance(entry, dict):
             continue
@@ -84,6 +86,7 @@ def read_llamafactory(path: str | os.PathLike[str]) -> RunLog:
             log.max_steps = total
         if step is None:
             continue
+        log.ended = bool(log.max_steps and step >= log.max_steps)
         if entry.get("loss") is not None:
             log.add_sample(
                 Sample(

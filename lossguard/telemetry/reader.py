@@ -221,6 +221,11 @@ class LogTail:
     def exists(self) -> bool:
         return self.path.is_file()
 
+    @property
+    def pending(self) -> bool:
+        """Whether an unfinished last line (no newline yet) is held back."""
+        return bool(self._partial.strip()) or self._skipping
+
     def poll(self) -> list[dict[str, Any]]:
         """Records completed since the previous poll; [] when the file is absent or unchanged."""
         self.reset = False

@@ -155,6 +155,12 @@ class RunFollower:
         return self._tail.bad_lines if self._tail is not None else 0
 
     @property
+    def only_unfinished_line(self) -> bool:
+        """The tailed log holds nothing but one line without its newline (cut off, or mid-write)."""
+        t = self._tail
+        return t is not None and t.good_lines == 0 and t.bad_lines == 0 and t.pending
+
+    @property
     def progress(self) -> tuple[int, int] | None:
         """Bytes read and file size of a tailed log (None for re-read sources)."""
         return (self._tail.offset, self._tail.size) if self._tail is not None else None

@@ -19,8 +19,9 @@ from typing import Any
 
 from lossguard.config import DetectionConfig
 from lossguard.numbers import as_float
-from lossguard.records import Action, ActionKind, Finding, Sample, Severity, as_step, worst_severity
+from lossguard.records import Action, ActionKind, Finding, Sample, as_step
 from lossguard.signals.references import References
+from lossguard.status import RunStatus, StatusVerdict, run_status
 from lossguard.watch.downsample import MinMaxBuckets
 from lossguard.watch.follow import Batch
 
@@ -275,11 +276,20 @@ class LiveRun:
             self.gpu_util.setdefault(key, MinMaxBuckets(self.capacity)).add(x, util)
 
     # ---- what the views read ----------------------------------------------------------------
+    def verdict(self) -> StatusVerdict:
+        """The run's status, what was handled and what is open (the same rule as ``watch --once``).
+
+        Only lossguard's own log says when training ended; other logs are not called unfinished.
+        """
+        return run_status(self.findings, self.actions, self.n_samples,
+                          last_step=None if self.last is None else self.last.step, max_steps=self.max_steps,
+                          num_train_epochs=self.num_train_epochs,
+                          ended=self.ended or self.source_kind not in (None, "lossguard"))
+
     @property
-    def status(self) -> str:
-        """"healthy", "warning" or "critical": the worst finding so far (as ``watch --once``)."""
-        worst = worst_severity(self.findings)
-        return "healthy" if worst is None or worst == Severity.INFO else worst.value
+    def status(self) -> RunStatus:
+        """``no_data``, ``healthy``, ``recovered``, ``warning`` or ``critical`` (``lossguard.status``)."""
+        return self.verdict().status
 
     def seconds_per_step(self) -> float | None:
         """Median recent seconds per optimizer step, from step times or record timestamps."""
@@ -346,5 +356,8 @@ def read_run(run_dir: str | Path, *, config: DetectionConfig | None = None,
         raise follower.last_error
     if live.n_samples == 0 and follower.bad_lines and follower.source is not None:
         raise LogReadError(f"{follower.source.path}: not a readable log ({follower.bad_lines} unreadable line(s), no sample)")
+    if live.n_samples == 0 and follower.only_unfinished_line and follower.source is not None:
+        # what ``watch --once`` says of the same file: one read at one moment has nothing to show
+        raise LogReadError(f"{follower.source.path}: not a readable log (1 unreadable line(s), no sample)")
     live.bad_lines = follower.bad_lines
     return live

@@ -62,12 +62,24 @@ def test_watch_once_delegates(tmp_path: Path) -> None:
     assert got["status"] == "critical" and [f["step"] for f in got["findings"]] == [40]
 
 
+def test_fail_on_without_once_implies_once_instead_of_watching_forever(tmp_path: Path) -> None:
+    _run(tmp_path)
+    r = _cli("watch", str(tmp_path), "--fail-on", "warning", timeout=60)
+    assert r.returncode == 1 and r.stderr == "lossguard: --fail-on implies --once (one analysis, then exit)\n"
+    assert r.stdout.splitlines()[0].endswith("60 samples, last step 60, status critical")
+    r = _cli("watch", str(tmp_path), "--json", timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "critical"
+
+
 @pytest.mark.parametrize(("args", "message"), [
-    (["watch", "RUN", "--json"], "--json needs --once (the live dashboard and the daemon do not print JSON)"),
+    (["watch", "RUN", "--daemon", "--json"], "--json needs --once (the daemon does not print JSON)"),
     (["watch", "RUN", "--once", "--daemon"], "--once and --daemon cannot be combined; pick one"),
     (["watch", "RUN", "--on-alert", "true"], "--on-alert needs --daemon"),
     (["watch", "RUN", "--refresh", "0"], "--refresh 0: expected 0.05 to 3600 seconds"),
-    (["watch", "RUN", "--daemon", "--fail-on", "info"], "--fail-on 'info': expected one of warning, critical"),
+    (["watch", "RUN", "--daemon", "--fail-on", "recovered"],
+     "--fail-on 'recovered': with --daemon, the alert level; expected one of info, warning, critical"),
+    (["watch", "RUN", "--once", "--fail-on", "sometimes"],
+     "--fail-on 'sometimes': expected one of info, recovered, warning, critical"),
 ])
 def test_bad_options(tmp_path: Path, args: list[str], message: str) -> None:
     r = CliRunner().invoke(app, [str(tmp_path) if a == "RUN" else a for a in args])

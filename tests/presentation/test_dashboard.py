@@ -74,7 +74,9 @@ def test_dashboard_text(tmp_path: Path) -> None:
     live.run_dir = Path("runs/qwen-it")  # as typed by the user: keeps the header on one line
     out = _text(render(live, width=100, now=live.updated_at + 65))
     lines = out.splitlines()
-    assert lines[0] == "lossguard watch runs/qwen-it  source lossguard  status WARNING  updated 0:01:05 ago"
+    # the spike was rolled back to before its onset: handled
+    assert lines[0] == "lossguard watch runs/qwen-it  source lossguard  status RECOVERED  updated 0:01:05 ago"
+    assert lines.pop(1) == "handled: spike at 120"
     assert lines[1].startswith("step 200/400 ████████████████████░░░░░░░░░░░░░░░░░░░░  50.0%")
     assert lines[1].endswith("0.5 s/step  ETA 0:01:40")
     assert "│ loss 1  smoothed 1.095  grad norm 1  lr 0.001" in out
