@@ -11,6 +11,22 @@ from lossguard.cli.typer_app import app, run_subcommand
 RunDir = Annotated[str, typer.Argument(help="A Trainer output_dir (e.g. ./qwen-qlora-it).")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from lossguard import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the lossguard version and exit.")] = False,
+) -> None:
+    pass
+
+
 @app.command()
 def watch(
     run_dir: RunDir,
@@ -22,7 +38,9 @@ def watch(
              "With --daemon: the alert level (info|warning|critical).")] = None,
     daemon: Annotated[bool, typer.Option("--daemon", help="Detach: alerts, report, pidfile.")] = False,
     stop: Annotated[bool, typer.Option("--stop", help="Stop the daemon watching RUN_DIR.")] = False,
-    on_alert: Annotated[str | None, typer.Option(help="Command run per alert; finding JSON on stdin.")] = None,
+    on_alert: Annotated[str | None, typer.Option(
+        help="Daemon: command run per alert, the finding as JSON on stdin. Split like a shell line but run "
+             "without a shell: for pipes or redirections wrap it, e.g. \"sh -c 'cat >> alerts.log'\".")] = None,
     refresh: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
     report_every: Annotated[float, typer.Option(help="Daemon: seconds between report.html refreshes.")] = 60.0,
 ) -> None:
@@ -43,7 +61,7 @@ def report(
 @app.command()
 def export(
     run_dir: RunDir,
-    output: Annotated[str, typer.Option("-o", "--output", help="CSV file to write.")] = "lossguard-samples.csv",
+    output: Annotated[str, typer.Option("-o", "--output", help="CSV file to write; - for stdout.")] = "lossguard-samples.csv",
 ) -> None:
     """Export a run's per-step samples as CSV."""
     run_subcommand("export", "command", run_dir=run_dir, output=output)

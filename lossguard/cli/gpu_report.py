@@ -39,13 +39,13 @@ def command(
     if run is not None:
         timeline, context, n_records = _from_run(run)
         if timeline is None:
-            typer.echo(f"no gpu records in {run} (GPU sampling was off, or no GPU was found during training)")
-            return 0
+            return _nothing(as_json, f"no gpu records in {run} (GPU sampling was off, or no GPU was found "
+                                     "during training)", None, interval)
     elif replay is not None:
         timeline = Timeline.load(replay)
         if timeline.nvml_error is not None:
-            typer.echo(f"no NVIDIA GPU found (NVML: {timeline.nvml_error}) when {replay} was recorded")
-            return 0
+            return _nothing(as_json, f"no NVIDIA GPU found (NVML: {timeline.nvml_error}) when {replay} was recorded",
+                            timeline.nvml_error, timeline.interval_s)
     else:
         if not seconds > 0 or not interval > 0:
             raise LossguardError(f"--seconds {seconds} and --interval {interval} must both be > 0")
@@ -54,8 +54,7 @@ def command(
         except NvmlUnavailable as err:
             if record is not None:
                 Timeline(interval, [], [], nvml_error=err.reason).save(record)
-            typer.echo(str(err))
-            return 0
+            return _nothing(as_json, str(err), err.reason, interval)
         if record is not None:
             timeline.save(record)
     stats = device_stats(timeline)
@@ -79,6 +78,17 @@ def command(
         typer.echo(json.dumps(out, allow_nan=False))
     else:
         _print_report(stats, procs, found, len(timeline.samples), timeline.interval_s, record)
+    return 0
+
+
+def _nothing(as_json: bool, message: str, nvml_error: str | None, interval: float) -> int:
+    """No GPU to report on: one line, or with ``--json`` an empty report that still parses (exit 0)."""
+    if not as_json:
+        typer.echo(message)
+        return 0
+    typer.echo(message, err=True)
+    typer.echo(json.dumps({"devices": [], "processes": [], "diagnoses": [], "n_samples": 0, "interval_s": interval,
+                           "nvml_error": nvml_error, "message": message}))
     return 0
 
 

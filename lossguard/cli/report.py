@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,7 @@ def command(run_dir: str, output: str | None = None) -> int:
     """Write the report and say where; 0 on success."""
     out, size, live = write_report(run_dir, output)
     for note in live.notes:
-        print(f"lossguard: {note}")
+        print(f"lossguard: {note}", file=sys.stderr)
     print(f"lossguard: wrote {out} ({size / 1e6:.1f} MB): {live.n_samples} steps, "
-          f"{len(live.findings)} finding(s), status {live.status.value}")
+          f"{len(live.findings)} finding(s), status {live.status.value}", file=sys.stderr)
     return 0

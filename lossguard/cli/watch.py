@@ -86,7 +86,7 @@ def live(run_dir: str, refresh: float, *, max_polls: int | None = None, console:
     from lossguard.watch.follow import RunFollower
     from lossguard.watch.live import LiveRun
 
-    follower = RunFollower(run_dir)
+    follower = RunFollower(run_dir, wait_for_dir=True)
     state = LiveRun(follower.run_dir)
     console = console or Console(highlight=False)
     polls = 0

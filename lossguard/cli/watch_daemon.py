@@ -131,6 +131,9 @@ def acquire_pidfile(pidfile: Path, run_dir: Path) -> None:
     raise DaemonError(f"{pidfile}: could not be created (another daemon starting at the same time?)")
 
 
+_SHELL_SYNTAX = ("|", "||", "&", "&&", ";", ">", ">>", "<", "<<", "2>", "2>&1", "&>")
+
+
 def parse_command(cmd: str) -> list[str]:
     """``--on-alert`` split into argv (no shell); ``DaemonError`` when unusable."""
     try:
@@ -139,6 +142,11 @@ def parse_command(cmd: str) -> list[str]:
         raise DaemonError(f"--on-alert {cmd!r}: cannot be parsed ({err})") from None
     if not argv:
         raise DaemonError("--on-alert is empty")
+    shell = next((a for a in argv[1:] if a in _SHELL_SYNTAX or a[:1] in "|><&;"), None)
+    if shell is not None:
+        # ``cat >> file`` would run cat on files named '>>' and 'file', fail, and only say so in watch.log
+        raise DaemonError(f"--on-alert {cmd!r}: {shell!r} is shell syntax, but the command runs without a shell; "
+                          f"wrap it: --on-alert {shlex.quote('sh -c ' + shlex.quote(cmd))}")
     if shutil.which(argv[0]) is None:
         raise DaemonError(f"--on-alert: program {argv[0]!r} not found or not executable")
     return argv

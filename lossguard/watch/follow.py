@@ -134,11 +134,14 @@ class RunFollower:
     """Polls a run directory and hands out what is new since the last poll.
 
     Construct it on a directory that exists (``LogReadError`` otherwise); it may hold no log yet.
+    With ``wait_for_dir`` (the live dashboard) a directory the Trainer has not created yet is
+    waited for too.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], *, subdir: str = "lossguard",
-                 chunk: int = READ_CHUNK_BYTES, reader: Callable[[Path], Any] = read_trainer_state) -> None:
-        self.run_dir = check_run_dir(run_dir)
+                 chunk: int = READ_CHUNK_BYTES, reader: Callable[[Path], Any] = read_trainer_state,
+                 wait_for_dir: bool = False) -> None:
+        self.run_dir = Path(run_dir) if wait_for_dir and not os.path.lexists(run_dir) else check_run_dir(run_dir)
         self.subdir = subdir
         self.source: LogSource | None = None
         self._chunk = chunk
@@ -167,6 +170,8 @@ class RunFollower:
 
     def poll(self) -> Batch:
         """New samples and records since the last poll (see ``Batch``)."""
+        if self.source is None and not os.path.lexists(self.run_dir):
+            return Batch(None, waiting=f"waiting for training to start: {self.run_dir} does not exist yet")
         if self.source is None or self.source.kind != "lossguard":
             src, notes = pick_source(self.run_dir, self.subdir)
             if src is None and self.source is None:

@@ -79,13 +79,22 @@ def test_replay_of_no_driver_recording_is_one_line_exit_0() -> None:
     assert out.strip().splitlines() == [
         f"no NVIDIA GPU found (NVML: driver library not found) when {DATA / 'no_driver.json'} was recorded"
     ]
+    r = runner.invoke(app, ["gpu-report", "--replay", str(DATA / "no_driver.json"), "--json"])
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0 and (doc["devices"], doc["nvml_error"]) == ([], "driver library not found")
 
 
 @no_gpu_here
 def test_live_without_driver_is_one_line_exit_0(tmp_path: Path) -> None:
-    code, out, exc = invoke("--seconds", "0.1", "--json")
+    code, out, exc = invoke("--seconds", "0.1")
     assert exc is None and code == 0
     assert out == "no NVIDIA GPU found (NVML: driver library not found)\n"
+    # --json: still JSON on stdout (a pipeline's json.load must not break); the sentence on stderr
+    r = runner.invoke(app, ["gpu-report", "--seconds", "0.1", "--json"])
+    assert r.exit_code == 0 and r.stderr == "no NVIDIA GPU found (NVML: driver library not found)\n"
+    assert json.loads(r.stdout) == {"devices": [], "processes": [], "diagnoses": [], "n_samples": 0, "interval_s": 1.0,
+                                    "nvml_error": "driver library not found",
+                                    "message": "no NVIDIA GPU found (NVML: driver library not found)"}
     rec = tmp_path / "t.json"
     code, out, _ = invoke("--seconds", "0.1", "--record", str(rec))
     assert code == 0 and Timeline.load(rec).nvml_error == "driver library not found"
