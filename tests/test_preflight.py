@@ -54,10 +54,10 @@ def test_users_notes_arguments_on_tiny_model(setup, tmp_path):
     assert "every 20 steps" in report.row("loss printed").value
     assert "4 times over 96 steps" in report.row("loss printed").value
     assert status(report, "loss printed") is Status.INFO  # sparse, but lossguard records every step
-    # save_steps=200: later than the last step and coarser than the 100-step rollback distance
+    # save_steps=200: later than the last step
     ck = report.row("checkpoints")
     assert ck.status is Status.WARN
-    assert "save_steps <= 96" in ck.advice and "set save_steps=100" in ck.advice
+    assert ck.advice == "the first checkpoint (step 200) comes after the last step (96): set save_steps <= 96"
     trainable, total = setup.model.get_nb_trainable_parameters()
     assert (f["params_total"], f["params_trainable"]) == (total, trainable)
     assert "r=8" in report.row("adapter").value and "alpha=16 (scale 2)" in report.row("adapter").value
@@ -151,8 +151,9 @@ def test_too_small_dataset_for_model_size(tmp_path, setup):
         (100, None, Status.OK, ""),
         (50, 3, Status.OK, ""),
         (50, 1, Status.WARN, "set save_total_limit=3 or more"),
-        (150, None, Status.WARN, "save_steps=150 is more than the rollback distance (100)"),
-        (0.25, 2, Status.WARN, "save_steps=150 is more than"),  # a ratio: 0.25 x 600 steps
+        # further apart than the rollback distance: a note, since rollbacks use in-memory snapshots
+        (150, None, Status.INFO, "checkpoints are further apart than the 100-step rollback distance"),
+        (0.25, 2, Status.INFO, "further apart than the 100-step"),  # a ratio: 0.25 x 600 steps
     ],
 )
 def test_save_cadence_against_rollback(tmp_path, setup, save_steps, limit, expect, needle):
@@ -382,3 +383,46 @@ def test_ragged_batch_falls_back_to_rows():
     audit = TokenAudit(rows_total=2)
     assert not audit_batch({"input_ids": [[1, 2, 3], [4, 5]], "labels": [[-100, 2, 3], [4, 5]]}, audit, True, 0)
     assert audit == TokenAudit(rows_total=2)
+
+
+def test_frequent_logging_is_not_called_sparse(tmp_path, setup):
+    args = notes_args(tmp_path, logging_steps=5)  # 96 steps: printed 19 times
+    row = preflight(args, setup.model, setup.train).row("loss printed")
+    assert row.status is Status.OK and row.advice == ""
+
+
+def test_the_demos_own_arguments_raise_no_warning_about_logging_or_checkpoints(tmp_path, setup):
+    args = training_args(str(tmp_path), max_steps=600, logging_steps=50, save_strategy="steps", save_steps=200,
+                         save_total_limit=2)
+    report = preflight(args, setup.model, setup.train, rollback_steps=100)
+    assert report.row("loss printed").status is Status.OK  # 12 times: enough for a person to read
+    assert report.row("checkpoints").status is Status.INFO
+    assert not any(w.startswith(("checkpoints", "loss printed")) for w in report.warnings)
+
+
+def test_with_recovery_off_nothing_talks_about_rollbacks(tmp_path, setup, capsys):
+    from lossguard.config import GuardConfig
+    from lossguard.integrations.core import Reporter
+    from lossguard.integrations.hf_extras import run_preflight
+    from lossguard.telemetry import read_events
+
+    args = training_args(str(tmp_path), max_steps=150, logging_steps=50, save_strategy="steps", save_steps=150,
+                         save_total_limit=1)
+    config = GuardConfig(recovery=False)
+    report = Reporter(config)
+    report.open(tmp_path / "lossguard", resumed=False)
+    run_preflight(report, config, args, setup.model, None, None)
+    report.close(0)
+    (rec,) = [r for r in read_events(tmp_path / "lossguard" / "events.jsonl") if r["kind"] == "preflight"]
+    text = json.dumps(rec["rows"])
+    assert "rollback" not in text and rec["facts"]["rollback_steps"] == 0
+    # with recovery on, the same arguments do mention it (the check is live, not silenced)
+    assert "rollback" in json.dumps(preflight(args, setup.model, setup.train, rollback_steps=100).to_record()["rows"])
+    err = capsys.readouterr().err
+    table = err[:err.index("lossguard: training ended")]
+    # a CI log (no terminal) gets the table at the width of its content, not wrapped at 80 columns
+    assert max(len(line) for line in table.splitlines()) > 100
+    assert len(table.splitlines()) < 40
+    assert err.splitlines()[-1] == (f"lossguard: training ended at step 0 (0 findings, 0 actions); log "
+                                    f"{tmp_path / 'lossguard' / 'events.jsonl'}; look with: lossguard watch "
+                                    f"{tmp_path} --once  or  lossguard report {tmp_path}")

@@ -128,11 +128,16 @@ class Reporter:
         return sum(1 for a in self.actions if a.action is ActionKind.ROLLBACK)
 
     def close(self, step: int) -> None:
-        """Write the ``end`` record and close the log (its queue drained)."""
+        """Write the ``end`` record, close the log (its queue drained) and say where it is."""
         self.write("end", step=step, findings=len(self.findings), actions=len(self.actions))
         if self.writer is not None:
+            path = self.writer.path
             self.writer.close()
             self.writer = None
+            if self.config.console:
+                from lossguard.presentation.console import console, end_line
+
+                console().print(end_line(path, step, len(self.findings), len(self.actions)), markup=False)
 
 
 def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:

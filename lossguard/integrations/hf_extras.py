@@ -37,7 +37,8 @@ def run_preflight(report: Reporter, config: GuardConfig, args: Any, model: Any, 
         from lossguard.preflight import preflight
 
         checks = preflight(args, model, loader if loader is not None else getattr(trainer, "train_dataset", None),
-                           world_size=world_size(args), rollback_steps=config.recovery.rollback_steps,
+                           world_size=world_size(args),
+                           rollback_steps=config.recovery.rollback_steps if config.recovery.enabled else 0,
                            data_collator=None if loader is not None else getattr(trainer, "data_collator", None),
                            recovery_cost=cost, snapshot_budget=config.recovery.snapshot_budget,
                            snapshot_every=config.recovery.snapshot_every)
@@ -46,10 +47,10 @@ def run_preflight(report: Reporter, config: GuardConfig, args: Any, model: Any, 
         return
     report.write_record(checks.to_record())
     if config.console:
-        from lossguard.presentation.console import console
+        from lossguard.presentation.console import console, print_fitted
         from lossguard.presentation.preflight_table import preflight_table
 
-        console().print(preflight_table(checks))
+        print_fitted(console(), preflight_table(checks))
 
 
 def start_gpu_sampler(report: Reporter, config: GuardConfig, args: Any, model: Any, log_dir: Path,

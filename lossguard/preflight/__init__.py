@@ -91,7 +91,8 @@ def preflight(
             or a ``DataLoader`` (its dataset and collate_fn are used); rows with ``input_ids``
             and, ideally, ``labels``. At most ``sample_limit`` rows are read (the report says so).
         world_size: number of training processes; defaults to ``args.world_size`` / ``WORLD_SIZE``.
-        rollback_steps: lossguard's rollback distance, to judge logging and checkpoint cadence.
+        rollback_steps: lossguard's rollback distance, to judge the checkpoint cadence; 0 when
+            recovery is off (nothing is said about rollbacks then).
         data_collator: applied to the sampled rows so the audit sees labels as the model will
             (``DataCollatorForLanguageModeling`` replaces the dataset's labels, for example).
         sample_limit: the most dataset rows to read.

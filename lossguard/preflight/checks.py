@@ -14,7 +14,10 @@ from lossguard.preflight.tokens import TokenAudit
 
 FINETUNE_TOKENS_PER_PARAM = 1e-5
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
-MIN_LOGGED_POINTS = 50
+# the printed loss is for a person reading the console (lossguard records every step itself): it is
+# "sparse" only when it prints fewer than this many times and less often than every DENSE_LOGGING steps
+MIN_LOGGED_POINTS = 10
+DENSE_LOGGING = 10
 
 INSTRUCTION_COLUMNS = frozenset(
     {
@@ -74,22 +77,24 @@ def check_logging(args: Any, run: Run, rollback_steps: int) -> list[PreflightRow
     points = run.total_steps // every + (1 if first else 0)
     shown = ", ".join(str(every * k) for k in range(1, min(points, 3) + 1))
     value = f"every {every} steps (step {shown}, ...; {points} times over {run.total_steps} steps)"
-    if points < MIN_LOGGED_POINTS or (rollback_steps and every > rollback_steps):
-        target = max(1, min(run.total_steps // MIN_LOGGED_POINTS, rollback_steps or every))
+    if points < MIN_LOGGED_POINTS and every > DENSE_LOGGING:
+        target = max(1, min(DENSE_LOGGING, run.total_steps // MIN_LOGGED_POINTS))
         return [PreflightRow("loss printed", value, Status.INFO,
-                             f"sparse for reading a curve (< {MIN_LOGGED_POINTS} points or coarser than the "
-                             f"{rollback_steps}-step rollback distance); {note}; logging_steps={target} "
-                             f"would print it {run.total_steps // target} times")]
+                             f"few points for reading the printed curve (< {MIN_LOGGED_POINTS}); {note}; "
+                             f"logging_steps={target} would print it {run.total_steps // target} times")]
     return [PreflightRow("loss printed", value)]
 
 
 def check_saving(args: Any, run: Run, rollback_steps: int) -> list[PreflightRow]:
     strategy = enum_text(attr(args, "save_strategy", "steps"))
     if strategy == "no":
+        if not rollback_steps:  # recovery off: nothing about rollbacks
+            return [PreflightRow("checkpoints", "none (save_strategy='no')", Status.WARN,
+                                 "a crash loses the whole run; set save_strategy='steps'")]
         return [PreflightRow("checkpoints", "none (save_strategy='no')", Status.WARN,
                              f"lossguard rolls back from in-memory snapshots, but a crash loses the whole run "
                              f"and there is no pre-anomaly checkpoint to keep; set save_strategy='steps', "
-                             f"save_steps={rollback_steps or 100}")]
+                             f"save_steps={rollback_steps}")]
     if strategy == "epoch":
         every = run.steps_per_epoch
         label = f"every epoch ({every} steps)" if every else "every epoch"
@@ -106,14 +111,16 @@ def check_saving(args: Any, run: Run, rollback_steps: int) -> list[PreflightRow]
     if every is None:
         return [row]
     problems: list[str] = []
+    notes: list[str] = []
     if run.total_steps is not None and every > run.total_steps:
         problems.append(f"the first checkpoint (step {every}) comes after the last step ({run.total_steps}): "
                         f"set save_steps <= {run.total_steps}")
-    if rollback_steps and every > rollback_steps:
-        problems.append(f"save_steps={every} is more than the rollback distance ({rollback_steps}): the newest "
-                        f"checkpoint at least {rollback_steps} steps before trouble may be up to "
-                        f"{every + rollback_steps} steps old; set save_steps={rollback_steps} "
-                        f"(lossguard's in-memory snapshots still roll back {rollback_steps} steps)")
+    elif rollback_steps and every > rollback_steps:
+        # not a warning: rollbacks come from lossguard's in-memory snapshots; checkpoints only
+        # matter after a crash, and then one more coarse step back costs little
+        notes.append(f"checkpoints are further apart than the {rollback_steps}-step rollback distance; "
+                     f"rollbacks use lossguard's in-memory snapshots, so this matters only for resuming "
+                     f"after a crash")
     if limit and rollback_steps:
         needed = math.ceil(rollback_steps / every) + 1
         if limit < needed:
@@ -122,7 +129,10 @@ def check_saving(args: Any, run: Run, rollback_steps: int) -> list[PreflightRow]
                             f"one a rollback from disk needs; set save_total_limit={needed} or more")
     if problems:
         row.status = Status.WARN
-        row.advice = "; ".join(problems)
+        row.advice = "; ".join(problems + notes)
+    elif notes:
+        row.status = Status.INFO
+        row.advice = "; ".join(notes)
     return [row]
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
+from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
+from rich.measure import Measurement
 
 from lossguard.records import Action, Finding, Severity
 
@@ -27,6 +30,27 @@ def stdout_console() -> Console:
     """A console for a command's output: wrapped to the terminal's width, but one line per item
     when piped into a file or a CI log (rich would otherwise wrap at 80 columns; grep needs lines)."""
     return Console(highlight=False, soft_wrap=not sys.stdout.isatty())
+
+
+def end_line(log: Path, step: int, findings: int, actions: int) -> str:
+    """The last line of a run: where its log is and the two commands that read it."""
+    run = shlex.quote(str(log.parent.parent))
+    what = f"{findings} finding{'s' if findings != 1 else ''}, {actions} action{'s' if actions != 1 else ''}"
+    return (f"lossguard: training ended at step {step} ({what}); log {log}; "
+            f"look with: lossguard watch {run} --once  or  lossguard report {run}")
+
+
+def print_fitted(out: Console, renderable: RenderableType, *, cap: int = 200) -> None:
+    """Print a table at the width of its content when the console is no terminal (a CI log, a
+    file): rich would otherwise force 80 columns and wrap every cell. A terminal keeps its size."""
+    if out.is_terminal:
+        out.print(renderable)
+        return
+    natural = Measurement.get(out, out.options.update_width(cap), renderable).maximum
+    # ``print(width=...)`` cannot go past the console's own width: a console of that width can
+    wide = Console(file=out.file, width=max(40, min(cap, natural)), highlight=False,
+                   color_system=out.color_system, no_color=out.no_color)  # type: ignore[arg-type]
+    wide.print(renderable)
 
 
 def finding_line(f: Finding) -> str:
