@@ -216,6 +216,11 @@ def _attach_verdict(finding: Finding, record: dict[str, Any] | None) -> ProbeVer
         verdict = None
     finding.evidence["probe"] = {k: record.get(k) for k in ("verdict", "ratio", "lambda_max", "lambda_min")}
     ratio = record.get("ratio")
+    why = record.get("message")
+    if verdict is ProbeVerdict.INCONCLUSIVE and isinstance(why, str) and why.startswith("inconclusive"):
+        # the first group's ratio alone can read as a minimum; the probe's own sentence says why not
+        finding.message += f" Hessian probe: {why.rstrip('.')}."
+        return verdict
     ratio_text = f"{ratio:.3g}" if isinstance(ratio, (int, float)) else "n/a"
     finding.message += f" Hessian probe: {record.get('verdict')} (lambda_min/lambda_max = {ratio_text})."
     return verdict

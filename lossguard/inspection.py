@@ -26,6 +26,11 @@ from lossguard.errors import LossguardError
 from lossguard.numbers import as_float, as_int
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+# the checkpoints recovery pins out of save_total_limit's reach (``integrations/hf_recovery.py``):
+# named after the step they were saved at, as their trainer_state.json says; FALLBACK_NOTE inside
+# says which state they hold and why
+FALLBACK_PREFIX = "lossguard-fallback-"
+FALLBACK_NOTE = "lossguard_fallback.json"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 # bytes per element of each safetensors dtype
@@ -135,6 +140,7 @@ class CheckpointInfo:
     model_weights: TensorFileInfo | None = None
     trainer_state: TrainerStateInfo | None = None
     problems: list[str] = field(default_factory=list)
+    fallback_note: str | None = None  # a lossguard fallback's own account of what it holds
 
     def _names(self, role: FileRole) -> list[str]:
         return [f.name for f in self.files if f.role is role]
@@ -178,6 +184,7 @@ class CheckpointInfo:
             "adapter_weights": self.adapter_weights.to_dict() if self.adapter_weights else None,
             "model_weights": self.model_weights.to_dict() if self.model_weights else None,
             "trainer_state": self.trainer_state.to_dict() if self.trainer_state else None,
+            "fallback_note": self.fallback_note,
             "problems": list(self.problems),
         }
 
@@ -190,6 +197,7 @@ class Inspection:
     kind: str  # "checkpoint" or "run"
     checkpoints: list[CheckpointInfo] = field(default_factory=list)
     final: CheckpointInfo | None = None  # weights saved at the top of a run dir (trainer.save_model)
+    fallbacks: list[CheckpointInfo] = field(default_factory=list)  # lossguard-fallback-* (recovery pinned them)
 
     @property
     def newest(self) -> CheckpointInfo | None:
@@ -198,7 +206,7 @@ class Inspection:
     @property
     def problems(self) -> list[str]:
         out: list[str] = []
-        for ck in [*self.checkpoints, *([self.final] if self.final else [])]:
+        for ck in [*self.checkpoints, *self.fallbacks, *([self.final] if self.final else [])]:
             prefix = f"{Path(ck.path).name}: " if self.kind == "run" else ""
             out.extend(prefix + p for p in ck.problems)
         return out
@@ -209,6 +217,7 @@ class Inspection:
             "kind": self.kind,
             "checkpoints": [c.to_dict() for c in self.checkpoints],
             "final": self.final.to_dict() if self.final else None,
+            "fallbacks": [c.to_dict() for c in self.fallbacks],
             "problems": self.problems,
         }
 
@@ -478,6 +487,12 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
             info.problems.append(str(err))
     if info.step is None and info.trainer_state is not None:
         info.step = info.trainer_state.global_step
+    if FALLBACK_NOTE in names:
+        try:
+            note = _read_json(p / FALLBACK_NOTE)
+            info.fallback_note = str(note.get("message")) if isinstance(note, dict) else None
+        except CheckpointError as err:
+            info.problems.append(str(err))
 
     cfg, weights = info.adapter_config, info.adapter_weights
     if cfg is not None and weights is not None and cfg.r and weights.lora_ranks and not cfg.rank_pattern:
@@ -516,10 +531,13 @@ def inspect_path(path: str | os.PathLike[str]) -> Inspection:
     except OSError as err:
         raise CheckpointError(f"{p}: cannot list the directory ({err.strerror or err})") from None
     checkpoint_dirs = [e for e in entries if e.is_dir() and CHECKPOINT_DIR.match(e.name)]
+    fallback_dirs = sorted((e for e in entries if e.is_dir() and e.name.startswith(FALLBACK_PREFIX)), key=lambda e: e.name)
     names = {e.name for e in entries if e.is_file()}
-    if checkpoint_dirs:
+    if checkpoint_dirs or fallback_dirs:
         checkpoint_dirs.sort(key=lambda e: int(CHECKPOINT_DIR.match(e.name).group(1)))  # type: ignore[union-attr]
-        result = Inspection(path=str(p), kind="run", checkpoints=[inspect_checkpoint(d) for d in checkpoint_dirs])
+        result = Inspection(path=str(p), kind="run", checkpoints=[inspect_checkpoint(d) for d in checkpoint_dirs],
+                            fallbacks=[inspect_checkpoint(d) for d in fallback_dirs])
+        result.fallbacks.sort(key=lambda c: (c.step is None, c.step or 0, c.path))
         if _has_checkpoint_files(names):
             result.final = inspect_checkpoint(p)
         return result

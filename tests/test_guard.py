@@ -66,6 +66,20 @@ def test_verdict_is_attached_to_the_plateau_finding():
     assert findings[0].message == "plateau since 150. Hessian probe: saddle (lambda_min/lambda_max = -0.2)."
 
 
+def test_an_inconclusive_verdict_says_why_instead_of_a_ratio_that_reads_as_a_minimum():
+    guard = Guard(GuardConfig(), max_steps=1000, detectors=_PlateauAt(300, 250))
+    why = "inconclusive: the probe batches disagree (minimum at r 0.000, saddle at r -0.190); 60 products in 9 s"
+
+    def probe(finding: Finding) -> dict:
+        return {"kind": "probe", "verdict": "inconclusive", "ratio": 0.000126, "lambda_max": 10.0,
+                "lambda_min": 0.00126, "message": why}
+
+    findings = []
+    for step in range(1, 301):
+        findings += guard.decide(Sample(step=step, loss=2.0), list(range(0, 301, 25)), probe=probe).findings
+    assert findings[0].message == f"plateau since 150. Hessian probe: {why}."
+
+
 def test_a_minimum_triggers_no_rollback_when_recovery_needs_a_saddle():
     _, actions = _run("minimum", needs_saddle=True)
     assert actions == []

@@ -53,9 +53,13 @@ def watch(
 def report(
     run_dir: RunDir,
     output: Annotated[str | None, typer.Option("-o", "--output", help="HTML file to write.")] = None,
+    shared_plotly: Annotated[bool, typer.Option(
+        "--shared-plotly", help="Put plotly.js (~4.7 MB) in one file beside the report, shared by every report in "
+                                "that folder, instead of inside each page (still offline; keep the file with the page).")
+    ] = False,
 ) -> None:
     """Write a self-contained HTML report of a run (works offline)."""
-    run_subcommand("report", "command", run_dir=run_dir, output=output)
+    run_subcommand("report", "command", run_dir=run_dir, output=output, shared_plotly=shared_plotly)
 
 
 @app.command()

@@ -122,7 +122,8 @@ def checkpoint_detail(ck: CheckpointInfo) -> RenderableType:
 
 def run_overview(ins: Inspection) -> Table:
     """One row per checkpoint of a run directory, oldest first."""
-    table = Table(title=f"run {ins.path}: {len(ins.checkpoints)} checkpoint(s)", title_justify="left",
+    kept = f" and {len(ins.fallbacks)} fallback(s) lossguard kept" if ins.fallbacks else ""
+    table = Table(title=f"run {ins.path}: {len(ins.checkpoints)} checkpoint(s){kept}", title_justify="left",
                   box=box.SIMPLE_HEAD)
     table.add_column("checkpoint", no_wrap=True)
     table.add_column("adapter", no_wrap=True)
@@ -131,7 +132,7 @@ def run_overview(ins: Inspection) -> Table:
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("last loss", justify="right")
     table.add_column("problems", justify="right")
-    for ck in ins.checkpoints + ([ins.final] if ins.final else []):
+    for ck in ins.checkpoints + ins.fallbacks + ([ins.final] if ins.final else []):
         w = ck.adapter_weights
         adapter = (f"r={ck.adapter_config.r} {_count(w.params)}" if ck.adapter_config and w
                    else "broken" if (ck.adapter_config or w) else "-")
@@ -158,11 +159,15 @@ def command(
         console = stdout_console()
         if ins.kind == "run":
             console.print(run_overview(ins))
+            for ck in ins.fallbacks:
+                note = ck.fallback_note or "pinned by lossguard's recovery, out of save_total_limit's reach"
+                console.print(Text(f"{Path(ck.path).name}: {note}"))
             newest = ins.newest
             if newest is not None:
                 console.print(Text("\nnewest checkpoint:", style="bold"))
                 console.print(checkpoint_detail(newest))
-            others = [ck for ck in [*ins.checkpoints, *([ins.final] if ins.final else [])] if ck is not newest]
+            others = [ck for ck in [*ins.checkpoints, *ins.fallbacks, *([ins.final] if ins.final else [])]
+                      if ck is not newest]
             for ck in others:
                 for p in ck.problems:
                     console.print(Text(f"problem: {p}", style="bold red"))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lossguard.config import GuardConfig
+from lossguard.inspection import FALLBACK_NOTE, FALLBACK_PREFIX
 from lossguard.integrations import dist
 from lossguard.integrations.core import Applied, Reporter, measure_snapshot_cost, pace_snapshots
 from lossguard.integrations.hf_saves import SaveGuard, disk_refusal
@@ -39,7 +40,6 @@ logger = logging.getLogger("lossguard")
 
 STATE_FILE = "lossguard_state.json"
 TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME
-FALLBACK_PREFIX = "lossguard-fallback-"
 HEAD_DIR = "lossguard_head"  # a checkpoint taken while a rollback is on trial: the head it may revert to
 
 
@@ -244,12 +244,15 @@ class TrainerRecovery:
         if pin is None or pin[1] != step:
             return []
         target = pin[0]
-        pinned = _fallback_path(Path(args.output_dir), target, step)
+        pinned = _fallback_path(Path(args.output_dir), step)
         how = _pin(ckpt, pinned)
+        message = (f"kept the checkpoint of step {step} as {pinned.name}, safe from save_total_limit rotation: it "
+                   f"holds the state of step {target} that the rollback restored (resume from it with "
+                   f"resume_from_checkpoint)")
+        (pinned / FALLBACK_NOTE).write_text(json.dumps({"step": step, "restored_from_step": target,
+                                                        "message": message}))
         self.pinned.append(pinned)
-        return [Action(ActionKind.SAVE, step,
-                       f"kept the restored state of step {target} as {pinned.name}, safe from save_total_limit "
-                       f"rotation (resume from it with resume_from_checkpoint)", to_step=target,
+        return [Action(ActionKind.SAVE, step, message, from_step=target, to_step=step,
                        details={"path": str(pinned), "pinned_by": how})]
 
     def _offer_checkpoint(self, ckpt: Path, step: int) -> None:
@@ -360,16 +363,13 @@ def _pin(ckpt: Path, pinned: Path) -> str:
     return "move"
 
 
-def _fallback_path(output_dir: Path, target: int, step: int) -> Path:
-    """A free name for the pinned checkpoint of ``target``, saved at ``step``: an earlier run in
-    the same output_dir (or an earlier relapse) may have taken the plain one."""
-    path = output_dir / f"{FALLBACK_PREFIX}{target}"
-    if not path.exists():
-        return path
-    path = output_dir / f"{FALLBACK_PREFIX}{target}-at-{step}"
+def _fallback_path(output_dir: Path, step: int) -> Path:
+    """A free name for the pinned checkpoint saved at ``step`` (its trainer_state.json says that
+    step too): an earlier run in the same output_dir may have taken the plain one."""
+    path = output_dir / f"{FALLBACK_PREFIX}{step}"
     n = 2
     while path.exists():
-        path = output_dir / f"{FALLBACK_PREFIX}{target}-at-{step}-{n}"
+        path = output_dir / f"{FALLBACK_PREFIX}{step}-{n}"
         n += 1
     return path
 

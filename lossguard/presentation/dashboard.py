@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lossguard.numbers import as_float
+from lossguard.presentation.probe_text import probe_explanation
 from lossguard.records import ActionKind, Severity, as_step
 from lossguard.status import RunStatus
 from lossguard.watch.downsample import MinMaxBuckets
@@ -307,6 +308,8 @@ def probe_view(live: LiveRun) -> Text:
     t.append(num(as_float(p.get("ratio")), 3))
     t.append("  → ")
     t.append(verdict, style="bold yellow" if "saddle" in verdict else "bold")
+    if verdict == "inconclusive":
+        t.append("\n" + probe_explanation(p), style="dim")
     return t
 
 

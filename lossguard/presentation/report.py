@@ -17,7 +17,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from lossguard.numbers import as_float
-from lossguard.records import ActionKind, Severity
+from lossguard.presentation.probe_text import probe_explanation, probe_groups
+from lossguard.records import Action, ActionKind, Severity
 from lossguard.watch.downsample import MinMaxBuckets
 
 if TYPE_CHECKING:
@@ -103,24 +104,30 @@ def _loss_figure(live: LiveRun) -> dict[str, Any]:
             if a.to_step is not None:
                 shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": a.to_step, "x1": a.to_step,
                                "y0": 0, "y1": 1, "line": {"color": "#9467bd", "width": 1.5}})
-    verdicts = [a for a in live.actions if a.action in (ActionKind.KEEP, ActionKind.REVERT)]
-    if verdicts:
-        data.append({
-            "type": "scatter", "mode": "markers", "name": f"verdicts ({len(verdicts)})",
-            "x": [a.step for a in verdicts], "y": [0.83] * len(verdicts), "yaxis": "y2",
-            "marker": {"symbol": ["circle" if a.action is ActionKind.KEEP else "x" for a in verdicts], "size": 11,
-                       "color": ["#2ca02c" if a.action is ActionKind.KEEP else "#ff7f0e" for a in verdicts]},
-            "hovertext": [_hover(f"step {a.step}: {a.action.value}. {a.message}") for a in verdicts],
-            "hoverinfo": "text",
-        })
+    for kind, label, symbol, color in ((ActionKind.KEEP, "recovery kept", "circle", "#2ca02c"),
+                                       (ActionKind.REVERT, "rollback reverted", "x", "#ff7f0e")):
+        verdicts = [a for a in live.actions if a.action is kind]
+        if verdicts:
+            data.append({
+                "type": "scatter", "mode": "markers", "name": f"{label} ({len(verdicts)})",
+                "x": [a.step for a in verdicts], "y": [0.83] * len(verdicts), "yaxis": "y2",
+                "marker": {"symbol": symbol, "size": 11, "color": color},
+                "hovertext": [_hover(f"step {a.step}: {a.action.value}. {a.message}") for a in verdicts],
+                "hoverinfo": "text",
+            })
+    if rollbacks:  # the solid line at each rollback's target: a legend entry of its own, drawing nothing
+        data.append({"type": "scatter", "mode": "lines", "name": "rollback target (state restored)",
+                     "x": [None], "y": [None], "line": {"color": "#9467bd", "width": 1.5}, "hoverinfo": "skip"})
     last_x = live.loss.last[0] if live.loss.last else None
-    for start, end, factor in live.lr_phases()[:200]:
+    phases = live.lr_phases()[:200]
+    for i, (start, end, factor) in enumerate(phases):
         stop = end if end is not None else last_x
         if stop is None:
             continue
         shapes.append({"type": "rect", "xref": "x", "yref": "paper", "x0": start, "x1": stop, "y0": 0, "y1": 1,
                        "fillcolor": "rgba(255,165,0,0.12)", "line": {"width": 0}, "layer": "below"})
-        data.append({"type": "scatter", "mode": "markers", "showlegend": False, "x": [start], "y": [0.05],
+        data.append({"type": "scatter", "mode": "markers", "name": f"reduced-LR phases ({len(phases)})",
+                     "legendgroup": "lr-phase", "showlegend": i == 0, "x": [start], "y": [0.05],
                      "yaxis": "y2", "marker": {"symbol": "square", "color": "orange", "size": 7},
                      "hovertext": [f"LR x{factor if factor is not None else '?'} from step {start} to {stop}"],
                      "hoverinfo": "text"})
@@ -142,23 +149,33 @@ def _simple_figure(title: str, traces: list[dict[str, Any]], ytitle: str, *, log
 
 
 def _probe_figure(live: LiveRun) -> dict[str, Any] | None:
-    pts = []
+    pts: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = []
     for p in live.probes:
         step = _clean(as_float(p.get("step")))
-        if step is None:
+        if step is None or p.get("skipped"):
             continue
-        pts.append((step, _clean(as_float(p.get("lambda_max"))), _clean(as_float(p.get("lambda_min"))),
-                    _clean(as_float(p.get("ratio"))), str(p.get("verdict", ""))))
+        for i, g in enumerate(probe_groups(p)):
+            pts.append((f"step {int(step)}", i, g, p))
     if not pts:
         return None
-    hover = [_hover(f"step {int(s)}: ratio {r}, verdict {v}") for s, _, _, r, v in pts]
-    traces = [
-        {"type": "scatter", "mode": "markers+lines", "name": "λ max", "x": [p[0] for p in pts],
-         "y": [p[1] for p in pts], "hovertext": hover, "marker": {"color": "#1f77b4"}},
-        {"type": "scatter", "mode": "markers+lines", "name": "λ min", "x": [p[0] for p in pts],
-         "y": [p[2] for p in pts], "hovertext": hover, "marker": {"color": "#d62728"}},
-    ]
-    return _simple_figure("Hessian probes (extreme eigenvalues)", traces, "eigenvalue")
+    traces = []
+    n_groups = max(i for _, i, _, _ in pts) + 1
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    for i in range(n_groups):
+        mine = [(x, g, p) for x, gi, g, p in pts if gi == i]
+        suffix = f" (group {i + 1})" if n_groups > 1 else ""
+        hover = [_hover(f"{x}{suffix}: {g.get('verdict')} at lambda_min/lambda_max {g.get('ratio')}; "
+                        f"the probe's verdict: {probe_explanation(p)}") for x, g, p in mine]
+        for key, label, dash in (("lambda_max", "λ max", "solid"), ("lambda_min", "λ min", "dot")):
+            traces.append({"type": "scatter", "mode": "markers+lines", "name": f"{label}{suffix}",
+                           "x": [x for x, _, _ in mine], "y": [_clean(as_float(g.get(key))) for _, g, _ in mine],
+                           "hovertext": hover, "hoverinfo": "text",
+                           "marker": {"color": colors[i % len(colors)], "size": 9,
+                                      "symbol": "circle" if key == "lambda_max" else "diamond"},
+                           "line": {"color": colors[i % len(colors)], "dash": dash}})
+    fig = _simple_figure("Hessian probes (extreme eigenvalues per batch group)", traces, "eigenvalue")
+    fig["layout"]["xaxis"] = {"title": {"text": "probe"}, "type": "category"}  # one tick per probe, no 109.5
+    return fig
 
 
 def figures(live: LiveRun) -> list[tuple[str, dict[str, Any]]]:
@@ -184,13 +201,35 @@ def figures(live: LiveRun) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def action_steps(a: Action) -> str:
+    """What an action's from/to steps mean, in words: they differ by kind (a state jump, a span of
+    steps, two compared branches), so the report says which."""
+    f, t = a.from_step, a.to_step
+    kind = a.action
+    if kind is ActionKind.ROLLBACK and t is not None:
+        return f"state of step {t} restored (left step {f if f is not None else a.step})"
+    if kind is ActionKind.REVERT and t is not None:
+        return f"back to the abandoned head, the state of step {t}"
+    if kind is ActionKind.KEEP and f is not None and t is not None:
+        return f"judged: the head at step {f} against the branch restarted from step {t}"
+    if kind is ActionKind.LR_OVERRIDE:
+        return f"reduced LR from step {f if f is not None else a.step}" + (f", at most until step {t}" if t is not None
+                                                                           else " on")
+    if kind is ActionKind.LR_RESTORE and f is not None:
+        return f"reduced LR ended: detected at step {f}, restored at step {t if t is not None else a.step}"
+    if kind is ActionKind.SAVE and t is not None:
+        return f"checkpoint of step {t}" + (f" (after the rollback to step {f})" if f is not None else "")
+    return ""
+
+
 def _table(headers: list[str] | None, rows: list[list[Any]], cls: str = "") -> str:
     if headers is None:
         head = ""
     else:
         head = "<thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in headers) + "</tr></thead>"
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape('' if c is None else str(c))}</td>" for c in row) + "</tr>"
+        "<tr>" + "".join(f"<td class=\"num\">{c}</td>" if isinstance(c, (int, float)) and not isinstance(c, bool)
+                         else f"<td>{html.escape('' if c is None else str(c))}</td>" for c in row) + "</tr>"
         for row in rows)
     return f'<table class="{html.escape(cls)}">{head}<tbody>{body}</tbody></table>'
 
@@ -230,7 +269,8 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 .meta{color:#555;font-size:13px}.status{font-weight:bold;padding:2px 8px;border-radius:4px;color:#fff}
 .healthy{background:#2ca02c}.recovered{background:#17becf}.no_data{background:#9467bd}.warning{background:#e6a100}.critical{background:#d62728}
 table{border-collapse:collapse;font-size:13px;margin:6px 0}td,th{border:1px solid #ddd;padding:3px 8px;
-text-align:left;vertical-align:top}th{background:#f4f4f4}td{white-space:pre-wrap;word-break:break-word}
+text-align:left;vertical-align:top}th{background:#f4f4f4;white-space:nowrap}
+td{white-space:pre-wrap;overflow-wrap:break-word;word-break:normal}td.num{white-space:nowrap}
 .plot{width:100%;min-height:300px}.note{color:#666;font-size:12px}
 """
 
@@ -247,9 +287,12 @@ _BOOT = """
 
 
 def render_html(live: LiveRun, *, title: str | None = None, plotly_js: str | None = None,
-                now: float | None = None) -> str:
-    """The full report page as a string (plotly.js embedded unless ``plotly_js`` is given)."""
-    if plotly_js is None:
+                now: float | None = None, plotly_src: str | None = None) -> str:
+    """The full report page as a string (plotly.js embedded unless ``plotly_js`` is given, or
+    loaded from the file ``plotly_src`` names, relative to the page)."""
+    if plotly_src is not None:
+        plotly_js = ""
+    elif plotly_js is None:
         from plotly.offline import get_plotlyjs
 
         plotly_js = get_plotlyjs()
@@ -274,13 +317,14 @@ def render_html(live: LiveRun, *, title: str | None = None, plotly_js: str | Non
     if live.loss.width > 1:
         summary.append(["display", f"curves thinned to min/max per {live.loss.width}-sample bucket; detection used every sample"])
     finding_rows = [[f.severity.value, f.step, f.onset_step, f.reason.value, f.message] for f in live.findings]
-    action_rows = [[a.step, a.action.value, a.from_step, a.to_step, a.lr_factor, a.message] for a in live.actions]
+    action_rows = [[a.step, a.action.value, action_steps(a), a.lr_factor, a.message] for a in live.actions]
     parts = [
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
         f"<title>lossguard report: {html.escape(name)}</title>",
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">",
         f"<style>{_CSS}</style>",
-        f"<script type=\"text/javascript\">{plotly_js}</script>",
+        (f"<script type=\"text/javascript\" src=\"{html.escape(plotly_src)}\"></script>" if plotly_src is not None
+         else f"<script type=\"text/javascript\">{plotly_js}</script>"),
         "</head><body>",
         f"<h1>lossguard report: {html.escape(name)}</h1>",
         f"<div class=\"meta\">status <span class=\"status {verdict.status.value}\">"
@@ -292,8 +336,12 @@ def render_html(live: LiveRun, *, title: str | None = None, plotly_js: str | Non
     parts.append(f"<h2>Findings ({len(finding_rows)})</h2>")
     parts.append(_table(["severity", "step", "onset", "reason", "message"], finding_rows, "findings")
                  if finding_rows else "<p class=\"note\">No findings.</p>")
+    probe_rows = [[p.get("step"), p.get("verdict"), probe_explanation(p)] for p in live.probes if not p.get("skipped")]
+    if probe_rows:
+        parts.append(f"<h2>Hessian probes ({len(probe_rows)})</h2>")
+        parts.append(_table(["step", "verdict", "what it rests on"], probe_rows, "probes"))
     parts.append(f"<h2>Recovery actions ({len(action_rows)})</h2>")
-    parts.append(_table(["step", "action", "from", "to", "lr factor", "message"], action_rows, "actions")
+    parts.append(_table(["step", "action", "steps involved", "lr factor", "message"], action_rows, "actions")
                  if action_rows else "<p class=\"note\">No recovery actions.</p>")
     pre = _preflight_rows(live.preflight)
     parts.append("<h2>Preflight</h2>")

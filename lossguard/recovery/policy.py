@@ -443,7 +443,7 @@ class RecoveryPolicy:
 
     def _relapse(self, step: int, snapshots: Sequence[int], decision: Decision, level: float, why: str) -> None:
         cfg = self.config
-        message = f"relapse: {why}; the scheduled LR looks too high for this run"
+        message = f"{why}; the scheduled LR looks too high for this run"  # printed after the reason
         decision.findings.append(Finding(Reason.RELAPSE, Severity.WARNING, step, self.restore_step, message,
                                          evidence={"restore_level": self.restore_level, "level": level,
                                                    "trigger_level": self.trigger_level},

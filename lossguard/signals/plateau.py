@@ -285,8 +285,8 @@ class PlateauDetector:
             drop = hit["observed_drop"]
             moved = f"fell only {fmt(drop)}" if drop >= 0 else f"rose {fmt(-drop)}"
             why = (
-                f"it {moved} in the {step - hit['start']} steps since step {hit['start']} "
-                f"(noise {fmt(sigma)} per value; even allowing for it, less than the {fmt(hit['needed'])} a slow healthy decay falls)"
+                f"it {moved} in the {step - hit['start']} steps since step {hit['start']}, where even a slow "
+                f"healthy decay would have fallen {fmt(hit['needed'])} (noise of {fmt(sigma)} per value allowed for)"
             )
         return Finding(
             reason=Reason.EARLY_CONVERGENCE,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lossguard.watch.daemon import DaemonError, parse_command
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -17,7 +18,6 @@ from lossguard import __version__
 from lossguard.cli import _register, app
 from lossguard.cli.watch import live
 from lossguard.telemetry import EventWriter
-from lossguard.watch.daemon import DaemonError, parse_command
 from lossguard.watch.follow import RunFollower
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -74,3 +74,21 @@ def test_through_the_app_exit_codes_and_one_line_error(run_dir, tmp_path, capsys
     assert bad.value.code == 2
     err = capsys.readouterr().err
     assert err == f"lossguard: error: {tmp_path / 'missing'}: no such checkpoint or run directory\n"
+
+
+def test_run_dir_lists_the_fallbacks_lossguard_kept(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    fallback = run / "lossguard-fallback-4"  # as recovery pins one: a checkpoint moved out of rotation
+    (run / "checkpoint-4").rename(fallback)
+    message = "kept the checkpoint of step 4 as lossguard-fallback-4: the first save after the rollback to step 2"
+    (fallback / "lossguard_fallback.json").write_text(json.dumps({"step": 4, "restored_from_step": 2,
+                                                                   "message": message}))
+    assert command(str(run)) == 0
+    out = capsys.readouterr().out
+    assert "1 checkpoint(s) and 1 fallback(s) lossguard kept" in out
+    assert f"lossguard-fallback-4: {message}" in out.replace("\n", "")
+    assert command(str(run), as_json=True) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [c["step"] for c in doc["checkpoints"]] == [2]
+    assert [(c["step"], c["fallback_note"]) for c in doc["fallbacks"]] == [(4, message)]

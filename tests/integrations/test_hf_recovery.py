@@ -196,8 +196,13 @@ def test_pinned_fallback_survives_save_total_limit_one(tmp_path):
                            learning_rate=1e-2, logging_steps=50, save_strategy="steps", save_steps=10,
                            save_total_limit=1)
     trainer.train()
-    pinned = tmp_path / "lossguard-fallback-10"
+    (pinned,) = tmp_path.glob("lossguard-fallback-*")
     assert pinned.is_dir() and (pinned / "lossguard_state.json").is_file()
+    # named after the step its trainer_state.json holds; its note says which state it started from
+    saved_at = json.loads((pinned / "trainer_state.json").read_text())["global_step"]
+    assert pinned.name == f"lossguard-fallback-{saved_at}" and saved_at >= 24
+    note = json.loads((pinned / "lossguard_fallback.json").read_text())
+    assert (note["step"], note["restored_from_step"]) == (saved_at, 10)
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-60"]  # rotation still works
     weights = load_file(str(pinned / "adapter_model.safetensors"))
     assert len(weights) == len(spy.kept[10]["params"])
@@ -219,15 +224,12 @@ def test_pinned_fallback_takes_a_free_name_when_an_earlier_run_left_its_own(tmp_
         trainer.train()
 
     run(tmp_path)
-    first = sorted(p.name for p in tmp_path.glob("lossguard-fallback-*"))
-    assert first == ["lossguard-fallback-10"]
+    (first,) = [p.name for p in tmp_path.glob("lossguard-fallback-*")]
     with caplog.at_level("WARNING", logger="lossguard"):
         run(tmp_path)  # the plain name is taken now
-        at = sorted(p.name for p in tmp_path.glob("lossguard-fallback-10-at-*"))
-        assert len(at) == 1 and at[0].startswith("lossguard-fallback-10-at-")
-        run(tmp_path)  # and now the "-at-" one too
+        run(tmp_path)  # and the "-2" one too
     names = sorted(p.name for p in tmp_path.glob("lossguard-fallback-*"))
-    assert names == sorted(first + at + [at[0] + "-2"])
+    assert names == sorted([first, first + "-2", first + "-3"])
     assert all((tmp_path / n / "adapter_model.safetensors").is_file() for n in names)
     assert "failed" not in caplog.text
 

@@ -192,7 +192,7 @@ def test_a_checkpoint_taken_mid_trial_resumes_into_the_same_revert(tmp_path):
     forced = Forced(first, Reason.EARLY_CONVERGENCE, {20: 20})
     make_trainer(tiny_setup(n_train=128), str(out), callbacks=[first, forced, stop],
                  max_steps=40, learning_rate=1e-2, logging_steps=50).train()
-    pinned = out / "lossguard-fallback-10"  # the save the rollback asked for, at step 20
+    pinned = out / "lossguard-fallback-20"  # the save the rollback (to step 10) asked for, at step 20
     assert (pinned / "lossguard_head" / "step-000000020").is_dir()
 
     second = _guard()

@@ -94,6 +94,6 @@ def test_verdicts_are_marked_and_counted(tmp_path: Path) -> None:
     page = render_html(read_run(tmp_path), plotly_js="/* plotly */")
     assert "<td>verdicts on rollbacks</td><td>kept 0, reverted 1</td>" in page
     data = json.loads(re.search(r'id="fig-data-loss">(.*?)</script>', page).group(1))  # type: ignore[union-attr]
-    trace = next(t for t in data["data"] if t.get("name") == "verdicts (1)")
-    assert trace["x"] == [301] and trace["marker"]["symbol"] == ["x"]
+    trace = next(t for t in data["data"] if t.get("name") == "rollback reverted (1)")  # kept ones: their own entry
+    assert trace["x"] == [301] and trace["marker"]["symbol"] == "x"
     assert "revert. reverted: no better" in trace["hovertext"][0]

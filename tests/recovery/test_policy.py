@@ -119,6 +119,10 @@ def test_relapse_after_restore_rolls_back_to_the_recovered_state_and_lowers_the_
     assert d is not None and _kinds(d) == ["rollback", "lr_override"]
     assert d.rollback_to == restore and d.findings[0].reason is Reason.RELAPSE
     assert "too high" in d.findings[0].message
+    # the console prints the reason before the message: the word once, not "relapse relapse:"
+    from lossguard.presentation.console import finding_line
+    assert finding_line(d.findings[0]).count("relapse") == 1
+    assert d.findings[0].message.startswith("smoothed loss rose from ")
     assert pol.ceiling == pytest.approx(0.3) and pol.lr_multiplier(step + 1) == pytest.approx(0.3)
     assert pol.rollbacks == 2
 

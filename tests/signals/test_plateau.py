@@ -1,4 +1,6 @@
 
+import re
+
 import numpy as np
 
 from lossguard.records import Columns, Reason, Sample
@@ -57,6 +59,9 @@ def test_a_run_that_never_got_going_stalls():
                for i in range(1, 401)]
     found = _feed(PlateauDetector(max_steps=400), samples)
     assert len(found) == 1 and found[0].evidence["rule"] == "stall" and found[0].step <= 200
+    # one reading: what it did, what a slow healthy decay would have done, the noise allowed for
+    assert re.search(r"; it (fell only|rose) \S+ in the \d+ steps since step \d+, where even a slow healthy decay "
+                     r"would have fallen \S+ \(noise of \S+ per value allowed for\); onset \d+\.$", found[0].message)
 
 
 def test_a_run_flat_through_a_long_warmup_stalls_before_the_warmup_ends():
