@@ -17,6 +17,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("numbers and errors", {"numbers", "errors"}),
     ("records", {"records"}),
     ("config", {"config"}),
+    ("status", {"status"}),
     ("core", {"signals", "recovery", "probes", "gpu", "telemetry", "preflight", "inspection"}),
     ("engine", {"guard", "analysis", "testing"}),
     ("watch", {"watch"}),
@@ -44,7 +45,8 @@ REVIEWED_LONG: dict[str, str] = {
 FRAMEWORKS = ("torch", "transformers", "peft", "accelerate", "datasets", "pynvml", "rich", "plotly", "pandas",
               "typer")
 PURE = [
-    "lossguard.numbers", "lossguard.errors", "lossguard.records", "lossguard.config", "lossguard.signals",
+    "lossguard.numbers", "lossguard.errors", "lossguard.records", "lossguard.config", "lossguard.status",
+    "lossguard.signals",
     "lossguard.recovery.policy", "lossguard.recovery.verdict", "lossguard.telemetry", "lossguard.guard",
     "lossguard.analysis", "lossguard.gpu.timeline", "lossguard.gpu.stats", "lossguard.gpu.diagnosis", "lossguard.gpu.nvml",
     "lossguard.gpu.replay", "lossguard.preflight", "lossguard.inspection", "lossguard.watch",
