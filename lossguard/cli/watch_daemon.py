@@ -131,9 +131,6 @@ def acquire_pidfile(pidfile: Path, run_dir: Path) -> None:
     raise DaemonError(f"{pidfile}: could not be created (another daemon starting at the same time?)")
 
 
-_SHELL_SYNTAX = ("|", "||", "&", "&&", ";", ">", ">>", "<", "<<", "2>", "2>&1", "&>")
-
-
 def parse_command(cmd: str) -> list[str]:
     """``--on-alert`` split into argv (no shell); ``DaemonError`` when unusable."""
     try:
@@ -142,7 +139,7 @@ def parse_command(cmd: str) -> list[str]:
         raise DaemonError(f"--on-alert {cmd!r}: cannot be parsed ({err})") from None
     if not argv:
         raise DaemonError("--on-alert is empty")
-    shell = next((a for a in argv[1:] if a in _SHELL_SYNTAX or a[:1] in "|><&;"), None)
+    shell = next((a for a in argv[1:] if a[:1] in "|><&;" or a.startswith("2>")), None)
     if shell is not None:
         # ``cat >> file`` would run cat on files named '>>' and 'file', fail, and only say so in watch.log
         raise DaemonError(f"--on-alert {cmd!r}: {shell!r} is shell syntax, but the command runs without a shell; "

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lossguard.numbers import as_float
-from lossguard.presentation.probe_text import probe_explanation
+from lossguard.presentation.probe_text import probe_view
 from lossguard.records import ActionKind, Severity, as_step
 from lossguard.status import RunStatus
 from lossguard.watch.downsample import MinMaxBuckets
@@ -289,27 +289,6 @@ def recovery_state(live: LiveRun) -> Text:
         a = live.actions[-1]
         t.append(f"\nstep {a.step} {a.action.value}: ", style="magenta")
         t.append(a.message)
-    return t
-
-
-def probe_view(live: LiveRun) -> Text:
-    """The latest Hessian probe: extremes of the curvature and what they mean."""
-    if not live.probes:
-        return Text("no probe yet", style="dim")
-    p = live.probes[-1]
-    verdict = str(p.get("verdict", "?"))
-    t = Text()
-    t.append(f"step {p.get('step', '?')}: ")
-    t.append("λmax ", style="dim")
-    t.append(num(as_float(p.get("lambda_max"))))
-    t.append("  λmin ", style="dim")
-    t.append(num(as_float(p.get("lambda_min"))))
-    t.append("  ratio ", style="dim")
-    t.append(num(as_float(p.get("ratio")), 3))
-    t.append("  → ")
-    t.append(verdict, style="bold yellow" if "saddle" in verdict else "bold")
-    if verdict == "inconclusive":
-        t.append("\n" + probe_explanation(p), style="dim")
     return t
 
 

@@ -6,9 +6,14 @@ shown with a bare ratio that would read as a minimum by the guide's thresholds.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lossguard.numbers import as_float
+from rich.text import Text
+
+from lossguard.numbers import as_float, fmt
+
+if TYPE_CHECKING:
+    from lossguard.watch.live import LiveRun
 
 
 def probe_groups(p: dict[str, Any]) -> list[dict[str, Any]]:
@@ -39,3 +44,24 @@ def probe_explanation(p: dict[str, Any]) -> str:
         text += ("; thresholds: r < -0.05 saddle, -0.05 to -0.01 inconclusive, >= -0.01 minimum-like, "
                  "on every group")
     return text
+
+
+def probe_view(live: LiveRun) -> Text:
+    """The latest Hessian probe: extremes of the curvature and what they mean."""
+    if not live.probes:
+        return Text("no probe yet", style="dim")
+    p = live.probes[-1]
+    verdict = str(p.get("verdict", "?"))
+    t = Text()
+    t.append(f"step {p.get('step', '?')}: ")
+    t.append("λmax ", style="dim")
+    t.append(fmt(as_float(p.get("lambda_max"))))
+    t.append("  λmin ", style="dim")
+    t.append(fmt(as_float(p.get("lambda_min"))))
+    t.append("  ratio ", style="dim")
+    t.append(fmt(as_float(p.get("ratio"))))
+    t.append("  → ")
+    t.append(verdict, style="bold yellow" if "saddle" in verdict else "bold")
+    if verdict == "inconclusive":
+        t.append("\n" + probe_explanation(p), style="dim")
+    return t

@@ -10,13 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lossguard.watch.daemon import DaemonError, parse_command
 from rich.console import Console
 from typer.testing import CliRunner
 
 from lossguard import __version__
 from lossguard.cli import _register, app
 from lossguard.cli.watch import live
+from lossguard.cli.watch_daemon import DaemonError, parse_command
 from lossguard.telemetry import EventWriter
 from lossguard.watch.follow import RunFollower
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lossguard.presentation.dashboard import probe_view
+from lossguard.presentation.probe_text import probe_view
 from lossguard.presentation.report import figures, render_html
 from lossguard.records import Action, ActionKind, Finding, Reason, Severity
 from lossguard.telemetry import EventWriter
