@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from lossguard.cli.alert_command import parse_command
 from lossguard.errors import LogReadError, LossguardError
 from lossguard.records import Finding, Severity
 from lossguard.telemetry.schema import SCHEMA_VERSION, encode
@@ -129,24 +129,6 @@ def acquire_pidfile(pidfile: Path, run_dir: Path) -> None:
             fh.write(f"{os.getpid()}\n")
         return
     raise DaemonError(f"{pidfile}: could not be created (another daemon starting at the same time?)")
-
-
-def parse_command(cmd: str) -> list[str]:
-    """``--on-alert`` split into argv (no shell); ``DaemonError`` when unusable."""
-    try:
-        argv = shlex.split(cmd)
-    except ValueError as err:
-        raise DaemonError(f"--on-alert {cmd!r}: cannot be parsed ({err})") from None
-    if not argv:
-        raise DaemonError("--on-alert is empty")
-    shell = next((a for a in argv[1:] if a[:1] in "|><&;" or a.startswith("2>")), None)
-    if shell is not None:
-        # ``cat >> file`` would run cat on files named '>>' and 'file', fail, and only say so in watch.log
-        raise DaemonError(f"--on-alert {cmd!r}: {shell!r} is shell syntax, but the command runs without a shell; "
-                          f"wrap it: --on-alert {shlex.quote('sh -c ' + shlex.quote(cmd))}")
-    if shutil.which(argv[0]) is None:
-        raise DaemonError(f"--on-alert: program {argv[0]!r} not found or not executable")
-    return argv
 
 
 def alert_record(f: Finding, run_dir: Path, now: float) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from lossguard import __version__
 from lossguard.cli import _register, app
+from lossguard.cli.alert_command import AlertCommandError, parse_command
 from lossguard.cli.watch import live
-from lossguard.cli.watch_daemon import DaemonError, parse_command
 from lossguard.telemetry import EventWriter
 from lossguard.watch.follow import RunFollower
 
@@ -50,7 +50,7 @@ def test_watch_waits_for_a_run_directory_the_trainer_has_not_created_yet(tmp_pat
 def test_on_alert_with_shell_syntax_is_refused_with_the_wrapped_form():
     try:
         parse_command("cat >> alerts.log")
-    except DaemonError as err:
+    except AlertCommandError as err:
         assert str(err) == ("--on-alert 'cat >> alerts.log': '>>' is shell syntax, but the command runs without a "
                             "shell; wrap it: --on-alert 'sh -c '\"'\"'cat >> alerts.log'\"'\"''")
     else:
