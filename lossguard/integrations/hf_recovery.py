@@ -289,14 +289,15 @@ class TrainerRecovery:
             engine.load_state_dict(json.loads((ckpt / STATE_FILE).read_text()))
         else:
             fields["state"] = "missing"
-            if scan is not None:
-                engine.policy.rollbacks = max(engine.policy.rollbacks, scan.rollbacks)
+            # only rank 0 read the log (the others count 0): every rank must count the same budget
+            engine.policy.rollbacks = max(engine.policy.rollbacks, dist.max_int(scan.rollbacks if scan else 0))
             low = f"; the log shows the LR at {scan.low_lr['lr_factor']} x schedule since step " \
                   f"{scan.low_lr['step']}, this run resumes at the full schedule" if scan and scan.low_lr else ""
-            logger.warning("lossguard: %s holds no %s (saved without lossguard, or interrupted before lossguard's "
-                           "state was written): detection and recovery start afresh at step %d%s%s", name,
-                           STATE_FILE, step, f", with the {scan.rollbacks} rollback(s) the log shows counted"
-                           if scan and scan.rollbacks else "", low)
+            if report.is_main:
+                logger.warning("lossguard: %s holds no %s (saved without lossguard, or interrupted before lossguard's "
+                               "state was written): detection and recovery start afresh at step %d%s%s", name,
+                               STATE_FILE, step, f", with the {scan.rollbacks} rollback(s) the log shows counted"
+                               if scan and scan.rollbacks else "", low)
         if scan is not None and scan.abandoned is not None:
             fields["abandoned"] = scan.abandoned
             logger.warning("lossguard: %s", _abandoned_message(Path(args.output_dir), name, step, scan.abandoned))
