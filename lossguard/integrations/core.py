@@ -124,6 +124,14 @@ class Reporter:
 
             print_finding(item) if finding else print_action(item)  # type: ignore[arg-type]
 
+    def write_refused(self) -> str | None:
+        """Why the log cannot be written, when its disk has refused a write (else None)."""
+        writer = self.writer
+        if writer is None or not writer.failed:
+            return None
+        err = writer.error
+        return f"{writer.path} refused a write ({err.strerror if err is not None and err.strerror else err})"
+
     def rollbacks(self) -> int:
         return sum(1 for a in self.actions if a.action is ActionKind.ROLLBACK)
 

@@ -18,7 +18,13 @@ from transformers import TrainerCallback
 from lossguard.config import GuardConfig, resolve_config
 from lossguard.integrations import dist
 from lossguard.integrations.core import Reporter, carry_out, contained
-from lossguard.integrations.hf_extras import interval_logs, run_first, run_preflight, start_gpu_sampler
+from lossguard.integrations.hf_extras import (
+    claim_run,
+    interval_logs,
+    run_first,
+    run_preflight,
+    start_gpu_sampler,
+)
 from lossguard.integrations.hf_probe import TrainerProbe
 from lossguard.integrations.hf_recovery import TrainerRecovery, snapshot_cost
 from lossguard.integrations.references import run_references
@@ -31,8 +37,6 @@ from lossguard.telemetry.resume_scan import scan_for_resume
 from lossguard.telemetry.schema import EVENTS_FILE
 
 logger = logging.getLogger("lossguard")
-
-OWNER_MARK = "_lossguard_owner"  # on the TrainerState: the LossGuard that took this train() call
 
 
 class LossGuard(TrainerCallback):
@@ -75,18 +79,9 @@ class LossGuard(TrainerCallback):
 
     # --- hooks ---------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        self.disabled = False
-        try:
-            first = getattr(state, OWNER_MARK, None)
-            if first is not None and first is not self:
-                # two callbacks would cut the LR twice and set each other's log aside
-                self.disabled = True
-                logger.warning("lossguard: this Trainer already has a LossGuard, which records and recovers; "
-                               "this second one is switched off (pass a single LossGuard in callbacks=[...])")
-                return
-            setattr(state, OWNER_MARK, self)  # TrainerState is new per train() call; not saved (not a field)
-        except Exception as err:  # an unusual state object: no duplicate check
-            logger.debug("lossguard: duplicate check skipped (%s)", err)
+        self.disabled = not claim_run(state, self)  # a second LossGuard on this Trainer switches itself off
+        if self.disabled:
+            return
         self._begin(args, state, control, model, **kwargs)
 
     @contained
@@ -167,15 +162,7 @@ class LossGuard(TrainerCallback):
                                       flush=rec is not None and rec.due(step), judge=self._judge())
         done = carry_out(decision, self.report, rec.recoverer if rec is not None else None, self.engine, step)
         if rec is not None:
-            rec.applied(done, control, step, args.output_dir, refused=self._write_refused())
-
-    def _write_refused(self) -> str | None:
-        """Why the log cannot be written, when its disk has refused a write."""
-        writer = self.report.writer
-        if writer is None or not writer.failed:
-            return None
-        err = writer.error
-        return f"{writer.path} refused a write ({err.strerror if err is not None and err.strerror else err})"
+            rec.applied(done, control, step, args.output_dir, refused=self.report.write_refused())
 
     def _judge(self) -> Judge | None:
         rec = self.recovery

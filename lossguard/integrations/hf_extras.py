@@ -18,6 +18,26 @@ from lossguard.telemetry.writer import EventWriter
 logger = logging.getLogger("lossguard")
 
 
+OWNER_MARK = "_lossguard_owner"  # on the TrainerState: the LossGuard that took this train() call
+
+
+def claim_run(state: Any, callback: Any) -> bool:
+    """Whether ``callback`` is the LossGuard of this ``train()`` call: the first to begin. A second
+    one on the same Trainer would cut the LR twice and set the first one's log aside; it is told
+    so in one warning line. The mark lives on the ``TrainerState``, which is new per ``train()``
+    call and saves only its fields."""
+    try:
+        first = getattr(state, OWNER_MARK, None)
+        if first is not None and first is not callback:
+            logger.warning("lossguard: this Trainer already has a LossGuard, which records and recovers; "
+                           "this second one is switched off (pass a single LossGuard in callbacks=[...])")
+            return False
+        setattr(state, OWNER_MARK, callback)
+    except Exception as err:  # an unusual state object: no duplicate check
+        logger.debug("lossguard: duplicate check skipped (%s)", err)
+    return True
+
+
 def run_first(trainer: Any, callback: Any) -> None:
     """Move ``callback`` to the front of the Trainer's callbacks, so that the keys it adds in
     ``on_log`` reach the reporting callbacks (TensorBoard, W&B) that follow it."""
