@@ -76,6 +76,18 @@ def disk_refusal(output_dir: str | os.PathLike[str], needed_bytes: int, *, refus
     return None
 
 
+def unshare(folder: Path) -> None:
+    """Unlink the files of ``folder`` that are hard links (shared with a pinned fallback), before
+    the Trainer writes into that folder again (a later run in the same output_dir reaching the
+    same step): it rewrites files in place, which would change the pinned copy too."""
+    for f in folder.rglob("*"):
+        try:
+            if f.is_file() and not f.is_symlink() and f.stat().st_nlink > 1:
+                f.unlink()
+        except OSError:
+            pass
+
+
 class SaveGuard:
     """Wraps one Trainer's ``_save_checkpoint`` for one ``train()`` call.
 
@@ -119,6 +131,8 @@ class SaveGuard:
             folder = Path(trainer.args.output_dir) / f"checkpoint-{step}"
         existed = folder.exists()
         try:
+            if existed:
+                unshare(folder)
             self._before(folder)
         except Exception as err:
             from lossguard.integrations.core import report_failure

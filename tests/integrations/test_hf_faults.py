@@ -177,7 +177,7 @@ def test_a_resume_into_a_stretch_lossguard_abandoned_says_so_and_readers_drop_th
                            max_steps=30, learning_rate=1e-2, logging_steps=50, save_strategy="steps", save_steps=10)
     with pytest.raises(SystemExit):
         trainer.train()
-    guard.report.writer.flush()  # what the writer thread does within 50 ms
+    guard.report.writer.close()  # what the writer thread does within 50 ms (and no thread left behind)
     assert [(a.step, a.action.value, a.to_step) for a in guard.actions][0] == (24, "rollback", 10)
 
     resumed = _guard()
@@ -221,6 +221,7 @@ def test_save_total_limit_one_leaves_a_checkpoint_to_resume_from_after_the_rollb
                            save_total_limit=1)
     with pytest.raises(SystemExit):
         trainer.train()
+    guard.report.writer.close()
     pinned = tmp_path / "lossguard-fallback-10"
     assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-24")
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-24"]

@@ -215,16 +215,16 @@ def test_pinned_fallback_survives_save_total_limit_one(tmp_path):
 
 def test_pinned_fallback_takes_a_free_name_when_an_earlier_run_left_its_own(tmp_path, caplog):
     """A second run into the same output_dir (the demo run twice) must not fail on the names the
-    first run's fallback checkpoints took."""
-    tiny = tiny_setup(n_train=128)
+    first run's fallback checkpoints took, nor change the first run's fallback."""
 
-    def run(out):
-        trainer = make_trainer(tiny, str(out), callbacks=[_guard(), NanAt([24])], max_steps=40,
+    def run(out):  # a fresh model each time, as a rerun of the demo has: the same trajectory
+        trainer = make_trainer(tiny_setup(n_train=128), str(out), callbacks=[_guard(), NanAt([24])], max_steps=40,
                                learning_rate=1e-2, logging_steps=50, save_strategy="steps", save_steps=10)
         trainer.train()
 
     run(tmp_path)
     (first,) = [p.name for p in tmp_path.glob("lossguard-fallback-*")]
+    kept = {f.name: f.read_bytes() for f in (tmp_path / first).iterdir() if f.is_file()}
     with caplog.at_level("WARNING", logger="lossguard"):
         run(tmp_path)  # the plain name is taken now
         run(tmp_path)  # and the "-2" one too
@@ -232,6 +232,11 @@ def test_pinned_fallback_takes_a_free_name_when_an_earlier_run_left_its_own(tmp_
     assert names == sorted([first, first + "-2", first + "-3"])
     assert all((tmp_path / n / "adapter_model.safetensors").is_file() for n in names)
     assert "failed" not in caplog.text
+    # the pin is a hard-linked copy of checkpoint-24, which the later runs saved again: the
+    # Trainer rewrites files in place, so they must no longer share the pin's inodes
+    assert {f.name: f.read_bytes() for f in (tmp_path / first).iterdir() if f.is_file()} == kept
+    pin_inodes = {f.stat().st_ino for f in (tmp_path / first).iterdir() if f.is_file()}
+    assert not pin_inodes & {f.stat().st_ino for f in (tmp_path / "checkpoint-24").iterdir() if f.is_file()}
 
 
 def test_resume_keeps_lossguard_state(tmp_path):
