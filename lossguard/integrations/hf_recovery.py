@@ -333,8 +333,8 @@ def _abandoned_message(output_dir: Path, name: str, step: int, abandoned: dict[s
     """One line: the resumed state is one lossguard had thrown away, and where the recovered one is."""
     at, to = abandoned["step"], abandoned["to_step"]
     recovered = [p.name for p in (output_dir / f"checkpoint-{at}",) if p.is_dir()]
-    recovered += sorted(p.name for p in output_dir.glob(f"{FALLBACK_PREFIX}{to}") if p.is_dir())
-    recovered += sorted(p.name for p in output_dir.glob(f"{FALLBACK_PREFIX}{to}-at-{at}*") if p.is_dir())
+    recovered += sorted(p.name for p in output_dir.glob(f"{FALLBACK_PREFIX}{at}") if p.is_dir())
+    recovered += sorted(p.name for p in output_dir.glob(f"{FALLBACK_PREFIX}{at}-*") if p.is_dir())
     where = (f"resume from {' or '.join(recovered)} to continue the recovered run" if recovered else
              "no checkpoint of the recovered state was saved (the run ended first); the trouble may come "
              "back, and lossguard will act on it again")

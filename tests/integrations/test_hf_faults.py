@@ -222,12 +222,13 @@ def test_save_total_limit_one_leaves_a_checkpoint_to_resume_from_after_the_rollb
     with pytest.raises(SystemExit):
         trainer.train()
     guard.report.writer.close()
-    pinned = tmp_path / "lossguard-fallback-10"
+    pinned = tmp_path / "lossguard-fallback-24"
     assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-24")
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-24"]
-    for f in pinned.iterdir():
-        if f.is_file():
-            assert f.read_bytes() == (tmp_path / "checkpoint-24" / f.name).read_bytes()
+    ckpt_files = {f.name for f in (tmp_path / "checkpoint-24").iterdir() if f.is_file()}
+    assert {f.name for f in pinned.iterdir() if f.is_file()} == ckpt_files | {"lossguard_fallback.json"}
+    for name in ckpt_files:
+        assert (pinned / name).read_bytes() == (tmp_path / "checkpoint-24" / name).read_bytes()
     resumed = _guard()
     trainer = make_trainer(tiny_setup(n_train=128), str(tmp_path), callbacks=[resumed], max_steps=30,
                            learning_rate=1e-2, logging_steps=50, save_strategy="no")
