@@ -257,11 +257,14 @@ def measure_snapshot_cost(config: GuardConfig, model: Any, optimizer: Any, spill
     """The recovery cost model's measurements for this rank (``recovery.cost.measure_cost``); None
     when they failed (a warning says why)."""
     try:
+        from lossguard.probes.hessian import free_memory
+        from lossguard.probes.probe_cost import probe_memory
         from lossguard.recovery.cost import measure_cost
 
+        vectors = config.probe.max_iter
         return measure_cost(model, optimizer, memory_mb=config.recovery.snapshot_memory_mb, spill_dir=spill_dir,
-                            world_size=dist.world_size(), probe_vectors=config.probe.max_iter,
-                            max_steps=max_steps)
+                            world_size=dist.world_size(), max_steps=max_steps, free_memory=free_memory,
+                            probe_memory=lambda n: probe_memory(n, vectors=vectors).device_bytes)
     except Exception as err:
         logger.warning("lossguard: the recovery cost model is unavailable (%s: %s)", type(err).__name__, err)
         return None

@@ -265,6 +265,7 @@ class TrainerRecovery:
         from lossguard.recovery import checkpoint_target
         from lossguard.recovery.snapshot import trainable_parameters
 
+        rec.ring.loaders["checkpoint"] = checkpoint_target.load
         snap = checkpoint_target.pin(ckpt, rec.ring.spill_dir, step, list(trainable_parameters(rec.model)))
         if snap is not None:
             rec.ring.add(snap)

@@ -15,8 +15,8 @@ from lossguard.preflight.report import PreflightRow, Status
 
 def check_recovery_cost(cost: Any, *, snapshot_budget: float = 0.01,
                         snapshot_every: int | None = None) -> list[PreflightRow]:
-    """The cost model's rows: snapshot size, copy, host memory, spill disk, probe memory, cadence."""
-    from lossguard.recovery.budget import cost_rows
-
+    """The cost model's rows: snapshot size, copy, host memory, spill disk, probe memory, cadence
+    (``cost`` is a ``recovery.budget.SnapshotCost``, which words its own rows: preflight does not
+    import the recovery package beside it)."""
     return [PreflightRow(name, value, Status.WARN if warn else Status.OK, advice)
-            for name, value, warn, advice in cost_rows(cost, budget=snapshot_budget, user_every=snapshot_every)]
+            for name, value, warn, advice in cost.rows(budget=snapshot_budget, user_every=snapshot_every)]

@@ -99,6 +99,11 @@ class SnapshotCost:
         spilling = n is None or n > self.in_memory()
         return (held + (1 if spilling else 0)) * self.snapshot_bytes
 
+    def rows(self, *, budget: float, user_every: int | None = None) -> list[tuple[str, str, bool, str]]:
+        """The preflight table's rows for this cost (``cost_rows``): preflight words them
+        without importing recovery."""
+        return cost_rows(self, budget=budget, user_every=user_every)
+
     def summary(self) -> dict[str, Any]:
         return {
             "trainable_params": self.trainable_params,

@@ -3,7 +3,7 @@
 Everything here is small and bounded: a copy of at most ``CAPTURE_SAMPLE_BYTES`` of the
 trainable parameters off their device, timed; one ``DISK_SAMPLE_BYTES`` file written to the
 spill folder with ``fsync`` and deleted; the host's ``MemAvailable``; the probe's memory estimate
-(``probes.probe_cost.probe_memory``) against the device's free memory.
+(``probes.probe_cost.probe_memory``, passed in by the integration) against the device's free memory.
 """
 
 from __future__ import annotations
@@ -120,16 +120,22 @@ def measure_disk(folder: Path | None, nbytes: int = DISK_SAMPLE_BYTES,
     return written / seconds if seconds > 0 else None
 
 
+def _unknown_memory(device: Any) -> tuple[int | None, int | None]:
+    return None, None
+
+
 def measure_cost(model: Any, optimizer: Any, *, memory_mb: float, spill_dir: Path | None, world_size: int = 1,
-                 probe_vectors: int = 30, max_steps: int | None = None) -> SnapshotCost:
+                 max_steps: int | None = None,
+                 free_memory: Callable[[Any], tuple[int | None, int | None]] = _unknown_memory,
+                 probe_memory: Callable[[int], int | None] | None = None) -> SnapshotCost:
     """What a snapshot of ``model``'s trainable state with ``optimizer``'s costs on this rank.
 
     The disk is measured only when the run's snapshots at the finest cadence (``max_steps``
     unknown: any run) would not all fit the in-memory cap, with a write no larger than a snapshot.
+    ``free_memory(device)`` (device, host bytes free) and ``probe_memory(n_trainable)`` (the
+    probe's device bytes) come from the probes package, which recovery does not import: the
+    integration passes them (``integrations/core.py``).
     """
-    from lossguard.probes.hessian import free_memory
-    from lossguard.probes.probe_cost import probe_memory
-
     params = list(trainable_parameters(model).values())
     n = sum(p.numel() for p in params)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -143,5 +149,5 @@ def measure_cost(model: Any, optimizer: Any, *, memory_mb: float, spill_dir: Pat
         trainable_params=n, param_bytes=param_bytes, optimizer_bytes=opt_bytes, optimizer_estimated=estimated,
         capture_bytes_per_s=measure_capture(params), disk_bytes_per_s=disk,
         host_available=host_free, memory_cap=cap, world_size=world_size,
-        probe_bytes=probe_memory(n, vectors=probe_vectors).device_bytes if n else None,
+        probe_bytes=probe_memory(n) if n and probe_memory is not None else None,
         device_free=dev_free if device.type != "cpu" else None)

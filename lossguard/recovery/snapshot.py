@@ -20,7 +20,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -534,6 +534,9 @@ class SnapshotRing:
         self.spill_error: str | None = None  # why spilling was turned off, when the disk refused a snapshot
         self._snaps: dict[int, Snapshot] = {}
         self._steps: tuple[int, ...] | None = None  # sorted(self._snaps), asked for after every training step
+        # how snapshots that live elsewhere are read back, by their meta "source" (a pinned Trainer
+        # checkpoint: ``checkpoint_target.load``, registered by whoever pins one)
+        self.loaders: dict[str, Callable[[Snapshot], Snapshot]] = {}
 
     def steps(self) -> tuple[int, ...]:
         """The snapshot steps, oldest first (cached: no copy per training step)."""
@@ -563,10 +566,9 @@ class SnapshotRing:
 
     def get(self, step: int) -> Snapshot:
         snap = self._snaps[step]
-        if snap.meta.get("source") == "checkpoint":
-            from lossguard.recovery import checkpoint_target
-
-            return checkpoint_target.load(snap)
+        loader = self.loaders.get(snap.meta.get("source"))
+        if loader is not None:
+            return loader(snap)
         return load_snapshot(snap.path) if snap.on_disk and snap.path is not None else snap
 
     def __contains__(self, step: object) -> bool:

@@ -45,17 +45,20 @@ class ClimbDetector:
         self.values: list[float] = []
         self.best = math.inf  # smoothed minimum before the last three values
         self.active = False
+        self.last_step: int | None = None
+        self.dense = False  # two values fewer than _MIN_GAP steps apart: not a sparse log
 
     def update(self, sample: Sample) -> Finding | None:
         loss = sample.loss
         if loss is None or not math.isfinite(loss):
             return None
-        if len(self.values) >= self.config.divergence_window:
-            return None  # long enough for the trend test (``divergence.py``)
-        if self.steps and sample.step - self.steps[-1] < _MIN_GAP:
+        if self.last_step is not None and sample.step - self.last_step < _MIN_GAP:
             # values logged (nearly) every step are single batches: too noisy to judge by three
             # of them, and the trend test gets its 50 values soon enough
-            return None
+            self.dense = True
+        self.last_step = sample.step
+        if self.dense or len(self.values) >= self.config.divergence_window:
+            return None  # (long enough for the trend test, ``divergence.py``)
         self.steps.append(sample.step)
         self.values.append(float(loss))
         return self._check()
@@ -113,8 +116,15 @@ class ClimbDetector:
         """``update`` over a stretch of steps; (row, finding) pairs, same results."""
         out = []
         losses, steps = columns.loss, columns.steps
-        for i in np.flatnonzero(np.isfinite(losses)).tolist():
-            if len(self.values) >= self.config.divergence_window:
+        idx = np.flatnonzero(np.isfinite(losses))
+        for k, i in enumerate(idx.tolist()):
+            if self.dense or len(self.values) >= self.config.divergence_window:
+                # nothing more is judged: only the bookkeeping ``update`` would do on the rest
+                rest = steps[idx[k:]].astype(np.int64)
+                prev = rest[:-1] if self.last_step is None else np.concatenate([[self.last_step], rest[:-1]])
+                gaps = rest[1:] - rest[:-1] if self.last_step is None else rest - prev
+                self.dense = self.dense or bool((gaps < _MIN_GAP).any())
+                self.last_step = int(rest[-1])
                 break
             f = self.update(Sample(step=int(steps[i]), loss=float(losses[i])))
             if f is not None:
@@ -128,7 +138,7 @@ class ClimbDetector:
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": list(self.steps), "values": list(self.values), "best": self.best,
-                "active": self.active}
+                "active": self.active, "last_step": self.last_step, "dense": self.dense}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = [int(s) for s in state["steps"]]
@@ -136,3 +146,5 @@ class ClimbDetector:
         best = state["best"]
         self.best = math.inf if best is None else float(best)
         self.active = bool(state["active"])
+        self.last_step = state.get("last_step")
+        self.dense = bool(state.get("dense", False))

@@ -139,7 +139,11 @@ def test_measure_cost_of_a_model(tmp_path) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
     model[0].weight.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    cost = measure_cost(model, opt, memory_mb=1.0, spill_dir=tmp_path, max_steps=None)
+    from lossguard.probes.hessian import free_memory
+    from lossguard.probes.probe_cost import probe_memory
+
+    cost = measure_cost(model, opt, memory_mb=1.0, spill_dir=tmp_path, max_steps=None, free_memory=free_memory,
+                        probe_memory=lambda k: probe_memory(k, vectors=30).device_bytes)
     n = 64 + 64 * 8 + 8
     assert cost.trainable_params == n and cost.param_bytes == 4 * n and cost.optimizer_bytes == 8 * n
     assert cost.capture_bytes_per_s and cost.disk_bytes_per_s and cost.host_available

@@ -71,3 +71,11 @@ def test_the_suite_reports_one_divergence_for_a_climb():
     suite = DetectorSuite()
     found = [f for s in _log([1.24, 2.03, 2.16, 1.98, 1.79]) for f in suite.observe(s)]
     assert [f.reason for f in found] == [Reason.DIVERGENCE]
+
+
+def test_per_step_values_are_never_judged_by_the_climb_rule():
+    # the callback's record: one batch per value, a reused model's loss rising in its first steps
+    values = [1.5, 1.6, 1.5] + [2.4, 2.45, 2.43] * 8
+    assert not _both(ClimbDetector, _log(values, every=1))
+    # ... even when every fifth value happens to be five steps after the last one judged
+    assert not _both(ClimbDetector, [Sample(step=s, loss=1.5 if s < 4 else 2.4) for s in range(1, 40)])
