@@ -20,6 +20,8 @@ from lossguard.signals.stats import StepBins
 _MAX_RECENT = 50_000
 _MIN_WINDOW_SAMPLES = 5
 _STALL_BURN = 0.1
+_REFERENCE_SHARE = 0.2  # the reference rule's stretch: at most this share of a planned run ...
+_REFERENCE_MIN_STEPS = 20  # ... and at least this many steps
 
 
 def _median(a: np.ndarray) -> float:
@@ -229,7 +231,8 @@ class PlateauDetector:
         while recent and recent[0][0] < step - 4 * window:
             recent.popleft()
         xs, ys = self._recent(max(step - 4 * window, stall_start))
-        if len(xs) < _MIN_WINDOW_SAMPLES or step - stall_start < w_min:
+        shortest = min(w_min, self._reference_window()) if self.references.levels else w_min
+        if len(xs) < _MIN_WINDOW_SAMPLES or step - stall_start < shortest:
             return None
         # while a warmup keeps restarting the decay fit's segment, only the stall rule, from
         # its own start, can judge: a run flat from step 0 need not wait for the warmup's end
@@ -306,14 +309,23 @@ class PlateauDetector:
             detector=self.name,
         )
 
+    def _reference_window(self) -> int:
+        """The reference rule's stretch: ``plateau_min_steps``, or in a short run a fifth of it
+        (the evidence is the level, not the length: it must be judged within the early part)."""
+        window = self.config.plateau_min_steps
+        if self.max_steps:
+            window = min(window, max(_REFERENCE_MIN_STEPS, int(_REFERENCE_SHARE * self.max_steps)))
+        return window
+
     def _at_reference(self, step: int, start: int, sigma: float) -> dict[str, Any] | None:
         """The loss has sat at a no-learning level (unigram or uniform, ``references.py``) for
         ``plateau_min_steps``: whatever the curve's shape, the model has learned nothing from its
         inputs. Values above the level count as at it (a spike is no progress), and the level
-        must not be falling by more than half the tolerance over the stretch."""
+        must not be falling by more than half the tolerance over the stretch. In a short run the
+        stretch is a fifth of it (at least 20 steps), so it can be judged within its early part."""
         c = self.config
         levels = self.references.levels
-        window = c.plateau_min_steps
+        window = self._reference_window()
         if not levels or step - start < window:
             return None
         xs, ys = self._recent(step - window)
@@ -327,9 +339,10 @@ class PlateauDetector:
         tol = c.reference_tolerance * ref
         if float(np.mean(np.minimum(ys, ref))) < ref - tol:
             return None
+        at = np.minimum(ys, ref)  # the fall from above the level down to it is no progress either
         xc = xs - xs.mean()
         sxx = float((xc * xc).sum())
-        drop = -float((xc * (ys - ys.mean())).sum()) / sxx * (xs[-1] - xs[0]) if sxx > 0 else 0.0
+        drop = -float((xc * (at - at.mean())).sum()) / sxx * (xs[-1] - xs[0]) if sxx > 0 else 0.0
         if drop > 0.5 * tol:
             return None  # still leaving the level: a run from scratch passes through it
         return {"rule": "reference", "level": level, "start": int(xs[0]), "predicted_drop": 0.0,
