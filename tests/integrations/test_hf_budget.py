@@ -4,6 +4,7 @@ Trainer's checkpoints as rollback targets when snapshots are too costly to land 
 
 import pytest
 import torch
+from fault_inject import NanAt
 from transformers import TrainerCallback
 
 from lossguard import GuardConfig, LossGuard
@@ -12,27 +13,6 @@ from lossguard.telemetry import read_events
 from lossguard.testing.tiny import make_trainer, tiny_setup
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
-
-
-class NanAt(TrainerCallback):
-    """The loss of optimizer step ``step`` is NaN (an overflow): the weights it leaves are NaN."""
-
-    def __init__(self, step):
-        self.step, self.current, self.handle = step, 0, None
-
-    def on_train_begin(self, args, state, control, model=None, **kw):
-        def hook(module, a, kwargs, out):
-            if self.current == self.step and module.training:
-                out.loss = out.loss * float("nan")
-            return out
-
-        self.handle = model.register_forward_hook(hook, with_kwargs=True)
-
-    def on_step_begin(self, args, state, control, **kw):
-        self.current = state.global_step + 1
-
-    def on_train_end(self, *a, **kw):
-        self.handle.remove()
 
 
 class Weights(TrainerCallback):
@@ -76,7 +56,7 @@ def test_costly_snapshots_fall_back_on_the_trainers_checkpoints(tmp_path):
                                 "max_low_lr_steps": 5, "relapse_watch_steps": 0})
     guard = LossGuard(cfg)
     spy = Weights({20})
-    trainer = make_trainer(setup, str(tmp_path), callbacks=[guard, NanAt(33), spy], max_steps=45,
+    trainer = make_trainer(setup, str(tmp_path), callbacks=[guard, NanAt([33]), spy], max_steps=45,
                            save_strategy="steps", save_steps=10, save_total_limit=1)
     rolled = {}
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_inject import NanAt
 from safetensors.torch import load_file
 from transformers import TrainerCallback, get_scheduler
 
@@ -15,29 +16,6 @@ from lossguard.telemetry import read_events
 from lossguard.testing.tiny import eval_loss, make_trainer, tiny_setup
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
-
-
-class NanAt(TrainerCallback):
-    """Makes the loss of the given optimizer steps NaN (an overflow), which poisons the weights."""
-
-    def __init__(self, steps):
-        self.steps = set(steps)
-        self.current = 0
-        self.handle = None
-
-    def on_train_begin(self, args, state, control, model=None, **kw):
-        def hook(module, a, kwargs, out):
-            if self.current in self.steps and module.training:
-                out.loss = out.loss * float("nan")
-            return out
-
-        self.handle = model.register_forward_hook(hook, with_kwargs=True)
-
-    def on_step_begin(self, args, state, control, **kw):
-        self.current = state.global_step + 1
-
-    def on_train_end(self, *a, **kw):
-        self.handle.remove()
 
 
 class Spy(TrainerCallback):

@@ -175,10 +175,12 @@ def test_a_stalled_run_rolled_back_is_kept(tmp_path):
     forced = Forced(guard, Reason.EARLY_CONVERGENCE, {40: 10})
     make_trainer(tiny, str(tmp_path), callbacks=[guard, forced], max_steps=100, learning_rate=1e-1,
                  logging_steps=50, lr_scheduler_type="constant").train()
-    rollback, = _actions(tmp_path, "rollback")
+    # (the stall at the unigram level is found on its own, before the forced finding at step 40)
+    rollback = _actions(tmp_path, "rollback")[0]
     assert rollback["to_step"] == 0 and rollback["details"]["head_score"] > 2.5  # stuck near ln(20) = 3.0
-    keep, = _actions(tmp_path, "keep")
-    assert keep["step"] == 80 and keep["details"]["branch_score"] < keep["details"]["head_score"] - 0.5
+    keep = _actions(tmp_path, "keep")[0]
+    assert keep["step"] == 2 * rollback["step"]  # judged after as many steps as were discarded
+    assert keep["details"]["branch_score"] < keep["details"]["head_score"] - 0.3
 
 
 def test_a_checkpoint_taken_mid_trial_resumes_into_the_same_revert(tmp_path):
@@ -270,7 +272,8 @@ def test_real_false_alarms_of_over_sensitive_detection_are_reverted_and_shown_ev
     assert f"kept {kept}  reverted {len(reverts)}" in buf.getvalue()
     page = render_html(live)
     assert f"<td>verdicts on rollbacks</td><td>kept {kept}, reverted {len(reverts)}</td>" in page
-    assert f"verdicts ({kept + len(reverts)})" in page
+    assert f"rollback reverted ({len(reverts)})" in page  # the chart's legend, one entry per verdict kind
+    assert kept == 0 or f"recovery kept ({kept})" in page
     _register()
     result = CliRunner().invoke(app, ["watch", str(out), "--once", "--json"])
     doc = json.loads(result.output)
