@@ -18,9 +18,12 @@ every arm. Each arm runs in its own subprocess (peak RSS through ``VmHWM``):
 Printed: wall time against the baseline, lossguard's time in snapshots and spills (and in the
 train-begin measurements) as a share of the arm's wall time, the rollback targets held at the end,
 and the cost model's predictions (made at train begin) against what the naive arm measured:
-capture seconds, spill seconds, the share of training time at the naive cadence, host memory.
+capture seconds, spill seconds, the share of training time at the naive cadence, host memory,
+with the machine's load average at train begin and over the steps beside them (on a shared
+machine the times move with the load; the bytes do not).
 
     nice python benchmarks/snapshot_budget.py [--steps 60] [--naive-every 5] [--save-steps 30] [--tiny]
+        [--arms baseline,naive,budget]
 """
 
 from __future__ import annotations
@@ -100,7 +103,11 @@ def worker(arm: str, steps: int, naive_every: int, save_steps: int, tiny: bool =
         callbacks.append(guard)
 
         class Last(TrainerCallback):  # the rollback targets, before train end frees them
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                seen["load_begin"] = os.getloadavg()[0]  # right after lossguard measured the cost
+
             def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                seen.setdefault("loads", []).append(os.getloadavg()[0])
                 rec = guard.recovery.recoverer if guard.recovery is not None else None
                 if rec is not None and state.global_step == steps:
                     seen["targets"] = [(s, rec.ring._snaps[s].meta.get("source", "snapshot"),
@@ -165,19 +172,22 @@ def main() -> None:
     ap.add_argument("--naive-every", type=int, default=5)
     ap.add_argument("--save-steps", type=int, default=30)
     ap.add_argument("--tiny", action="store_true", help="a 1M-parameter model: checks the script in seconds")
+    ap.add_argument("--arms", default="baseline,naive,budget",
+                    help="which arms to run (baseline and naive: the cost model's check alone)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from lossguard.recovery.budget import SnapshotCost, choose_cadence
 
     print(f"snapshot_budget: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, 1 torch thread per process; "
           f"{a.steps} steps, checkpoints every {a.save_steps}")
+    arms = [arm for arm in ("baseline", "naive", "budget") if arm in a.arms.split(",")]
     res = {arm: _spawn([arm, str(a.steps), str(a.naive_every), str(a.save_steps), "tiny" if a.tiny else "full"])
-           for arm in ("baseline", "naive", "budget")}
+           for arm in arms}
     base = res["baseline"]
     print(f"  model: {base['params'] / 1e6:.1f}M parameters, all trainable (AdamW, fp32)")
     print(f"  {'arm':9s} {'wall':>8s} {'x base':>7s} {'snapshots':>9s} {'in them':>8s} {'of wall':>8s} "
           f"{'hooks':>7s} {'peak RSS':>9s}  rollback targets at the end / cadence")
-    for arm in ("baseline", "naive", "budget"):
+    for arm in arms:
         r = res[arm]
         snap_s = r.get("snapshot_s", 0.0)
         targets = ", ".join(f"{s} ({src}, {where})" for s, src, where in r.get("targets", [])) or "-"
@@ -185,10 +195,17 @@ def main() -> None:
         print(f"  {arm:9s} {r['wall']:7.1f}s {r['wall'] / base['wall']:6.3f}x {r.get('n', 0):9d} {snap_s:7.1f}s "
               f"{snap_s / r['wall']:7.2%} {r['hook_s']:6.1f}s {_gb(r['peak']):>9s}  {targets}"
               + (f"; {cadence}" if cadence else ""))
-    n, b = res["naive"], res["budget"]
+    n = res["naive"]
     cost = SnapshotCost(**{k: v for k, v in n["run_cost"].items() if k in SnapshotCost.__dataclass_fields__})
     step_s = _median(n.get("step_s", []))  # a step's own time (snapshots are taken after it ends)
-    print("\n  cost model (predicted at train begin, naive arm) against measured:")
+    loads = n.get("loads") or [float("nan")]
+    print(f"\n  cost model (predicted at train begin, naive arm) against measured; load average (1 min, "
+          f"{os.cpu_count()} CPUs) {n.get('load_begin', float('nan')):.2f} at train begin, "
+          f"{_median(loads):.2f} median over the steps (range {min(loads):.2f}-{max(loads):.2f}):")
+    check = cost.param_bytes / cost.check_bytes_per_s if cost.check_bytes_per_s else 0.0
+    print(f"    capture predicted as {cost.snapshot_bytes / 1e9:.2f} GB copied at "
+          f"{(cost.capture_bytes_per_s or 0) / 1e9:.2f} GB/s + {cost.param_bytes / 1e9:.2f} GB of parameters "
+          f"checked finite in {check:.3f} s")
     rows = [("snapshot bytes", cost.snapshot_bytes, n.get("nbytes"), _gb),
             ("capture s", cost.capture_seconds, _median(n.get("capture", [])), lambda x: f"{x:.3f} s"),
             ("spill s", cost.spill_seconds, _median(n.get("spill", [])), lambda x: f"{x:.3f} s")]
@@ -201,6 +218,9 @@ def main() -> None:
         if pred is None or meas is None:
             continue
         print(f"    {name:28s} predicted {fmt(pred):>10s}  measured {fmt(meas):>10s}  ({pred / meas - 1:+.0%})")
+    if "budget" not in res:
+        return
+    b = res["budget"]
     bc = b["cost"][0] if b.get("cost") else {}
     print(f"\n  budget arm: cadence {bc.get('every')} ({bc.get('cadence', {}).get('reason')}), "
           f"predicted share {bc.get('cadence', {}).get('share')}; line: {bc.get('line')}")

@@ -154,8 +154,9 @@ class Recoverer:
         from dataclasses import replace
 
         size = cost.snapshot_bytes
-        if self.capture_seconds:
-            cost = replace(cost, capture_bytes_per_s=size / max(_median(self.capture_seconds), 1e-9))
+        if self.capture_seconds:  # measured with the finite check in it
+            cost = replace(cost, capture_bytes_per_s=size / max(_median(self.capture_seconds), 1e-9),
+                           check_bytes_per_s=None)
         if self.spill_seconds:
             cost = replace(cost, disk_bytes_per_s=size / max(_median(self.spill_seconds), 1e-9))
         return cost

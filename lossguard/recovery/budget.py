@@ -6,7 +6,10 @@ snapshot's worth to disk (the *spill*). Per rank and per snapshot::
 
     bytes   = trainable parameter bytes + optimizer state bytes
               (AdamW: n x (w + 2 x w) with w the parameter's bytes per value)
-    seconds = bytes / capture bandwidth  +  bytes / disk bandwidth   (the second once it spills)
+    seconds = bytes / copy bandwidth  +  parameter bytes / check bandwidth
+              +  bytes / disk bandwidth   (the last once it spills)
+
+The check is the finite check of the parameters (a damaged state is no rollback target).
 
 With a snapshot every E steps of t seconds, snapshots cost ``seconds / (E x t)`` of training
 time. ``choose_cadence`` takes the finest cadence, never below ``DEFAULT_EVERY``, that keeps
@@ -52,6 +55,7 @@ class SnapshotCost:
     world_size: int = 1
     probe_bytes: int | None = None  # the probe's basis and working vectors on the device
     device_free: int | None = None  # free device memory (None on a CPU: the host is the device)
+    check_bytes_per_s: float | None = None  # the finite check of the parameters a scheduled snapshot makes
 
     @property
     def snapshot_bytes(self) -> int:
@@ -59,9 +63,11 @@ class SnapshotCost:
 
     @property
     def capture_seconds(self) -> float | None:
+        """The copy of the whole snapshot plus the finite check of its parameters."""
         if not self.capture_bytes_per_s:
             return None
-        return self.snapshot_bytes / self.capture_bytes_per_s
+        check = self.param_bytes / self.check_bytes_per_s if self.check_bytes_per_s else 0.0
+        return self.snapshot_bytes / self.capture_bytes_per_s + check
 
     @property
     def spill_seconds(self) -> float | None:
@@ -112,6 +118,7 @@ class SnapshotCost:
             "optimizer_estimated": self.optimizer_estimated,
             "snapshot_bytes": self.snapshot_bytes,
             "capture_bytes_per_s": _round(self.capture_bytes_per_s),
+            "check_bytes_per_s": _round(self.check_bytes_per_s),
             "capture_seconds": _round(self.capture_seconds, 4),
             "disk_bytes_per_s": _round(self.disk_bytes_per_s),
             "spill_seconds": _round(self.spill_seconds, 4),

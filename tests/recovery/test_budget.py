@@ -3,6 +3,7 @@
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,7 +18,14 @@ from lossguard.recovery.budget import (
     cost_line,
     cost_rows,
 )
-from lossguard.recovery.cost import measure_capture, measure_cost, measure_disk, optimizer_bytes
+from lossguard.recovery.cost import (
+    measure_capture,
+    measure_check,
+    measure_cost,
+    measure_disk,
+    optimizer_bytes,
+)
+from lossguard.recovery.snapshot import all_finite
 
 GB = 10**9
 
@@ -129,10 +137,42 @@ def test_capture_and_disk_are_measured(tmp_path) -> None:
     t = torch.randn(2**20)
     rate = measure_capture([t], sample_bytes=2**21)
     assert rate is not None and 1e7 < rate < 1e12
+    check = measure_check([t], sample_bytes=2**21)
+    assert check is not None and 1e7 < check < 1e13
     disk = measure_disk(tmp_path, 2**20)
     assert disk is not None and disk > 1e5
-    assert list(tmp_path.iterdir()) == []  # the sample file is gone
+    assert list(tmp_path.iterdir()) == []  # the sample spills are gone
     assert measure_disk(None) is None
+    (tmp_path / "blocked").write_text("not a folder")
+    assert measure_disk(tmp_path / "blocked", 2**10) is None  # the writer fails: no bandwidth, no raise
+
+
+def test_each_measurement_is_the_median_of_three() -> None:
+    ticks = iter([0.0, 1.0, 10.0, 19.0, 30.0, 32.0])  # three copies of 1 s, 9 s and 2 s
+    rate = measure_capture([torch.ones(256)], clock=lambda: next(ticks))
+    assert rate == pytest.approx(1024 / 2.0)
+
+
+def test_the_capture_prediction_adds_the_parameters_finite_check() -> None:
+    cost = replace(_cost(1e9), capture_bytes_per_s=6 * GB, check_bytes_per_s=2 * GB)
+    # 12 GB copied at 6 GB/s, the 4 GB of parameters checked at 2 GB/s
+    assert cost.capture_seconds == pytest.approx(2.0 + 2.0)
+    assert cost.summary()["check_bytes_per_s"] == 2 * GB
+
+
+def test_all_finite_is_exact() -> None:
+    x = torch.randn(10_000)
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1234] = bad
+        assert not all_finite(y) and not all_finite(y.bfloat16())
+    both = x.clone()
+    both[3], both[4] = float("inf"), -float("inf")
+    assert not all_finite(both)
+    huge = torch.full((10,), 3.0e38)  # its float32 sum overflows: the element-wise check decides
+    assert all_finite(huge) and all_finite(torch.full((100,), 60000.0).half())
+    assert all_finite(torch.arange(5))
 
 
 def test_measure_cost_of_a_model(tmp_path) -> None:
