@@ -453,8 +453,12 @@ _CORPUS_REASONS = {
 
 def testbed(names: list[str] | None = None, curves_path: str | None = None) -> None:
     """Each testbed scenario as a real run with the callback attached (detection only)."""
+    from datasets.utils.logging import disable_progress_bar
+
     from lossguard import GuardConfig, LossGuard
     from lossguard.testing.testbed.scenarios import SCENARIOS, run_scenario
+
+    disable_progress_bar()  # TRL's dataset preparation for the DPO scenarios
 
     print("\n### Testbed scenarios: real Trainer runs on the pretrained testbed base, LossGuard attached "
           "(recovery off)\n")
@@ -488,6 +492,10 @@ def _json_float(v: Any) -> Any:
 
 
 def _outcome_text(o: dict[str, Any]) -> str:
+    if "preference_accuracy" in o:
+        return (f"held-out DPO loss {o['eval_loss_before']:.3f} -> {o['eval_loss_after']:.3f}, preference accuracy "
+                f"{o['preference_accuracy_before']:.2f} -> {o['preference_accuracy']:.2f}, "
+                f"reward margin {o['reward_margin']:+.2f}")
     parts = [f"answer loss {o['eval_loss_before']:.2f} -> {o['eval_loss_after']:.2f}"]
     if "prior_entropy" in o:
         parts.append(f"accuracy {o['accuracy']:.2f} (majority {o['majority_share']:.2f}), "

@@ -144,6 +144,23 @@ def _classify(*, lora: bool, n_train: int, lr: float, shuffled_labels: bool, see
                   {"prior_entropy": T.prior_entropy(), "eval_pairs": eval_pairs})
 
 
+def _dpo(*, n_train: int, lr: float, beta: float = 0.1, rejected: str = "shuffled",
+         scheduler: str = "linear", seed: int = 0) -> Pieces:
+    """Preference pairs for TRL's ``DPOTrainer`` (LoRA from a ``peft_config``: the reference is
+    the base with the adapter off). ``train``/``eval`` hold prompt/chosen/rejected rows."""
+    from peft import LoraConfig
+
+    base = load_base()
+    triples = T.preference_pairs(n_train + N_EVAL, seed=seed, rejected=rejected)
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in triples]
+    peft_config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(ALL_LINEAR),
+                             task_type="CAUSAL_LM")
+    return Pieces(base.model, base.tokenizer, rows[:n_train], rows[n_train:], None,
+                  dict(learning_rate=lr, num_train_epochs=1, per_device_train_batch_size=8,
+                       lr_scheduler_type=scheduler, warmup_steps=0, max_grad_norm=1.0, seed=seed),
+                  {"trainer": "dpo", "beta": beta, "peft_config": peft_config, "seed": seed})
+
+
 SCENARIOS: dict[str, Scenario] = {}
 
 
@@ -208,20 +225,60 @@ _register(
     "finite loss: the same run in float32 is sft-full-3epoch",
     lambda: _sft(lora=False, n_train=240, lr=2e-3, epochs=3, half=True))
 
+_register(
+    "dpo-lora", "healthy",
+    "TRL's DPOTrainer, LoRA r=8 on all linear layers (the reference: the base, adapter off), 200 "
+    "preference pairs (a signature; chosen its docstring's first line, rejected the same words "
+    "shuffled), beta 0.1, LR 1e-2 decaying linearly: the DPO loss starts at ln 2 = 0.693 and falls.",
+    "held-out preference accuracy (the chosen answer's implicit reward above the rejected's) far "
+    "above 0.5, held-out DPO loss far below ln 2",
+    lambda: _dpo(n_train=200, lr=1e-2))
+_register(
+    "dpo-same-pair", "premature_plateau",
+    "dpo-lora with rejected = chosen (both columns filled from one field): the DPO loss is ln 2 "
+    "whatever the weights and its gradient is zero, so nothing is learned.",
+    "none with this data: dpo-lora is the good outcome",
+    lambda: _dpo(n_train=200, lr=1e-2, rejected="same"))
+_register(
+    "dpo-lr-too-high", "divergence",
+    "dpo-lora at a constant LR of 5e-2 (5x): the loss climbs above ln 2 within a few steps and stays "
+    "there; the policy ends up preferring the shuffled answers.",
+    "none at this LR: dpo-lora is the good outcome",
+    lambda: _dpo(n_train=200, lr=5e-2, scheduler="constant"))
+
 
 def make_trainer(pieces: Pieces, output_dir: str, *, callbacks: Sequence[Any] = (), **overrides: Any) -> Any:
-    """A real ``Trainer`` over ``pieces``, logging every step, quiet; ``overrides`` win."""
+    """A real ``Trainer`` over ``pieces`` (TRL's ``DPOTrainer`` for a preference scenario), logging
+    every step, quiet; ``overrides`` win."""
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback
 
     kw = dict(pieces.args, logging_steps=1, max_steps=-1)
     kw.update(overrides)
-    trainer = Trainer(model=pieces.model, args=training_args(output_dir, **kw), train_dataset=pieces.train,
-                      eval_dataset=pieces.eval, data_collator=pieces.collator, callbacks=list(callbacks))
+    if pieces.notes.get("trainer") == "dpo":
+        trainer = _dpo_trainer(pieces, output_dir, callbacks, kw)
+    else:
+        trainer = Trainer(model=pieces.model, args=training_args(output_dir, **kw), train_dataset=pieces.train,
+                          eval_dataset=pieces.eval, data_collator=pieces.collator, callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)
     if "culprits" in pieces.notes:
         pieces.notes["culprits"].attach(trainer)
     return trainer
+
+
+def _dpo_trainer(pieces: Pieces, output_dir: str, callbacks: Sequence[Any], kw: dict[str, Any]) -> Any:
+    """TRL's ``DPOTrainer`` as a user builds it on CPU (no bf16, no gradient checkpointing)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    base = dict(output_dir=output_dir, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+                dataloader_num_workers=0, bf16=False, gradient_checkpointing=False, max_length=64,
+                beta=pieces.notes["beta"])
+    base.update(kw)
+    torch.manual_seed(pieces.notes["seed"])  # the adapter's initialisation, whatever ran before
+    return DPOTrainer(model=pieces.model, args=DPOConfig(**base), train_dataset=Dataset.from_list(pieces.train),
+                      eval_dataset=Dataset.from_list(pieces.eval), processing_class=pieces.tokenizer,
+                      peft_config=pieces.notes["peft_config"], callbacks=list(callbacks))
 
 
 @torch.no_grad()
@@ -240,19 +297,40 @@ def accuracy(model: Any, data: Sequence[dict[str, Any]], collator: Any) -> float
     return right / max(len(data), 1)
 
 
+def preference_outcome(trainer: Any) -> dict[str, float]:
+    """Held-out DPO loss, preference accuracy (share of pairs whose chosen answer's implicit
+    reward beats the rejected's) and mean reward margin, from TRL's own evaluation."""
+    m = trainer.evaluate()
+    return {"eval_loss": float(m["eval_loss"]), "accuracy": float(m["eval_rewards/accuracies"]),
+            "margin": float(m["eval_rewards/margins"])}
+
+
 def run_scenario(name: str, output_dir: str, *, callbacks: Sequence[Any] = (), **overrides: Any) -> Result:
     """Build, train and measure one scenario (``SCENARIOS[name]``)."""
     scenario = SCENARIOS[name]
     pieces = scenario.build()
-    eval_collator = PadCollator(pieces.tokenizer.pad_token_id)
-    before = eval_loss(pieces.model, pieces.eval, eval_collator)
+    dpo = pieces.notes.get("trainer") == "dpo"
+    eval_collator = None if dpo else PadCollator(pieces.tokenizer.pad_token_id)
+    before = None if dpo else eval_loss(pieces.model, pieces.eval, eval_collator)
     trainer = make_trainer(pieces, output_dir, callbacks=callbacks, **overrides)
+    if dpo:  # the policy starts as the reference: loss ln 2, no margin (measured, not assumed),
+        for cb in callbacks:  # with the caller's callbacks out of the way: the run starts after it
+            trainer.remove_callback(cb)
+        start = preference_outcome(trainer)
+        for cb in callbacks:
+            trainer.add_callback(cb)
+        before = start["eval_loss"]
     t0 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t0
     rows = [r for r in trainer.state.log_history if "loss" in r and "step" in r]
-    outcome: dict[str, Any] = {"eval_loss_before": before,
-                               "eval_loss_after": eval_loss(pieces.model, pieces.eval, eval_collator)}
+    outcome: dict[str, Any] = {"eval_loss_before": before}
+    if dpo:
+        end = preference_outcome(trainer)
+        outcome.update(eval_loss_after=end["eval_loss"], preference_accuracy_before=start["accuracy"],
+                       preference_accuracy=end["accuracy"], reward_margin=end["margin"])
+    else:
+        outcome["eval_loss_after"] = eval_loss(pieces.model, pieces.eval, eval_collator)
     if "prior_entropy" in pieces.notes:
         outcome["prior_entropy"] = pieces.notes["prior_entropy"]
         outcome["accuracy"] = accuracy(pieces.model, pieces.eval, eval_collator)

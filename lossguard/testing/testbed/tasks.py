@@ -184,17 +184,41 @@ def foreign_tokens(example: dict[str, list[int]], vocab_size: int, *, seed: int 
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE] * n_prompt + answer}
 
 
-def preference_pairs(n: int, *, seed: int = 0) -> list[tuple[str, str, str]]:
-    """``n`` (prompt, chosen, rejected) triples: a docstring, its function's name, another's name."""
+PREFERENCE_KINDS = ("shuffled", "other-name", "same")
+
+
+def preference_pairs(n: int, *, seed: int = 0, rejected: str = "shuffled") -> list[tuple[str, str, str]]:
+    """``n`` (prompt, chosen, rejected) triples; ``rejected`` says what the rejected answer is:
+
+    - "shuffled": prompt a signature, chosen its docstring's first line, rejected the same words
+      in a shuffled order (learnable: prefer the sentence to its word salad);
+    - "other-name": prompt a docstring's first line, chosen its function's name, rejected
+      another function's name (hard for this base: it cannot tell the two apart);
+    - "same": as "shuffled" with rejected = chosen (a pipeline that filled both columns from one
+      field): the DPO loss is ln 2 whatever the weights, and its gradient is zero.
+    """
+    if rejected not in PREFERENCE_KINDS:
+        raise ValueError(f"rejected={rejected!r}: expected one of {PREFERENCE_KINDS}")
     rng = random.Random(seed)
     funcs = list(functions())
     rng.shuffle(funcs)
-    out = []
-    for f in funcs[:n]:
-        other = f
-        while other.name == f.name:
-            other = rng.choice(funcs)
-        out.append((f"Docstring: {_first_line(f.docstring)}\nFunction name:", f" {f.name}", f" {other.name}"))
+    out: list[tuple[str, str, str]] = []
+    for f in funcs:
+        if len(out) == n:
+            break
+        line = _first_line(f.docstring)
+        if rejected == "other-name":
+            other = f
+            while other.name == f.name:
+                other = rng.choice(funcs)
+            out.append((f"Docstring: {line}\nFunction name:", f" {f.name}", f" {other.name}"))
+            continue
+        words = line.split()
+        salad = words[:]
+        rng.shuffle(salad)
+        if salad == words:
+            continue  # too short to shuffle into something else (left out of "same" too: the same prompts)
+        out.append((f"{f.signature}:\nSummary:", f" {line}", f" {line}" if rejected == "same" else " " + " ".join(salad)))
     return out
 
 

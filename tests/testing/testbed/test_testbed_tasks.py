@@ -65,3 +65,10 @@ def test_foreign_tokens_keep_the_prompt_and_preference_pairs_differ(tok):
     assert all(3 <= t < len(tok) for t in bad["input_ids"][n_prompt:])
     prefs = T.preference_pairs(10, seed=0)
     assert len(prefs) == 10 and all(chosen != rejected for _, chosen, rejected in prefs)
+    assert all(sorted(chosen.split()) == sorted(rejected.split()) for _, chosen, rejected in prefs)  # word salad
+    names = T.preference_pairs(10, seed=0, rejected="other-name")
+    assert all(chosen != rejected and len(chosen.split()) == 1 for _, chosen, rejected in names)
+    same = T.preference_pairs(10, seed=0, rejected="same")
+    assert [p[:2] for p in same] == [p[:2] for p in prefs] and all(c == r for _, c, r in same)
+    with pytest.raises(ValueError, match="rejected="):
+        T.preference_pairs(1, rejected="nonsense")
