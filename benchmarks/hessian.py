@@ -7,10 +7,12 @@ iteration on ``H - lambda_max I`` for lambda_min. Both are stopped by an oracle 
 spectrum from torch.func + eigvalsh) the first time they meet the target, which favours the
 baseline: in practice it cannot know when to stop. Seconds are the best of three runs, graph
 building included. Also measures the probe's memory on a LoRA Llama with about 4M trainable
-parameters (CPU, peak RSS above the model).
+parameters (CPU, peak RSS above the model), and the accuracy of the frugal bases (bfloat16, or
+none: the three-term recurrence) against the float32 basis on real models.
 
     .venv/bin/python benchmarks/hessian.py            # everything (a few minutes on 2 cores)
     .venv/bin/python benchmarks/hessian.py --no-memory
+    .venv/bin/python benchmarks/hessian.py --basis-only   # bfloat16 / no basis against float32, real models
 """
 
 from __future__ import annotations
@@ -261,6 +263,89 @@ def stalled_adapter():
     return (lambda: model(**batch).loss), [p for p in model.parameters() if p.requires_grad]
 
 
+def _testbed_batch(tok, n: int, seed: int = 5) -> dict:
+    from lossguard.testing.testbed import tasks
+    from lossguard.testing.tiny import PadCollator
+
+    rows = [tasks.encode(tok, pair) for pair in tasks.instruction_pairs(n, seed=seed)]
+    return PadCollator(tok.pad_token_id)(rows)
+
+
+def _adamw_steps(model, batch: dict, steps: int, lr: float) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def real_models(rows: int):
+    """(name, loss, trainable parameters) on real models: the testbed's pretrained 1.3M base (full
+    fine-tune and a LoRA adapter, each after a few AdamW steps on an instruction batch) and the
+    demo's stalled adapter."""
+    from lossguard.testing.testbed.base import load_base
+    from lossguard.testing.testbed.scenarios import _lora
+
+    cases = []
+    for lora in (False, True):
+        base = load_base()
+        model = _lora(base.model) if lora else base.model
+        batch = _testbed_batch(base.tokenizer, rows)
+        _adamw_steps(model, batch, steps=20, lr=1e-3 if lora else 3e-4)
+        model.eval()
+        (model.base_model.model if lora else model).set_attn_implementation("eager")
+        params = [p for p in model.parameters() if p.requires_grad]
+        name = (f"testbed base + LoRA r=8 ({sum(p.numel() for p in params):,} trainable), 20 AdamW steps" if lora
+                else f"testbed base, full ({sum(p.numel() for p in params):,} trainable), 20 AdamW steps")
+        cases.append((name, (lambda m=model, b=batch: m(**b).loss), params))
+    loss_fn, params = stalled_adapter()
+    cases.append((f"demo adapter stalled at lr 3e-2 ({sum(p.numel() for p in params):,} trainable)", loss_fn, params))
+    return cases
+
+
+def half_basis_table(rows: int, seeds: int) -> None:
+    """The Lanczos basis kept in bfloat16 (reorthogonalized in float32) or not kept (the three-term
+    recurrence) against the float32 basis, the same start vectors and products, on real models:
+    each extreme's error, the sign of lambda_min and the verdict."""
+    from lossguard.probes.hessian import classify
+    from lossguard.probes.lanczos import lanczos
+
+    print(f"\nbasis precision on real models (exact products, {rows} sequences, the probe's defaults: at most 30 "
+          "products, tol 1e-3, at least 20):")
+    print(f"  {'model':64s} {'seed':>4s} {'basis':>8s} {'products':>8s} {'lambda_min':>11s} {'lambda_max':>11s} "
+          f"{'d min/|max|':>11s} {'d max/max':>10s} {'verdict':>12s}")
+    worst: dict[str, list[float]] = {"bfloat16": [], "none": []}
+    agree: dict[str, list[bool]] = {"bfloat16": [], "none": []}
+    for name, loss_fn, params in real_models(rows):
+        space = ParamSpace(params)
+        for seed in range(seeds):
+            start = torch.randn(space.size, generator=torch.Generator().manual_seed(seed))
+            ref = None
+            for label, kw in (("float32", {}), ("bfloat16", {"basis_dtype": torch.bfloat16}),
+                              ("none", {"keep_basis": False})):
+                op = DoubleBackwardHVP(loss_fn, space)
+                t0 = time.perf_counter()
+                run = lanczos(op, start, max_iter=30, tol=1e-3, min_steps=20, **kw)
+                secs = time.perf_counter() - t0
+                lo, hi = float(run.ritz_values[0]), float(run.ritz_values[-1])
+                verdict, _ = classify(hi, lo, residual_min=float(run.residuals[0]))
+                if ref is None:
+                    ref = (lo, hi, verdict)
+                    d_lo = d_hi = 0.0
+                else:
+                    d_lo, d_hi = abs(lo - ref[0]) / abs(ref[1]), abs(hi - ref[1]) / abs(ref[1])
+                    worst[label].append(max(d_lo, d_hi))
+                    agree[label].append(verdict is ref[2] and (lo < 0) == (ref[0] < 0))
+                print(f"  {name[:64]:64s} {seed:4d} {label:>8s} {run.steps:8d} {lo:11.5g} {hi:11.5g} "
+                      f"{d_lo:11.2e} {d_hi:10.2e} {verdict.value:>12s}  ({secs:.1f} s)")
+                del op
+    for label in ("bfloat16", "none"):
+        print(f"  {label}: largest error {max(worst[label]):.2e} of |lambda_max|; sign of lambda_min and verdict "
+              f"as float32's in {sum(agree[label])} of {len(agree[label])} runs")
+
+
 def finite_difference_table() -> None:
     """Finite differences against double backward on the stalled adapter: the fixed step that
     ``|w|`` alone gives against the calibrated one, along the most negative curvature direction
@@ -296,8 +381,15 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--rows", type=int, default=2)
     ap.add_argument("--max-iter", type=int, default=30)
+    ap.add_argument("--basis-only", action="store_true",
+                    help="only the basis precision table (bfloat16 and no basis against float32, real models)")
+    ap.add_argument("--basis-rows", type=int, default=16, help="sequences in the basis precision table's batch")
+    ap.add_argument("--basis-seeds", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.basis_only:
+        half_basis_table(args.basis_rows, args.basis_seeds)
+        return
     if not args.memory_only:
         accuracy_table()
         finite_difference_table()

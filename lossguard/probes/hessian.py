@@ -407,6 +407,9 @@ def _pieces(chosen: list[_MicroBatch]) -> list[LossPiece]:
     return [LossPiece(mb.fn, mb.tokens / total, mb.twice) for mb in chosen]
 
 
+MemoryReader = Callable[[torch.device], tuple[int | None, int | None]]
+
+
 def free_memory(device: torch.device) -> tuple[int | None, int | None]:
     """Free bytes on ``device`` (CUDA: the driver's free plus the allocator's cached blocks) and on
     the host (``MemAvailable``); ``None`` where unknown."""
@@ -463,7 +466,7 @@ def _first_product(pieces: list[LossPiece], space: ParamSpace, choice: MethodCho
 
 def _plan_and_basis(choice: MethodChoice, n_params: int, n_mb: int, groups: int, cfg: ProbeConfig, min_iter: int,
                     budget: float, pass_s: float, device: torch.device, need_vectors: bool,
-                    peaks: PeakEstimate | None) -> tuple[ProbePlan, BasisChoice]:
+                    peaks: PeakEstimate | None, read_memory: MemoryReader) -> tuple[ProbePlan, BasisChoice]:
     """The time plan and the basis placement, decided together: a kept basis gives way to the
     three-term recurrence when its reorthogonalization would take more than ``REORTH_SHARE`` of
     the probe, when it would take the peak past ``max_memory_ratio`` x training's, when it does
@@ -489,7 +492,7 @@ def _plan_and_basis(choice: MethodChoice, n_params: int, n_mb: int, groups: int,
                       f"{REORTH_SHARE:.0%} of the probe")
     if prefer:
         plan = plan_for(False)
-    dev_free, host_free = free_memory(device)
+    dev_free, host_free = read_memory(device)
     basis = choose_basis(n_params, vectors=plan.products, device_free=dev_free, host_free=host_free,
                          accelerator=device.type != "cpu", graph_bytes=choice.peak_bytes,
                          fraction=cfg.max_memory_fraction, need_vectors=need_vectors, prefer_recurrence=prefer)
@@ -532,6 +535,7 @@ def probe_model(
     return_direction: bool = False,
     clock: Callable[[], float] = time.perf_counter,
     product_seconds: float | None = None,
+    read_memory: MemoryReader = free_memory,
 ) -> CurvatureResult | ProbeSkipped:
     """Probe a Hugging Face causal LM on kept training micro-batches; never raises into training.
 
@@ -548,7 +552,8 @@ def probe_model(
     method is chosen and timed on the first micro-batch (``probes.hvp_choice``), and
     ``probes.probe_cost.plan_probe`` sizes the probe, micro-batches and products, to the time
     left; the Lanczos basis is placed by ``choose_basis`` within ``max_memory_fraction`` of the
-    free memory (``no_memory`` when nowhere). The clock is read before every micro-batch, so a
+    free memory that ``read_memory(device)`` reports (device and host bytes, ``free_memory``: the
+    hardware's own reading), ``no_memory`` when nowhere. The clock is read before every micro-batch, so a
     probe ends at most one micro-batch product past its budget.
 
     Two-batch rule: the batches are split into ``config.groups`` disjoint groups (see
@@ -591,12 +596,13 @@ def probe_model(
     if not all(groups):
         return ProbeSkipped("no_labels", "the probe batches have no target tokens (all labels are -100)", step)
     return _probe_groups(model, params, groups, cfg, seed=seed, step=step, return_direction=return_direction,
-                         clock=clock, product_seconds=product_seconds)
+                         clock=clock, product_seconds=product_seconds, read_memory=read_memory)
 
 
 def _probe_groups(
     model: Any, params: list[torch.Tensor], groups: list[list[_MicroBatch]], cfg: ProbeConfig, *, seed: int,
     step: int | None, return_direction: bool, clock: Callable[[], float], product_seconds: float | None,
+    read_memory: MemoryReader,
 ) -> CurvatureResult | ProbeSkipped:
     device = params[0].device
     accelerator = device.type != "cpu"
@@ -611,7 +617,7 @@ def _probe_groups(
         if not pre.fits:
             return ProbeSkipped("too_expensive", f"{pre.message} (estimated before probing, {deciding:.3g} s "
                                 f"more to choose the product method)", step, {**spent, "plan": pre.summary()})
-    dev_free, host_free = free_memory(device)
+    dev_free, host_free = read_memory(device)
     room = choose_basis(n_params, vectors=min_iter, device_free=dev_free, host_free=host_free,
                         accelerator=accelerator, fraction=cfg.max_memory_fraction, need_vectors=return_direction)
     if not room.fits:
@@ -639,7 +645,8 @@ def _probe_groups(
                                    products_ahead=len(groups) * cfg.max_iter * n_mb)
             spent["product_seconds"] = choice.product_seconds
             plan, basis = _plan_and_basis(choice, n_params, n_mb, len(groups), cfg, min_iter, deadline.left(),
-                                          _pass_seconds(choice.product, clock), device, return_direction, peaks)
+                                          _pass_seconds(choice.product, clock), device, return_direction, peaks,
+                                          read_memory)
             if not plan.fits:
                 return ProbeSkipped("too_expensive", plan.message, step,
                                     {**spent, "plan": plan.summary(), "hvp": choice.summary()})

@@ -200,7 +200,65 @@ def test_a_tiny_memory_share_skips_with_the_estimate(tok) -> None:
     assert res.to_record()["memory"]["n_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def test_an_out_of_memory_inside_the_probe_is_reported_and_leaves_training_intact(tok) -> None:
+def _reading(host_free: int):
+    """The hardware's free-memory reading, replayed: a CPU run (no device figure), ``host_free`` bytes."""
+    return lambda device: (None, host_free)
+
+
+def test_a_basis_that_does_not_fit_gives_way_to_the_recurrence_or_bfloat16(tok) -> None:
+    model = lora_model(tok).train()
+    modes = [m.training for m in model.modules()]
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kept = micro_batches(tok, [4])
+    cfg = ProbeConfig(groups=1, max_iter=20)
+    work = 6 * n * 4  # the working vectors, float32
+    roomy = probe_model(model, kept, config=cfg, return_direction=True)
+    assert isinstance(roomy, CurvatureResult) and roomy.extra["memory"]["basis_dtype"] == "float32"
+    # half of the reading (max_memory_fraction) holds the working vectors and 16 float32 vectors:
+    # not the 20-vector float32 basis, but the same basis in bfloat16 (10 vectors' worth)
+    tight = _reading(2 * (work + 16 * n * 4))
+    plain = probe_model(model, kept, config=cfg, read_memory=tight)
+    assert isinstance(plain, CurvatureResult), plain
+    mem = plain.extra["memory"]
+    assert mem["basis_place"] == "none" and mem["basis_bytes"] == 0 and mem["device_bytes"] == work
+    assert "three-term recurrence" in mem["why"] and "does not fit" in mem["why"]
+    directed = probe_model(model, kept, config=cfg, read_memory=tight, return_direction=True)
+    assert isinstance(directed, CurvatureResult), directed
+    mem = directed.extra["memory"]
+    assert mem["basis_dtype"] == "bfloat16" and mem["basis_bytes"] == mem["vectors"] * n * 2
+    assert mem["basis_bytes"] + work <= tight(None)[1] / 2
+    for frugal in (plain, directed):  # the same answer as the float32 basis
+        assert frugal.verdict is roomy.verdict
+        assert abs(frugal.lambda_max - roomy.lambda_max) <= 0.01 * abs(roomy.lambda_max)
+        assert abs(frugal.lambda_min - roomy.lambda_min) <= 0.01 * abs(roomy.lambda_max)
+    assert directed.direction is not None
+    assert [m.training for m in model.modules()] == modes  # each module's mode as training left it
+
+
+def test_no_room_for_the_working_vectors_skips_before_any_forward(tok) -> None:
+    model = lora_model(tok).train()
+    clock = FakeDeviceClock(model)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    res = probe_model(model, micro_batches(tok, [4, 4]), config=ProbeConfig(groups=1), clock=clock,
+                      read_memory=_reading(6 * n * 4))  # half of it: half the working vectors
+    assert isinstance(res, ProbeSkipped) and res.reason == "no_memory"
+    assert clock.forwards == 0 and model.training
+    assert "working vectors" in res.message
+    rec = res.to_record(step=3)
+    assert rec["reason"] == "no_memory" and rec["memory"]["work_bytes"] == 6 * n * 4
+
+
+def test_an_out_of_memory_inside_the_probe_is_reported_and_leaves_training_intact(tok, monkeypatch) -> None:
+    from lossguard.probes import hessian
+
+    freed: list[torch.device] = []
+    real = hessian.free_cuda_cache
+
+    def freeing(device: torch.device) -> None:  # the real one (empty_cache on CUDA), noted
+        freed.append(device)
+        real(device)
+
+    monkeypatch.setattr(hessian, "free_cuda_cache", freeing)
     model = lora_model(tok).train()
     kept = micro_batches(tok, [4, 4])
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -216,6 +274,7 @@ def test_an_out_of_memory_inside_the_probe_is_reported_and_leaves_training_intac
     handle.remove()
     assert isinstance(res, ProbeSkipped) and res.reason == "out_of_memory"
     assert "freed what it held" in res.message
+    assert freed == [next(model.parameters()).device]  # the allocator's cache is emptied once
     assert model.training
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert isinstance(probe_model(model, kept, config=ProbeConfig(groups=1)), CurvatureResult)
