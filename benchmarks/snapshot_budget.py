@@ -23,7 +23,7 @@ with the machine's load average at train begin and over the steps beside them (o
 machine the times move with the load; the bytes do not).
 
     nice python benchmarks/snapshot_budget.py [--steps 60] [--naive-every 5] [--save-steps 30] [--tiny]
-        [--arms baseline,naive,budget]
+        [--arms naive,budget]
 """
 
 from __future__ import annotations
@@ -162,40 +162,10 @@ def _median(xs: list[float]) -> float:
     return xs[len(xs) // 2] if xs else float("nan")
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
-                                sys.argv[6] == "tiny")))
-        return
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--naive-every", type=int, default=5)
-    ap.add_argument("--save-steps", type=int, default=30)
-    ap.add_argument("--tiny", action="store_true", help="a 1M-parameter model: checks the script in seconds")
-    ap.add_argument("--arms", default="baseline,naive,budget",
-                    help="which arms to run (baseline and naive: the cost model's check alone)")
-    a = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
+def _compare(n: dict[str, Any], base: dict[str, Any], a: Any) -> None:
+    """The cost model, predicted at train begin in the naive arm, against what that arm measured."""
     from lossguard.recovery.budget import SnapshotCost, choose_cadence
 
-    print(f"snapshot_budget: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, 1 torch thread per process; "
-          f"{a.steps} steps, checkpoints every {a.save_steps}")
-    arms = [arm for arm in ("baseline", "naive", "budget") if arm in a.arms.split(",")]
-    res = {arm: _spawn([arm, str(a.steps), str(a.naive_every), str(a.save_steps), "tiny" if a.tiny else "full"])
-           for arm in arms}
-    base = res["baseline"]
-    print(f"  model: {base['params'] / 1e6:.1f}M parameters, all trainable (AdamW, fp32)")
-    print(f"  {'arm':9s} {'wall':>8s} {'x base':>7s} {'snapshots':>9s} {'in them':>8s} {'of wall':>8s} "
-          f"{'hooks':>7s} {'peak RSS':>9s}  rollback targets at the end / cadence")
-    for arm in arms:
-        r = res[arm]
-        snap_s = r.get("snapshot_s", 0.0)
-        targets = ", ".join(f"{s} ({src}, {where})" for s, src, where in r.get("targets", [])) or "-"
-        cadence = r["cost"][0]["cadence"]["message"] if r.get("cost") else ""
-        print(f"  {arm:9s} {r['wall']:7.1f}s {r['wall'] / base['wall']:6.3f}x {r.get('n', 0):9d} {snap_s:7.1f}s "
-              f"{snap_s / r['wall']:7.2%} {r['hook_s']:6.1f}s {_gb(r['peak']):>9s}  {targets}"
-              + (f"; {cadence}" if cadence else ""))
-    n = res["naive"]
     cost = SnapshotCost(**{k: v for k, v in n["run_cost"].items() if k in SnapshotCost.__dataclass_fields__})
     step_s = _median(n.get("step_s", []))  # a step's own time (snapshots are taken after it ends)
     loads = n.get("loads") or [float("nan")]
@@ -218,6 +188,41 @@ def main() -> None:
         if pred is None or meas is None:
             continue
         print(f"    {name:28s} predicted {fmt(pred):>10s}  measured {fmt(meas):>10s}  ({pred / meas - 1:+.0%})")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]),
+                                sys.argv[6] == "tiny")))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--naive-every", type=int, default=5)
+    ap.add_argument("--save-steps", type=int, default=30)
+    ap.add_argument("--tiny", action="store_true", help="a 1M-parameter model: checks the script in seconds")
+    ap.add_argument("--arms", default="naive,budget",
+                    help="which arms to run besides the baseline (naive alone: the cost model's check)")
+    a = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    print(f"snapshot_budget: {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, 1 torch thread per process; "
+          f"{a.steps} steps, checkpoints every {a.save_steps}")
+    arms = ["baseline"] + [arm for arm in ("naive", "budget") if arm in a.arms.split(",")]  # baseline: always
+    res = {arm: _spawn([arm, str(a.steps), str(a.naive_every), str(a.save_steps), "tiny" if a.tiny else "full"])
+           for arm in arms}
+    base = res["baseline"]
+    print(f"  model: {base['params'] / 1e6:.1f}M parameters, all trainable (AdamW, fp32)")
+    print(f"  {'arm':9s} {'wall':>8s} {'x base':>7s} {'snapshots':>9s} {'in them':>8s} {'of wall':>8s} "
+          f"{'hooks':>7s} {'peak RSS':>9s}  rollback targets at the end / cadence")
+    for arm in arms:
+        r = res[arm]
+        snap_s = r.get("snapshot_s", 0.0)
+        targets = ", ".join(f"{s} ({src}, {where})" for s, src, where in r.get("targets", [])) or "-"
+        cadence = r["cost"][0]["cadence"]["message"] if r.get("cost") else ""
+        print(f"  {arm:9s} {r['wall']:7.1f}s {r['wall'] / base['wall']:6.3f}x {r.get('n', 0):9d} {snap_s:7.1f}s "
+              f"{snap_s / r['wall']:7.2%} {r['hook_s']:6.1f}s {_gb(r['peak']):>9s}  {targets}"
+              + (f"; {cadence}" if cadence else ""))
+    if "naive" in res:
+        _compare(res["naive"], base, a)
     if "budget" not in res:
         return
     b = res["budget"]
