@@ -34,6 +34,7 @@ __all__ = [
     "Severity",
     "__version__",
     "label_references",
+    "load_checkpoint",
     "load_run",
 ]
 
@@ -51,6 +52,10 @@ def __getattr__(name: str) -> Any:
         from lossguard.integrations.references import label_references
 
         return label_references
+    if name == "load_checkpoint":
+        from lossguard.integrations.loop_checkpoint import load_checkpoint
+
+        return load_checkpoint
     if name == "load_run":
         from lossguard.presentation.frames import load_run
 

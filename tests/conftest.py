@@ -50,7 +50,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def torchrun():
     """Runs a script under ``torch.distributed.run`` with 2 local processes (gloo on CPU)."""
 

@@ -27,6 +27,8 @@ from lossguard.integrations import dist
 from lossguard.records import Action, ActionKind, Finding
 from lossguard.recovery.apply import Recoverer
 from lossguard.recovery.policy import Decision
+from lossguard.recovery.sharding import any_sharded
+from lossguard.recovery.sharding import grad_norm as sharded_grad_norm
 from lossguard.telemetry.schema import EVENTS_FILE
 from lossguard.telemetry.writer import EventWriter, set_aside
 
@@ -154,6 +156,8 @@ def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor | None:
     grads = [p.grad.detach() for p in parameters if p.grad is not None]
     if not grads:
         return None
+    if any_sharded(grads):  # FSDP2: every rank holds a shard; the norm is over all of them
+        return sharded_grad_norm(grads)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 

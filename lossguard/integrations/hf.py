@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from lossguard.config import GuardConfig, resolve_config
 from lossguard.integrations import dist
 from lossguard.integrations.core import Reporter, carry_out, contained
+from lossguard.integrations.engines import detect as detect_engine
 from lossguard.integrations.hf_extras import (
     claim_run,
     interval_logs,
@@ -68,6 +69,7 @@ class LossGuard(TrainerCallback):
         self.hook_seconds = 0.0  # time spent inside lossguard's hooks, for overhead figures
         self.judge: Judge | None = None  # the safety net's judge (recovery.safety_net)
         self.disabled = False  # another LossGuard on the same Trainer took this run
+        self.engine_info: Any = None  # the training engine (``engines.Engine``) and what lossguard does under it
 
     @property
     def findings(self) -> list[Finding]:
@@ -95,11 +97,22 @@ class LossGuard(TrainerCallback):
         self.report.open(log_dir, resumed=int(state.global_step) > 0, background=True)
         trainer = find_trainer()
         run_first(trainer, self)
+        self.engine_info = detect_engine(getattr(trainer, "model_wrapped", None) or model, args=args,
+                                         accelerator=getattr(trainer, "accelerator", None),
+                                         world_size=dist.world_size())
+        line = self.engine_info.line(probe=self.config.probe.enabled)
+        if line and self.report.is_main:
+            logger.warning("%s", line)
+        recovery = self.config.recovery.enabled and self.engine_info.recovery
+        if not self.engine_info.probe:
+            self.probe.off = self.engine_info.why
         self.capture.keep_rows = self.probe.rows_wanted
-        self.judge = trainer_judge(trainer, model, self.config.recovery, self.capture)
+        self.judge = trainer_judge(trainer, model, self.config.recovery, self.capture) if recovery else None
         mode = self.capture.install(trainer, model)
-        cost = snapshot_cost(self.config, log_dir, trainer, model, kwargs.get("optimizer"), int(state.max_steps))
-        self.report.write("run", **run_record(args, state, model, self.config, mode, cost))
+        cost = snapshot_cost(self.config, log_dir, trainer, model, kwargs.get("optimizer"), int(state.max_steps)) \
+            if recovery else None
+        self.report.write("run", **run_record(args, state, model, self.config, mode, cost),
+                          engine=self.engine_info.to_record())
         run_preflight(self.report, self.config, args, model, kwargs.get("train_dataloader"), trainer, cost)
         self.gpu = start_gpu_sampler(self.report, self.config, args, model, log_dir, self._gpu_backend)
         try:
@@ -114,7 +127,7 @@ class LossGuard(TrainerCallback):
             refs = run_references(trainer, model)
             self.engine.set_references(refs)
             self.report.write("references", **refs.to_dict())
-        if self.engine is not None and self.config.recovery.enabled:
+        if self.engine is not None and recovery:
             self.recovery = TrainerRecovery(self.config, log_dir)
             self.recovery.begin(trainer, model, kwargs.get("optimizer"), kwargs.get("lr_scheduler"),
                                 engine=self.engine, is_main=self.report.is_main, cost=cost)

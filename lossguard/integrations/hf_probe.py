@@ -12,7 +12,8 @@ micro-batches and products fit, or skips as ``too_expensive``. Before any probe 
 product, the estimate is ``PRIOR_STEPS`` training micro-batch steps per product (a product takes
 two gradients, or one double backward), so a probe that clearly cannot fit costs nothing; after
 one, the measured figure is used. In DDP, rank 0 probes and broadcasts the record, so every rank
-sees the same verdict.
+sees the same verdict. Where the parameters are sharded (FSDP2, DeepSpeed, FSDP1: ``off`` says
+why) no probe runs: every rank records the same skip, never a verdict from one rank's shard.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class TrainerProbe:
         self._steps_timed = 0
         self.micro_batches = 1
         self._product_seconds: float | None = None
+        self.off: str | None = None  # why the probe cannot run under this engine (sharded parameters)
 
     def begin(self, model: Any, warmup_steps: int, max_steps: int, micro_batches: int = 1) -> None:
         """``micro_batches``: training micro-batches per optimizer step (gradient accumulation)."""
@@ -91,6 +93,16 @@ class TrainerProbe:
         """Probe now; the ``probe`` record (skips included), identical on every rank."""
         if not self.config.enabled or self.model is None:
             return None
+        if self.off is None:
+            from lossguard.probes.hessian import sharded_reason
+
+            self.off = sharded_reason(self.model)
+        if self.off is not None:  # decided from what every rank knows: no rank runs a probe alone
+            from lossguard.probes.hessian import ProbeSkipped
+
+            record = ProbeSkipped("sharded", self.off, step).to_record(step=step)
+            record["trigger"] = why
+            return record
         record = None
         if dist.rank() == 0:
             record = self._probe(step, lr, why)

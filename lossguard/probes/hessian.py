@@ -524,6 +524,25 @@ def _pass_seconds(v: torch.Tensor, clock: Callable[[], float]) -> float:
     return best
 
 
+SHARDED = ("probe skipped: parameters are sharded (FSDP2/DTensor); a Hessian-vector product needs every rank's "
+           "shard, and lossguard has no distributed one yet")
+
+
+def sharded_reason(model: Any) -> str | None:
+    """Why the probe cannot run on ``model``: its parameters are sharded over ranks (FSDP2's
+    DTensors), so a Hessian-vector product on this rank's parameters is not the model's; None
+    when they are whole."""
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return SHARDED
+    return None
+
+
 def probe_model(
     model: Any,
     batches: Sequence[Batch] | Sequence[Sequence[Batch]],
@@ -577,6 +596,9 @@ def probe_model(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         return ProbeSkipped("no_trainable_parameters", "the model has no trainable parameters to probe", step)
+    sharded = sharded_reason(model)
+    if sharded is not None:
+        return ProbeSkipped("sharded", sharded, step)
     zero_b = [n for n, p in named if "lora_B" in n and not bool(torch.any(p.detach() != 0))]
     if zero_b:
         return ProbeSkipped(

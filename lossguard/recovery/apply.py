@@ -34,6 +34,7 @@ import torch
 
 from lossguard.config import RecoveryConfig
 from lossguard.recovery.budget import DEFAULT_EVERY, Cadence, CadenceReason, SnapshotCost, choose_cadence
+from lossguard.recovery.sharding import local_tensor, reshard_optimizer_state
 from lossguard.recovery.snapshot import (
     Capturer,
     Snapshot,
@@ -198,6 +199,7 @@ class Recoverer:
         assert snap.params is not None
         self.capturer.fence()
         self.capturer.refresh()
+        self.capturer.sharded_state()
         params = trainable_parameters(self.model)
         missing = set(snap.params) ^ set(params)
         if missing:
@@ -205,7 +207,7 @@ class Recoverer:
                                f"({len(missing)} differ, e.g. {sorted(missing)[0]})")
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(snap.params[name])
+                local_tensor(p).copy_(snap.params[name])  # a sharded parameter: this rank's shard, in place
                 p.grad = None
         self._restore_optimizer(snap)
         if snap.rng is not None:
@@ -272,6 +274,7 @@ class Recoverer:
         metric_driven = self.scheduler is not None and is_metric_driven(self.scheduler)
         scheduled = [g["lr"] for g in opt.param_groups]
         opt.load_state_dict(clone_tree(snap.optimizer))
+        reshard_optimizer_state(opt)
         if self.config.reset_optimizer_moments:
             opt.state.clear()
         if metric_driven and snap.scheduler is not None:

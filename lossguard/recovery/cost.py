@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from lossguard.recovery.budget import DEFAULT_EVERY, SnapshotCost
+from lossguard.recovery.sharding import local_tensor
 from lossguard.recovery.snapshot import Snapshot, all_finite, save_snapshot, trainable_parameters, unwrap
 
 logger = logging.getLogger("lossguard")
@@ -40,7 +41,7 @@ def optimizer_bytes(optimizer: Any, params: list[torch.Tensor]) -> tuple[int, bo
     opt = unwrap(optimizer) if optimizer is not None else None
     if opt is None:
         return 0, False
-    held = sum(v.numel() * v.element_size() for entry in getattr(opt, "state", {}).values()
+    held = sum(local_tensor(v).numel() * v.element_size() for entry in getattr(opt, "state", {}).values()
                for v in entry.values() if isinstance(v, torch.Tensor))
     if held:
         return held, False
@@ -170,7 +171,7 @@ def measure_cost(model: Any, optimizer: Any, *, memory_mb: float, spill_dir: Pat
     probe's device bytes) come from the probes package, which recovery does not import: the
     integration passes them (``integrations/core.py``).
     """
-    params = list(trainable_parameters(model).values())
+    params = [local_tensor(p) for p in trainable_parameters(model).values()]  # sharded: this rank's part
     n = sum(p.numel() for p in params)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     opt_bytes, estimated = optimizer_bytes(optimizer, params)

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lossguard.recovery.sharding import all_ranks, any_sharded, fsdp_modules, local_tensor, reshard
+
 logger = logging.getLogger("lossguard")
 
 
@@ -243,11 +245,19 @@ class Capturer:
         self._sources: list[list[torch.Tensor]] = []
         self._copy_whole: list[bool] = []
         self._pinned = _PinnedCopies() if torch.cuda.is_available() else None
+        self._sharded = False  # the parameters are DTensors: finiteness is agreed over the ranks
+        self._fsdp: list[Any] | None = None  # the model's FSDP2 modules, found at the first snapshot
 
     def refresh(self) -> None:
         """Forget the cached parameters and layout (the model's trainable set may have changed)."""
         self._named = None
         self._layout = None
+
+    def sharded_state(self) -> None:
+        """FSDP2 only: the modules' sharded parameters in place (an evaluation may have left some gathered)."""
+        if self._fsdp is None:
+            self._fsdp = fsdp_modules(self.model)
+        reshard(self._fsdp)
 
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         if self._named is None:
@@ -255,11 +265,15 @@ class Capturer:
         return self._named
 
     def params_finite(self) -> bool:
-        return all(all_finite(p.detach()) for _, p in self.named_parameters())
+        self.sharded_state()
+        named = self.named_parameters()
+        finite = all(all_finite(local_tensor(p).detach()) for _, p in named)
+        return all_ranks(finite) if any_sharded(p for _, p in named) else finite
 
     def capture(self, step: int, scheduler: Any = None, engine: dict[str, Any] | bytes | None = None, *,
                 require_finite: bool = False) -> Snapshot | None:
         """A snapshot on CPU; None when ``require_finite`` and a parameter is NaN or infinite."""
+        self.sharded_state()
         state: dict[Any, dict[str, Any]] = {}
         groups = None
         if self.optimizer is not None:
@@ -269,7 +283,7 @@ class Capturer:
         keys = list(state)
         n_opt = sum(len(g["params"]) for g in groups) if groups is not None else -1
         if ((keys != self._state_keys and n_opt != self._n_opt_params)
-                or [p.data_ptr() for _, p in self._named or ()] != self._param_ptrs):
+                or [local_tensor(p).data_ptr() for _, p in self._named or ()] != self._param_ptrs):
             # parameters added to the optimizer or swapped `.data`: look at the model again (the
             # optimizer's first step only adds state entries, and walking a large model costs ms)
             self._named = None
@@ -280,7 +294,7 @@ class Capturer:
         assert layout is not None
         pinned = self._pinned
         if pinned is not None and pinned.usable(self._sources, self._copy_whole):
-            got = pinned.copy(self._sources, layout.param_elems, require_finite)
+            got = pinned.copy(self._sources, layout.param_elems, require_finite, agree=self._sharded)
             if got is None:
                 return None
             buffers, ready = got
@@ -315,13 +329,17 @@ class Capturer:
                 else:
                     flat = torch.cat([t.reshape(-1) for t in sources])
                 buffers.append(flat if flat.device.type == "cpu" else flat.to("cpu"))
-            if require_finite and not all(all_finite(b[:n]) for b, n in zip(buffers, layout.param_elems) if n):
-                return None
+            if require_finite:
+                finite = all(all_finite(b[:n]) for b, n in zip(buffers, layout.param_elems) if n)
+                if not (all_ranks(finite) if self._sharded else finite):  # a shard's NaN: no rank keeps this step
+                    return None
         return buffers
 
     def _build(self, state: dict[Any, dict[str, Any]], live: list[torch.Tensor], keys: list[Any]) -> None:
         named = self.named_parameters()
-        tensors = [p.detach() for _, p in named] + live
+        # a sharded (FSDP2) tensor contributes this rank's shard only
+        tensors = [local_tensor(p.detach()) for _, p in named] + [local_tensor(t) for t in live]
+        self._sharded = any_sharded(p for _, p in named)
         n_params = len(named)
         order = sorted(range(len(tensors)), key=lambda i: (str(tensors[i].device), str(tensors[i].dtype), i >= n_params))
         slots: list[tuple[int, int, int, torch.Size]] = [(0, 0, 0, torch.Size())] * len(tensors)
@@ -364,7 +382,7 @@ class Capturer:
         self._live, self._state_keys = live, keys
         groups = unwrap(self.optimizer).param_groups if self.optimizer is not None else None
         self._n_opt_params = sum(len(g["params"]) for g in groups) if groups is not None else -1
-        self._param_ptrs = [p.data_ptr() for _, p in named]
+        self._param_ptrs = [t.data_ptr() for t in tensors[:n_params]]
 
 
 def _all_finite_on_device(tensors: list[torch.Tensor]) -> bool:
@@ -397,10 +415,11 @@ class _PinnedCopies:
                 and all(w for src, w in zip(sources, whole) if src and src[0].device.type == "cuda"))
 
     def copy(self, sources: list[list[torch.Tensor]], param_elems: list[int],
-             require_finite: bool) -> tuple[list[torch.Tensor], Any] | None:
+             require_finite: bool, agree: bool = False) -> tuple[list[torch.Tensor], Any] | None:
         if require_finite:  # on the device, one host read; optimizer state in a chunk with parameters counts too
             checked = [t for src, n in zip(sources, param_elems) if n for t in src]
-            if checked and not _all_finite_on_device(checked):
+            finite = not checked or _all_finite_on_device(checked)
+            if not (all_ranks(finite) if agree else finite):
                 return None
         if self.pending is not None:  # bounded: one snapshot's copies in flight
             self.pending.synchronize()
