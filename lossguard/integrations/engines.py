@@ -59,7 +59,7 @@ class Engine:
         (``probe``: the integration runs the probe at all)."""
         parts = []
         if self.requested:
-            parts.append(f"{self.requested} was asked for but {self.name} runs")
+            parts.append(f"{self.requested}: {self.name} runs, the model is not sharded")
         probe_on = self.probe or not probe
         if not (self.recovery and probe_on):
             off = " and ".join(x for x, on in (("recovery", self.recovery), ("the Hessian probe", probe_on)) if not on)
@@ -105,13 +105,15 @@ def _fsdp1(model: Any) -> bool:
     return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
-def _requested_fsdp(args: Any) -> str | None:
+def _requested_fsdp(args: Any, accelerator: Any) -> str | None:
     fsdp = getattr(args, "fsdp", None)
     if not fsdp and os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
         return None
-    if isinstance(fsdp, (list, tuple)):
-        fsdp = " ".join(str(getattr(f, "value", f)) for f in fsdp)
-    return f"FSDP (fsdp={fsdp!r})" if fsdp else "FSDP (ACCELERATE_USE_FSDP)"
+    config = getattr(args, "fsdp_config", None)
+    version = config.get("fsdp_version", config.get("version")) if isinstance(config, dict) else None
+    what = f"FSDP{version or ''} ({'TrainingArguments.fsdp' if fsdp else 'ACCELERATE_USE_FSDP'})"
+    kind = getattr(getattr(accelerator, "distributed_type", None), "value", None)
+    return f"{what} was asked for but accelerate's distributed_type is {kind}" if kind else f"{what} was asked for"
 
 
 def detect(model: Any, *, args: Any = None, accelerator: Any = None, world_size: int = 1,
@@ -137,7 +139,7 @@ def detect(model: Any, *, args: Any = None, accelerator: Any = None, world_size:
                       why=SHARDED if recovery else
                       f"not yet tested under the Trainer with FSDP2; {FORCE_ENV}=1 turns it on, as in a "
                       f"hand-written loop with LoopGuard where it is tested")
-    requested = _requested_fsdp(args)
+    requested = _requested_fsdp(args, accelerator)
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) or world_size > 1:
         return Engine(EngineKind.DDP, requested=requested)
     return Engine(EngineKind.SINGLE, requested=requested)

@@ -97,7 +97,8 @@ class LossGuard(TrainerCallback):
         self.report.open(log_dir, resumed=int(state.global_step) > 0, background=True)
         trainer = find_trainer()
         run_first(trainer, self)
-        self.engine_info = detect_engine(getattr(trainer, "model_wrapped", None) or model, args=args,
+        wrapped = getattr(trainer, "model_wrapped", None)
+        self.engine_info = detect_engine(wrapped if wrapped is not None else model, args=args,
                                          accelerator=getattr(trainer, "accelerator", None),
                                          world_size=dist.world_size())
         line = self.engine_info.line(probe=self.config.probe.enabled)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from lossguard.integrations.core import grad_norm
+from lossguard.recovery.sharding import full_tensor
 
 logger = logging.getLogger("lossguard")
 
@@ -254,7 +255,8 @@ class StepCapture:
         tokens = TokenCount(self._tokens) if self._tokens else None
         seconds = self._clock() - self._t0 if self._t0 is not None else None
         norm = self.grad_norm
-        out = StepReading(loss, tokens, None if norm is None else float(norm), self.lr, seconds)
+        # a DTensor norm (FSDP2) may still be a per-shard partial: its full value is the norm
+        out = StepReading(loss, tokens, None if norm is None else float(full_tensor(norm)), self.lr, seconds)
         self._loss = None
         self._tokens = []
         self._micro = 0

@@ -10,12 +10,14 @@ the same. Plain tensors pass through unchanged: without sharding nothing here co
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 
+@functools.lru_cache(maxsize=1)
 def _dtensor_type() -> Any:
     if not torch.distributed.is_available():
         return None

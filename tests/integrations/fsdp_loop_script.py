@@ -8,6 +8,7 @@ rank writes what it saw to ``<out>/fsdp.rank<N>.json``; the test compares the ra
 """
 
 import json
+import logging
 import os
 import sys
 
@@ -16,13 +17,20 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from lossguard import GuardConfig, LoopGuard, ProbeConfig, load_checkpoint
+from lossguard import GuardConfig, LoopGuard, LossGuard, ProbeConfig, load_checkpoint
 from lossguard.integrations import core
 from lossguard.integrations.engines import detect
 from lossguard.integrations.hf_probe import TrainerProbe
 from lossguard.probes.hessian import probe_model
 from lossguard.records import Finding, Reason, Severity
-from lossguard.testing.tiny import PadCollator, build_dataset, build_model, build_tokenizer
+from lossguard.testing.tiny import (
+    PadCollator,
+    build_dataset,
+    build_model,
+    build_tokenizer,
+    make_trainer,
+    tiny_setup,
+)
 
 out = sys.argv[1]
 torch.set_num_threads(1)
@@ -177,6 +185,26 @@ ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
 record["detect_ddp"] = detect(ddp, world_size=2).to_record()
 record["detect_fsdp2_trainer"] = detect(model, world_size=2).to_record()
 record["detect_fsdp2_trainer_line"] = detect(model, world_size=2).line()
+
+# a real Trainer asked for FSDP2 on CPU: accelerate runs DDP; lossguard says so in one line
+class Lines(logging.Handler):
+    seen: list = []
+
+    def emit(self, rec):
+        Lines.seen.append(rec.getMessage())
+
+
+logging.getLogger("lossguard").addHandler(Lines())
+setup = tiny_setup(lora=False, n_train=32)
+hf_guard = LossGuard(GuardConfig(console=False, probe={"enabled": False}))
+trainer = make_trainer(setup, os.path.join(out, "trainer"), callbacks=[hf_guard], max_steps=2,
+                       per_device_train_batch_size=4, ddp_backend="gloo", fsdp="full_shard",
+                       fsdp_config={"fsdp_version": 2})
+trainer.train()
+record["trainer"] = {"fsdp_enabled": trainer.is_fsdp_enabled,
+                     "distributed_type": str(trainer.accelerator.distributed_type.value),
+                     "engine": hf_guard.engine_info.to_record(), "lines": [m for m in Lines.seen if "asked for" in m],
+                     "recovery": hf_guard.recovery is not None and hf_guard.recovery.recoverer is not None}
 
 with open(os.path.join(out, f"fsdp.rank{rank}.json"), "w") as fh:
     json.dump(record, fh)

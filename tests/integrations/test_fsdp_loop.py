@@ -29,6 +29,8 @@ def test_recording_is_over_all_shards_and_all_ranks(ranks):
     for step in ("3", "7"):  # the recorded loss is the mean of the ranks' own losses
         assert samples[int(step)]["loss"] == pytest.approx((r0["losses"][step] + r1["losses"][step]) / 2, rel=1e-5)
     assert samples[11]["loss"] == "nan"
+    # the norm clip_grad_norm_ returned (a DTensor) is recorded as the norm of the gathered gradients
+    assert samples[3]["grad_norm"] == pytest.approx(r0["norms"]["gathered"], rel=1e-5)
 
 
 def test_nan_in_one_shard_both_ranks_roll_back_bitwise(ranks):
@@ -108,3 +110,14 @@ def test_engine_detection_on_real_wrapped_models(ranks):
     assert trainer["kind"] == "fsdp2" and not trainer["recovery"] and not trainer["probe"]
     assert r0["detect_fsdp2_trainer_line"].count("\n") == 0
     assert "records and detects; recovery and the Hessian probe off" in r0["detect_fsdp2_trainer_line"]
+
+
+def test_trainer_asked_for_fsdp_on_cpu_runs_ddp_and_lossguard_says_so(ranks):
+    _, (r0, r1) = ranks
+    for r in (r0, r1):
+        t = r["trainer"]
+        assert not t["fsdp_enabled"] and t["distributed_type"] == "MULTI_CPU"
+        assert t["engine"]["kind"] == "ddp" and t["engine"]["requested"] and t["recovery"]
+    assert r0["trainer"]["lines"] == ["lossguard: FSDP2 (TrainingArguments.fsdp) was asked for but accelerate's "
+                                      "distributed_type is MULTI_CPU: DDP runs, the model is not sharded"]
+    assert r1["trainer"]["lines"] == []  # rank 0 speaks for all
