@@ -122,7 +122,9 @@ for i in range(STEPS):
         shard += sum((v.to_local() if isinstance(v, DTensor) else v).numel() * v.element_size()
                      for s in opt.state.values() for v in s.values())
         whole = sum(p.numel() * p.element_size() for p in model.parameters())
-        record["memory"] = {"snapshot": snap.nbytes, "shard": shard, "whole_params": whole}
+        cost = guard.recoverer.cost
+        record["memory"] = {"snapshot": snap.nbytes, "shard": shard, "whole_params": whole,
+                            "predicted": cost.snapshot_bytes if cost is not None else None}
 guard.close()
 record["lr_used"] = lr_used
 record["actions"] = [a.to_record() for a in guard.actions]

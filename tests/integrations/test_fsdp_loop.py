@@ -54,6 +54,8 @@ def test_each_rank_snapshots_only_its_own_shard(ranks):
         mem = r["memory"]
         assert mem["snapshot"] == mem["shard"]  # parameters and optimizer state of this rank's shard
         assert mem["snapshot"] < 0.6 * 3 * mem["whole_params"]  # a full copy would be ~3x the parameters
+        # the cost model, measured at train begin (no optimizer state yet), predicts this rank's shard
+        assert mem["predicted"] == pytest.approx(mem["snapshot"], rel=0.01)
     # the two shards add up to the whole model once (plus each rank's scalar step counters)
     counters = 2 * 4 * 21  # a float32 `step` per parameter per rank
     assert r0["memory"]["snapshot"] + r1["memory"]["snapshot"] - counters == 3 * r0["memory"]["whole_params"]
