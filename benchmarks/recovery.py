@@ -18,6 +18,13 @@ from scratch whose loss falls late, all with lossguard's detection made over-sen
 uniform-prediction loss); a NaN loss that poisons the weights; and a healthy run with
 lossguard's default detection (``quiet``: what the safety net costs a run without findings).
 
+Testbed runs (``tb-*``, ``--testbed-only``; ``lossguard/testing/testbed``): a base pretrained here
+on real text, fine-tuned as users do, each in its own length and seed 0: a healthy LoRA SFT with
+the over-sensitive detection (forced false alarms), the classifier collapsed to its label prior
+(labels shuffled apart from their lines), an LR too high, rows from a foreign tokenizer, and a
+model trained in float16 (non-finite from step ~4). Their held-out set: 256 examples of the same
+task, correctly labelled, whose prompts neither the training set nor the judge's set holds.
+
 The measure is the held-out loss at the end on a test set of 256 sequences that neither
 training nor the safety net's judge (the Trainer's evaluation set, 64 other sequences) sees.
 "extra" is the remedy's own time (its hooks, lossguard's judging, probes, snapshots and the
@@ -25,6 +32,7 @@ checkpoint saves it asks for) over the rest of the run's wall time, measured in 
 the step count is the same for every remedy (a rollback's discarded steps count as steps).
 
     python benchmarks/recovery.py [--quick] [--steps 600] [--seeds 0] [--scenarios ...] [--remedies ...]
+                                  [--testbed-only | --no-testbed]
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from lossguard import GuardConfig, LossGuard  # noqa: E402
 from lossguard.records import ActionKind  # noqa: E402
-from lossguard.testing.tiny import SYMBOLS, eval_loss, make_trainer, tiny_setup  # noqa: E402
+from lossguard.testing.tiny import SYMBOLS, PadCollator, eval_loss, make_trainer, tiny_setup  # noqa: E402
 
 # detection made over-sensitive: every detector's bar lowered to (or near) its floor, so that
 # healthy runs raise spikes, divergences and plateaus that are false alarms
@@ -79,6 +87,7 @@ class Scenario:
     healthy: bool = False
     remedies: tuple[str, ...] = REMEDIES
     note: str = ""
+    testbed: str | None = None  # a testbed scenario (its own data, model, length and cause) instead of the tiny run
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -95,7 +104,16 @@ SCENARIOS: dict[str, Scenario] = {
     "nan": Scenario(lr=1e-2, inject="nan", at=(0.5,), note="one NaN loss at mid-run"),
     "quiet": Scenario(lr=1e-2, healthy=True, remedies=("lg-no-net", "lg"),
                       note="healthy, default detection: the safety net's cost without findings"),
+    # the testbed (lossguard/testing/testbed): a base pretrained on real text, fine-tuned as users do
+    "tb-healthy": Scenario(testbed="sft-lora-1epoch", sensitive=True, healthy=True,
+                           note="testbed LoRA SFT, 100 steps, detection over-sensitive (forced false alarms)"),
+    "tb-collapse": Scenario(testbed="classify-collapse",
+                            note="testbed classifier, labels shuffled apart from their lines: sits at the prior"),
+    "tb-lr-too-high": Scenario(testbed="lr-too-high", note="testbed LoRA SFT at a constant 6e-2"),
+    "tb-corrupted": Scenario(testbed="corrupted-examples", note="testbed LoRA SFT, 3 rows from a foreign tokenizer"),
+    "tb-fp16": Scenario(testbed="fp16-overflow", note="testbed full SFT with the model in float16: NaN from step ~4"),
 }
+TESTBED = tuple(name for name, spec in SCENARIOS.items() if spec.testbed)
 
 
 def dataset(tok: Any, n: int, seed: int, task: str, lengths: tuple[int, int] = (3, 6)) -> list[dict[str, list[int]]]:
@@ -185,7 +203,49 @@ def remedy(name: str, spec: Scenario) -> tuple[Any, dict[str, Any]]:
     return None, {}
 
 
+def held_out_testbed(name: str, pieces: Any, n: int = 256) -> list[dict[str, list[int]]]:
+    """``n`` held-out examples of a testbed scenario's task that neither its training set nor its
+    evaluation set (the judge's) holds, correctly labelled and masked as the scenario masks its
+    evaluation set."""
+    from lossguard.testing.testbed import tasks as T
+    from lossguard.testing.testbed.scenarios import N_EVAL
+
+    def prompt(ex: dict[str, list[int]]) -> tuple[int, ...]:
+        return tuple(t for t, label in zip(ex["input_ids"], ex["labels"]) if label == -100)
+
+    seen = {prompt(ex) for ex in pieces.train + pieces.eval}  # by prompt: a misaligned row keeps its line
+    classify = "prior_entropy" in pieces.notes
+    more = len(pieces.train) + 2 * N_EVAL + 2 * n
+    pairs = T.classification_pairs(more, seed=1) if classify else T.instruction_pairs(more, seed=1)
+    out = []
+    for pair in pairs:
+        ex = T.encode(pieces.tokenizer, pair, eos=not classify)
+        if prompt(ex) in seen:
+            continue
+        seen.add(prompt(ex))
+        out.append(ex)
+        if len(out) == n:
+            break
+    return out
+
+
+def run_testbed(name: str, spec: Scenario, seed: int) -> Result:
+    """A testbed scenario under a remedy: its own model, data and length (``--steps`` does not apply)."""
+    from lossguard.testing.testbed.scenarios import SCENARIOS as TESTBED_SCENARIOS
+    from lossguard.testing.testbed.scenarios import make_trainer as testbed_trainer
+
+    pieces = TESTBED_SCENARIOS[spec.testbed].build()
+    test = held_out_testbed(spec.testbed, pieces)
+    callback, overrides = remedy(name, spec)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = testbed_trainer(pieces, out, callbacks=[callback] if callback is not None else [], **overrides)
+        collator = PadCollator(pieces.tokenizer.pad_token_id)
+        return _train_and_measure(trainer, callback, lambda: eval_loss(pieces.model, test, collator))
+
+
 def run(name: str, spec: Scenario, seed: int, steps: int) -> Result:
+    if spec.testbed:
+        return run_testbed(name, spec, seed)
     setup = tiny_setup(seed=seed)
     tok = setup.tokenizer
     if spec.task != "reverse":
@@ -202,21 +262,26 @@ def run(name: str, spec: Scenario, seed: int, steps: int) -> Result:
                              lr_scheduler_kwargs={"num_decay_steps": int(0.3 * steps)})
         trainer = make_trainer(setup, out, callbacks=callbacks, learning_rate=spec.lr, max_steps=steps,
                                logging_steps=100, seed=seed, **overrides)
-        saving = {"s": 0.0}
-        original_save = trainer._save_checkpoint
+        return _train_and_measure(trainer, callback, lambda: eval_loss(setup.model, test, setup.collator))
 
-        def timed_save(*a: Any, **k: Any) -> Any:  # only lossguard asks for saves (save_strategy "no")
-            t = time.perf_counter()
-            try:
-                return original_save(*a, **k)
-            finally:
-                saving["s"] += time.perf_counter() - t
 
-        trainer._save_checkpoint = timed_save
-        t0 = time.perf_counter()
-        trainer.train()
-        wall = time.perf_counter() - t0
-    loss = eval_loss(setup.model, test, setup.collator)
+def _train_and_measure(trainer: Any, callback: Any, held_out: Any) -> Result:
+    """Train, then the held-out loss and what the remedy did and cost."""
+    saving = {"s": 0.0}
+    original_save = trainer._save_checkpoint
+
+    def timed_save(*a: Any, **k: Any) -> Any:  # only lossguard asks for saves (save_strategy "no")
+        t = time.perf_counter()
+        try:
+            return original_save(*a, **k)
+        finally:
+            saving["s"] += time.perf_counter() - t
+
+    trainer._save_checkpoint = timed_save
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    loss = held_out()
     if callback is None:
         return Result(loss, wall, 0.0)
     if not isinstance(callback, LossGuard):
@@ -238,6 +303,10 @@ def run(name: str, spec: Scenario, seed: int, steps: int) -> Result:
 
 def _loss(v: float) -> str:
     return f"{v:.3f}" if math.isfinite(v) else "nan"
+
+
+def _rel(a: float, b: float) -> str:
+    return f"{a / b - 1:+.1%}" if math.isfinite(a) and math.isfinite(b) and b else "-"
 
 
 def targets(results: dict[tuple[str, int, str], Result], seeds: Sequence[int]) -> list[str]:
@@ -278,6 +347,20 @@ def targets(results: dict[tuple[str, int, str], Result], seeds: Sequence[int]) -
             ok = math.isfinite(lg.loss) and (not math.isfinite(b) or lg.loss <= b)
             lines.append(f"{s} seed {seed}: lg {_loss(lg.loss)} vs best peer {best} {_loss(b)} "
                          f"({lg.loss / b - 1:+.1%}); target lg <= best peer: {'met' if ok else 'MISSED'}")
+    for s in TESTBED:
+        none, lg, off = get(s, seeds[0], "none"), get(s, seeds[0], "lg"), get(s, seeds[0], "lg-no-net")
+        if none is None or lg is None:
+            continue
+        peers = {r: p for r in ("skip-step", "zclip", "plateau-cut") if (p := get(s, seeds[0], r)) is not None}
+        best = min(peers, key=lambda r: peers[r].loss if math.isfinite(peers[r].loss) else math.inf) if peers else None
+        line = (f"{s}: none {_loss(none.loss)}, lg {_loss(lg.loss)} ({_rel(lg.loss, none.loss)} vs none), "
+                f"lg-no-net {_loss(off.loss) if off is not None else '-'}")
+        if best is not None:
+            line += f", best peer {best} {_loss(peers[best].loss)}"
+        if SCENARIOS[s].healthy:
+            w = lg.loss / none.loss - 1 if math.isfinite(lg.loss) else math.inf
+            line += f"; forced false alarms: target lg <= +2% vs none: {'met' if w <= 0.02 else 'MISSED'}"
+        lines.append(line)
     for seed in seeds:
         on, off = get("quiet", seed, "lg"), get("quiet", seed, "lg-no-net")
         if on is not None and off is not None:
@@ -295,19 +378,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remedies", nargs="+", default=list(REMEDIES), choices=list(REMEDIES))
     parser.add_argument("--quick", action="store_true",
                         help="a smoke check: 120 steps, three runs (healthy-rev-1e-2, spike, nan)")
+    parser.add_argument("--testbed-only", action="store_true",
+                        help=f"only the testbed's runs ({', '.join(TESTBED)}; their own lengths, seed 0)")
+    parser.add_argument("--no-testbed", action="store_true", help="only the tiny-model runs")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.scenarios = 120, ["healthy-rev-1e-2", "spike", "nan"]
+    if args.testbed_only:
+        args.scenarios = [s for s in args.scenarios if s in TESTBED] or list(TESTBED)
+    elif args.no_testbed:
+        args.scenarios = [s for s in args.scenarios if s not in TESTBED]
+    if any(s in TESTBED for s in args.scenarios):
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
     torch.set_num_threads(1)
-    print(f"{args.steps} steps, seeds {args.seeds}; held-out loss at the end on 256 test sequences "
-          f"(extra compute: the remedy's own time / the rest of the run)")
+    print(f"{args.steps} steps, seeds {args.seeds} (testbed rows: their own length, seed 0); held-out loss at the "
+          f"end on 256 test sequences (extra compute: the remedy's own time / the rest of the run)")
     print("| run | seed | " + " | ".join(args.remedies) + " | lossguard's actions (with the net) |")
     print("|---|---|" + "---|" * len(args.remedies) + "---|")
     results: dict[tuple[str, int, str], Result] = {}
     t_start = time.perf_counter()
     for s in args.scenarios:
         spec = SCENARIOS[s]
-        for seed in args.seeds:
+        for seed in args.seeds[:1] if spec.testbed else args.seeds:
             cells = []
             for r in args.remedies:
                 if r not in spec.remedies:
