@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             ax.axvline(s, color="grey", ls=":", lw=1)
         if "prior_entropy" in run["outcome"]:
             ax.axhline(run["outcome"]["prior_entropy"], color="grey", ls="--", lw=1)
+        if "preference_accuracy" in run["outcome"]:  # a DPO loss: ln 2 is the policy still at its reference
+            ax.axhline(math.log(2), color="grey", ls="--", lw=1)
         for f in run["findings"]:
             ax.axvline(f["step"], color=COLOURS.get(f["reason"], "black"), lw=1, alpha=0.7)
         found = sorted({f["reason"] for f in run["findings"]}) or ["nothing"]
