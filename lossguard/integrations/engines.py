@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class Engine:
     probe: bool = True
     why: str | None = None
     requested: str | None = None  # what the arguments asked for, when another engine runs
+    probe_why: str | None = None  # why the probe is off, the probe record's message
 
     @property
     def name(self) -> str:
@@ -68,7 +69,7 @@ class Engine:
 
     def to_record(self) -> dict[str, Any]:
         return {"kind": self.kind.value, "zero_stage": self.zero_stage, "recovery": self.recovery,
-                "probe": self.probe, "why": self.why, "requested": self.requested}
+                "probe": self.probe, "why": self.why, "requested": self.requested, "probe_why": self.probe_why}
 
 
 def _zero_stage(args: Any, accelerator: Any) -> int | None:
@@ -116,6 +117,14 @@ def _requested_fsdp(args: Any, accelerator: Any) -> str | None:
     return f"{what} was asked for but accelerate's distributed_type is {kind}" if kind else f"{what} was asked for"
 
 
+def run_config(config: Any, engine: Engine) -> Any:
+    """``config`` for a run under ``engine``: recovery disabled where the engine rules it out (the
+    policy then decides nothing it could not carry out, and gives nothing up)."""
+    if engine.recovery or not config.recovery.enabled:
+        return config
+    return replace(config, recovery=replace(config.recovery, enabled=False))
+
+
 def detect(model: Any, *, args: Any = None, accelerator: Any = None, world_size: int = 1,
            loop: bool = False) -> Engine:
     """The engine running ``model`` (``args``/``accelerator``: the Trainer's, when there is one;
@@ -127,15 +136,18 @@ def detect(model: Any, *, args: Any = None, accelerator: Any = None, world_size:
         where = "its optimizer partitions the fp32 master weights and optimizer state" if stage != 3 else \
             "it partitions the parameters themselves"
         return Engine(EngineKind.DEEPSPEED, stage, recovery=False, probe=False,
-                      why=f"a rollback cannot restore DeepSpeed's state from outside: {where}")
+                      why=f"a rollback cannot restore DeepSpeed's state from outside: {where}",
+                      probe_why=f"probe skipped: the model runs under DeepSpeed ZeRO-{stage}, which the probe "
+                                "does not support")
     inner = getattr(model, "module", model)
     if hasattr(inner, "modules") and _fsdp1(inner):
         return Engine(EngineKind.FSDP1, recovery=False, probe=False,
-                      why="FSDP1 flattens the parameters; use fully_shard (FSDP2)")
+                      why="FSDP1 flattens the parameters; use fully_shard (FSDP2)",
+                      probe_why="probe skipped: parameters are sharded (FSDP1)")
     if (hasattr(inner, "modules") and fsdp_modules(inner)) or any(is_sharded(p) for p in inner.parameters()):
         forced = os.environ.get(FORCE_ENV, "") == "1"
         recovery = loop or forced
-        return Engine(EngineKind.FSDP2, recovery=recovery, probe=False,
+        return Engine(EngineKind.FSDP2, recovery=recovery, probe=False, probe_why=SHARDED,
                       why=SHARDED if recovery else
                       f"not yet tested under the Trainer with FSDP2; {FORCE_ENV}=1 turns it on, as in a "
                       f"hand-written loop with LoopGuard where it is tested")

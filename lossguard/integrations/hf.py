@@ -19,6 +19,7 @@ from lossguard.config import GuardConfig, resolve_config
 from lossguard.integrations import dist
 from lossguard.integrations.core import Reporter, carry_out, contained
 from lossguard.integrations.engines import detect as detect_engine
+from lossguard.integrations.engines import run_config
 from lossguard.integrations.hf_extras import (
     claim_run,
     interval_logs,
@@ -53,7 +54,7 @@ class LossGuard(TrainerCallback):
 
     def __init__(self, config: GuardConfig | None = None, *, log_dir: str | os.PathLike[str] | None = None,
                  gpu_backend: Any = None, **sections: Any) -> None:
-        self.config = resolve_config("LossGuard", config, sections)
+        self.config = self._user_config = resolve_config("LossGuard", config, sections)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.report = Reporter(self.config)
         self.engine: Any = None
@@ -104,9 +105,10 @@ class LossGuard(TrainerCallback):
         line = self.engine_info.line(probe=self.config.probe.enabled)
         if line and self.report.is_main:
             logger.warning("%s", line)
-        recovery = self.config.recovery.enabled and self.engine_info.recovery
+        self.config = run_config(self._user_config, self.engine_info)  # this run's: recovery off where ruled out
+        recovery = self.config.recovery.enabled
         if not self.engine_info.probe:
-            self.probe.off = self.engine_info.why
+            self.probe.off = self.engine_info.probe_why
         self.capture.keep_rows = self.probe.rows_wanted
         self.judge = trainer_judge(trainer, model, self.config.recovery, self.capture) if recovery else None
         mode = self.capture.install(trainer, model)

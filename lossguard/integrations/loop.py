@@ -34,6 +34,7 @@ from lossguard.guard import Guard
 from lossguard.integrations import core, dist
 from lossguard.integrations.core import Reporter, carry_out
 from lossguard.integrations.engines import detect as detect_engine
+from lossguard.integrations.engines import run_config
 from lossguard.integrations.references import model_references
 from lossguard.integrations.safety_net import Judge, TrainingRows, per_rank
 from lossguard.records import Action, ActionKind, Finding, Sample
@@ -80,7 +81,8 @@ class LoopGuard:
                  judge_batches: Sequence[Mapping[str, Any]] | None = None,
                  references: References | None = None, checkpoint_dir: str | os.PathLike[str] | None = None,
                  **sections: Any) -> None:
-        self.config = resolve_config("LoopGuard", config, sections)
+        self.engine_info = detect_engine(model, world_size=dist.world_size(), loop=True)
+        self.config = run_config(resolve_config("LoopGuard", config, sections), self.engine_info)
         self.model = model
         self.engine = Guard(self.config, max_steps=max_steps, num_train_epochs=num_train_epochs)
         self.global_step = start_step
@@ -95,11 +97,10 @@ class LoopGuard:
         self._t0: float | None = None
         self._max_steps = max_steps
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.engine_info = detect_engine(model, world_size=dist.world_size(), loop=True)
         line = self.engine_info.line(probe=False)
         if line and self.report.is_main:
             logger.warning("%s", line)
-        if self.config.recovery.enabled and self.engine_info.recovery:
+        if self.config.recovery.enabled:
             self._start_recovery(model, optimizer, scheduler, start_step, max_steps)
         self.judge: Judge | None = None
         self._rows: TrainingRows | None = None

@@ -46,3 +46,23 @@ def test_deepspeed_from_accelerate_environment(model, monkeypatch):
 def test_plain_model_keeps_everything_on(model):
     engine = detect(model)
     assert (engine.kind, engine.recovery, engine.probe, engine.line()) == (EngineKind.SINGLE, True, True, None)
+
+
+def test_recovery_ruled_out_means_the_policy_decides_nothing(model):
+    """Under DeepSpeed a NaN is found and reported, and nothing is rolled back or given up."""
+    from lossguard import GuardConfig
+    from lossguard.guard import Guard
+    from lossguard.integrations.engines import run_config
+    from lossguard.records import Sample
+
+    engine = detect(model, args=SimpleNamespace(deepspeed={"zero_optimization": {"stage": 2}}))
+    config = run_config(GuardConfig(console=False), engine)
+    assert not config.recovery.enabled and GuardConfig().recovery.enabled
+    guard = Guard(config, max_steps=100)
+    found, acted = [], []
+    for step in range(1, 8):
+        decision = guard.decide(Sample(step=step, loss=float("nan") if step == 5 else 2.0, grad_norm=1.0), [0])
+        found += [f.reason.value for f in decision.findings]
+        acted += [a.action.value for a in decision.actions]
+    assert found == ["nonfinite"] and acted == []
+    assert run_config(config, detect(model)) is config  # nothing ruled out: the user's config as it is
