@@ -60,7 +60,8 @@ class Analysis:
             "last_step": self.last_step,
             "findings": [f.summary() for f in self.findings],
             "actions": actions,
-            "verdicts": [_verdict(a) for a in self.actions if a.action in (ActionKind.KEEP, ActionKind.REVERT)],
+            "verdicts": [_verdict(a) for a in self.actions if a.action in (ActionKind.KEEP, ActionKind.REVERT,
+                                                                              ActionKind.DECLINE)],
             **self.verdict.to_json(),
         }
 
@@ -114,11 +115,17 @@ def eval_losses(log: RunLog) -> list[tuple[int, float]]:
 
 
 def _verdict(action: Action) -> dict[str, Any]:
-    """The safety net's verdict on one rollback, from its ``keep`` / ``revert`` action."""
+    """The safety net's verdict on one rollback, from its ``keep`` / ``revert`` / ``decline``
+    action (a declined one compares the head with a snapshot, ``check_step``, not a branch)."""
     d = action.details
-    return {"step": action.step, "verdict": action.action.value, "reason": None if action.reason is None else action.reason.value,
-            "head_step": d.get("head_step"), "head_score": d.get("head_score"), "branch_score": d.get("branch_score"),
-            "gain": d.get("gain"), "stderr": d.get("stderr"), "false_alarm": d.get("false_alarm")}
+    out = {"step": action.step, "verdict": action.action.value,
+           "reason": None if action.reason is None else action.reason.value,
+           "head_step": d.get("head_step", action.from_step if action.action is ActionKind.DECLINE else None),
+           "head_score": d.get("head_score"), "branch_score": d.get("branch_score"),
+           "gain": d.get("gain"), "stderr": d.get("stderr"), "false_alarm": d.get("false_alarm")}
+    if action.action is ActionKind.DECLINE:
+        out.update(check_step=d.get("check_step"), check_score=d.get("check_score"))
+    return out
 
 
 def _config_from_run(cfg: dict[str, Any]) -> DetectionConfig | None:

@@ -195,6 +195,10 @@ class RecoveryConfig:
     safety_net: bool = True
     judge_sequences: int = 64
     judge_z: float = 2.0
+    # before a judged rollback, score the snapshot at the trouble's onset against the head and
+    # decline the rollback when the head is clearly better (guide.md, "Look before rolling back")
+    precheck: bool = True
+    precheck_plateau_gain: float = 0.03
 
     def __post_init__(self) -> None:
         try:
@@ -225,6 +229,7 @@ class RecoveryConfig:
         _check_range("relapse_lr_scale", self.relapse_lr_scale, 0.0, 1.0, lo_open=True)
         _check_int("judge_sequences", self.judge_sequences, 2, 1_000_000)
         _check_range("judge_z", self.judge_z, 0.0, 10.0)
+        _check_range("precheck_plateau_gain", self.precheck_plateau_gain, 0.0, 1.0)
 
 
 @dataclass

@@ -72,6 +72,7 @@ class ActionKind(str, enum.Enum):
     GIVE_UP = "give_up"
     KEEP = "keep"  # the safety net's verdict: the recovered branch beat the one it abandoned
     REVERT = "revert"  # it did not: back to the abandoned branch's head
+    DECLINE = "decline"  # a rollback not carried out: the held-out loss says the run improved since the onset
 
 
 def as_reason(value: Any) -> Reason | None:

@@ -170,24 +170,28 @@ class Applied:
     stop: bool = False
 
 
-def carry_out(decision: Decision, report: Reporter, recoverer: Recoverer | None, engine: Any, step: int) -> Applied:
-    """Report the decision's findings, apply it (``apply_decision``), then report its actions,
-    a rollback's with the time its restore took."""
+def carry_out(decision: Decision, report: Reporter, recoverer: Recoverer | None, engine: Any, step: int,
+              judge: Callable[[], Any] | None = None) -> Applied:
+    """Apply the decision (``apply_decision``), then report its findings and actions (a rollback's
+    with the time its restore took; a declined one's finding as ``info``)."""
+    done = apply_decision(decision, recoverer, engine, step, judge)
     for finding in decision.findings:
         report.emit(finding)
-    done = apply_decision(decision, recoverer, engine, step)
     for action in decision.actions:
         report.emit(action)
     return done
 
 
-def apply_decision(decision: Decision, recoverer: Recoverer | None, engine: Any, step: int) -> Applied:
+def apply_decision(decision: Decision, recoverer: Recoverer | None, engine: Any, step: int,
+                   judge: Callable[[], Any] | None = None) -> Applied:
     """Carry out the engine's ``decision`` on the live training objects, after optimizer step
     ``step`` (the step whose weights a snapshot taken now holds).
 
     A rollback restores the snapshot's weights, optimizer state and RNGs, puts back the
     detectors' memory of that moment and records how long the restore took on the rollback
-    action; one put on trial by the safety net first keeps the state it abandons (the head). A
+    action; one put on trial by the safety net first keeps the state it abandons (the head), and
+    with a ``check_step`` first scores that snapshot's weights with ``judge`` (``precheck``): a
+    rollback the policy then declines puts the head back and changes nothing else. A
     revert puts that head back the same way, then snapshots it (the rejected branch's snapshots
     are gone). Otherwise a snapshot is taken when the policy asks for one or one is due; a damaged
     state (a non-finite parameter) is never snapshotted. Saving and stopping are the caller's:
@@ -200,6 +204,8 @@ def apply_decision(decision: Decision, recoverer: Recoverer | None, engine: Any,
         if decision.rollback_to is not None:
             if decision.keep_head:
                 recoverer.keep_head(step, engine.frozen_detector_state() if engine is not None else None)
+                if not _precheck(decision, recoverer, engine, judge, step):
+                    return Applied()
             snap = recoverer.restore(decision.rollback_to)
             _restored(decision, ActionKind.ROLLBACK, snap, decision.rollback_to, recoverer, engine)
             rolled_back_to = decision.rollback_to
@@ -212,6 +218,27 @@ def apply_decision(decision: Decision, recoverer: Recoverer | None, engine: Any,
             state = engine.frozen_detector_state() if engine is not None else None
             recoverer.snapshot(step, state, require_finite=True)
     return Applied(rolled_back_to, decision.save, decision.stop)
+
+
+def _precheck(decision: Decision, recoverer: Recoverer, engine: Any, judge: Callable[[], Any] | None,
+              step: int) -> bool:
+    """Score the weights of ``decision.check_step`` and ask the policy whether to go on with the
+    rollback (True); a declined one gets the head back, bitwise. A failure to load or score, on
+    any rank, goes on with the rollback unchecked, on every rank."""
+    if decision.check_step is None or judge is None or engine is None:
+        return True
+    failed = False
+    try:
+        recoverer.load_weights(decision.check_step)
+    except Exception as err:
+        failed = True
+        logger.warning("lossguard: could not load the snapshot of step %s to look before the rollback (%s: %s)",
+                       decision.check_step, type(err).__name__, err)
+    scores = None if dist.any_rank(failed) else judge()
+    if engine.policy.checked(step, decision, scores):
+        return True
+    recoverer.revert_to_head(step)
+    return False
 
 
 def _restored(decision: Decision, kind: ActionKind, snap: Any, step: int, recoverer: Recoverer, engine: Any) -> None:

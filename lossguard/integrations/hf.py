@@ -176,7 +176,8 @@ class LossGuard(TrainerCallback):
         decision = self.engine.decide(sample, rec.steps() if rec is not None else [],
                                       probe=self._probe_plateau if self.config.probe.enabled else None,
                                       flush=rec is not None and rec.due(step), judge=self._judge())
-        done = carry_out(decision, self.report, rec.recoverer if rec is not None else None, self.engine, step)
+        done = carry_out(decision, self.report, rec.recoverer if rec is not None else None, self.engine, step,
+                         self._judge())
         if rec is not None:
             rec.applied(done, control, step, args.output_dir, refused=self.report.write_refused())
 

@@ -208,7 +208,7 @@ class LoopGuard:
         decision = self.engine.decide(sample, rec.ring.steps() if rec is not None else [],
                                       flush=rec is not None and (rec.due(label) or not len(rec.ring)),
                                       judge=self.judge)
-        done = carry_out(decision, self.report, rec, self.engine, label)
+        done = carry_out(decision, self.report, rec, self.engine, label, self.judge)
         actions = list(decision.actions)
         if done.save and self.checkpoint_dir is not None:
             actions += self._save(step, done.rolled_back_to)

@@ -248,7 +248,7 @@ _STATE_ACTIONS = (ActionKind.ROLLBACK, ActionKind.LR_OVERRIDE, ActionKind.LR_RES
 def pending_verdict(actions: list[Any]) -> int | None:
     """The step at which the safety net judges the last rollback, while no verdict came yet."""
     for a in reversed(actions):
-        if a.action in (ActionKind.KEEP, ActionKind.REVERT):
+        if a.action in (ActionKind.KEEP, ActionKind.REVERT, ActionKind.DECLINE):
             return None
         if a.action is ActionKind.ROLLBACK and "verdict_step" in a.details:
             return as_step(a.details["verdict_step"])
@@ -280,8 +280,11 @@ def recovery_state(live: LiveRun) -> Text:
     t.append(f"   rollbacks {rollbacks}", style="dim")
     kept = sum(1 for a in live.actions if a.action is ActionKind.KEEP)
     reverted = sum(1 for a in live.actions if a.action is ActionKind.REVERT)
+    declined = sum(1 for a in live.actions if a.action is ActionKind.DECLINE)
     if kept or reverted:
         t.append(f"  kept {kept}  reverted {reverted}", style="dim")
+    if declined:
+        t.append(f"  declined {declined}", style="dim")
     due = pending_verdict(live.actions)
     if due is not None:
         t.append(f"  verdict due at step {due}", style="yellow")

@@ -105,7 +105,8 @@ def _loss_figure(live: LiveRun) -> dict[str, Any]:
                 shapes.append({"type": "line", "xref": "x", "yref": "paper", "x0": a.to_step, "x1": a.to_step,
                                "y0": 0, "y1": 1, "line": {"color": "#9467bd", "width": 1.5}})
     for kind, label, symbol, color in ((ActionKind.KEEP, "recovery kept", "circle", "#2ca02c"),
-                                       (ActionKind.REVERT, "rollback reverted", "x", "#ff7f0e")):
+                                       (ActionKind.REVERT, "rollback reverted", "x", "#ff7f0e"),
+                                       (ActionKind.DECLINE, "rollback declined", "diamond-open", "#7f7f7f")):
         verdicts = [a for a in live.actions if a.action is kind]
         if verdicts:
             data.append({
@@ -210,6 +211,8 @@ def action_steps(a: Action) -> str:
         return f"state of step {t} restored (left step {f if f is not None else a.step})"
     if kind is ActionKind.REVERT and t is not None:
         return f"back to the abandoned head, the state of step {t}"
+    if kind is ActionKind.DECLINE and f is not None and t is not None:
+        return f"compared before rolling back: the head at step {f} against the snapshot of step {t}"
     if kind is ActionKind.KEEP and f is not None and t is not None:
         return f"judged: the head at step {f} against the branch restarted from step {t}"
     if kind is ActionKind.LR_OVERRIDE:
@@ -365,4 +368,6 @@ def render_html(live: LiveRun, *, title: str | None = None, plotly_js: str | Non
 def _verdict_counts(actions: list[Any]) -> str:
     kept = sum(1 for a in actions if a.action is ActionKind.KEEP)
     reverted = sum(1 for a in actions if a.action is ActionKind.REVERT)
-    return f"kept {kept}, reverted {reverted}" if kept or reverted else "-"
+    declined = sum(1 for a in actions if a.action is ActionKind.DECLINE)
+    text = f"kept {kept}, reverted {reverted}" if kept or reverted else "-"
+    return f"{text}, declined {declined}" if declined else text

@@ -194,6 +194,20 @@ class Recoverer:
         self.last_rollback_seconds = self._clock() - t0
         return snap
 
+    def load_weights(self, step: int) -> None:
+        """Copy the trainable parameters of the snapshot of ``step`` into the model, and nothing
+        else (optimizer state, RNGs and the ring untouched): for scoring it. Only with a head kept,
+        which ``revert_to_head`` or a ``restore`` then replaces bitwise."""
+        if self.head is None:
+            raise RuntimeError("no head is kept: loading a snapshot's weights would lose the current ones")
+        snap = self.ring.get(step)
+        assert snap.params is not None
+        self.capturer.fence()
+        params = trainable_parameters(self.model)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(snap.params[name])
+
     def _put_back(self, snap: Snapshot) -> None:
         """Trainable parameters (pending gradients dropped), optimizer state and RNGs from ``snap``, bitwise."""
         assert snap.params is not None

@@ -10,6 +10,14 @@ its score on the judge's fixed evaluation sequences (``head_scored``); once the 
 has trained as many steps as were discarded, it is scored on the same sequences (``step(...,
 judged=...)``) and ``verdict.judge`` keeps it or reverts to the head. A reverted trigger is a
 false alarm: its reason starts no recovery for the rest of the run.
+
+Before a judged rollback is carried out, the policy looks first (``recovery.precheck``): the
+integration loads the weights of the snapshot at the trouble's onset (``Decision.check_step``),
+scores them on the same sequences, and ``checked`` compares them with the head. A head clearly
+better than the onset (by more than ``judge_z`` standard errors, and for a plateau by at least
+``precheck_plateau_gain`` of the loss) contradicts the finding: the run has improved on held-out
+sequences since the trouble began. The rollback is then declined: the head is put back bitwise,
+no step is lost, and the finding becomes ``info``.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from typing import Any
 from lossguard.config import RecoveryConfig
 from lossguard.numbers import fmt as _fmt
 from lossguard.records import Action, ActionKind, Finding, Reason, Severity, as_reason
-from lossguard.recovery.verdict import Scores, Verdict, judge
+from lossguard.recovery.verdict import Scores, Verdict, judge, paired_gain
 
 
 class Phase(str, enum.Enum):
@@ -41,7 +49,8 @@ class Decision:
     """What the integration must do after this step.
 
     ``keep_head``: before rolling back, keep the current state (the abandoned branch's head) and
-    score it (``RecoveryPolicy.head_scored``). ``revert_to``: put back the head kept at that step,
+    score it (``RecoveryPolicy.head_scored``). ``check_step``: then load that snapshot's weights,
+    score them and pass the scores to ``RecoveryPolicy.checked``, which says whether to go on. ``revert_to``: put back the head kept at that step,
     and forget the snapshots the rejected branch took after ``abandon_after``. ``drop_head``: the
     recovery was kept, the head is no longer needed.
     """
@@ -56,6 +65,7 @@ class Decision:
     revert_to: int | None = None
     abandon_after: int | None = None
     drop_head: bool = False
+    check_step: int | None = None
 
 
 @dataclass
@@ -73,6 +83,7 @@ class Trial:
     due_step: int
     before: dict[str, Any]
     head: Scores | None = None
+    finding: Finding | None = None  # the trigger, while the rollback can still be declined (not saved)
 
     def to_record(self) -> dict[str, Any]:
         return {"reason": self.reason, "head_step": self.head_step, "target_step": self.target_step,
@@ -97,6 +108,32 @@ def pick_target(snapshots: Sequence[int], onset: int, rollback_steps: int, detec
         return None
     eligible = [s for s in before if s <= onset - rollback_steps]
     return max(eligible) if eligible else min(before)
+
+
+def _level(finding: Finding | None) -> float | None:
+    """The held-out loss a plateau found at a no-learning level must get under to be contradicted:
+    that level less its tolerance; None for a plateau not judged against one."""
+    ev = finding.evidence if finding is not None else {}
+    try:
+        return float(ev["reference_level"]) * (1.0 - float(ev.get("reference_tolerance", 0.0)))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def check_target(snapshots: Sequence[int], onset: int, detected: int, *, plateau: bool) -> int | None:
+    """The snapshot whose held-out loss the head is compared with before a rollback.
+
+    For trouble that does damage (a divergence, a spike, a relapse): the last snapshot taken at or
+    before ``onset``, the state before the damage. For a plateau, which claims no progress since
+    it began: the first one taken at or after ``onset`` (before ``detected``), else the last one
+    before it. None when there is none such."""
+    before = [s for s in snapshots if s < detected]
+    earlier = [s for s in before if s <= onset]
+    if plateau:
+        after = [s for s in before if s >= onset]
+        if after:
+            return min(after)
+    return max(earlier) if earlier else None
 
 
 _PRIORITY = {Reason.NONFINITE: 0, Reason.DIVERGENCE: 1, Reason.LR_TOO_HIGH: 1, Reason.SPIKE: 2,
@@ -135,7 +172,7 @@ class RecoveryPolicy:
         self.watch_level = False
         self.trial: Trial | None = None
         self.false_alarms: list[str] = []  # reasons whose rollback was reverted: they trigger nothing now
-        self.verdicts: dict[str, int] = {"keep": 0, "revert": 0}
+        self.verdicts: dict[str, int] = {"keep": 0, "revert": 0, "decline": 0}
         # (step, loss) of the last finite losses: the smoothing window and the ``lookback`` steps
         # after it. Findings reach the policy up to ``lookback`` steps late (the detectors run in
         # batches), and the level a recovery must get back under is the one from before the
@@ -231,18 +268,22 @@ class RecoveryPolicy:
         return self.phase is Phase.NORMAL and step <= self.watch_until and Reason.RELAPSE.value not in self.false_alarms
 
     # --- the safety net ------------------------------------------------------------------------
-    def _begin_trial(self, step: int, reason: str, target: int, before: dict[str, Any],
-                     decision: Decision) -> dict[str, Any]:
+    def _begin_trial(self, step: int, finding: Finding, target: int, before: dict[str, Any],
+                     decision: Decision, snapshots: Sequence[int]) -> dict[str, Any]:
         """A rollback from ``step`` to ``target``: start its trial, or fold it into the one running
-        (a rollback inside the branch under trial: the verdict waits for the steps it discards)."""
+        (a rollback inside the branch under trial: the verdict waits for the steps it discards).
+        A new trial looks first (``check_step``) unless a non-finite loss left nothing to compare."""
         discarded = step - target
         if self.trial is not None:
             self.trial.due_step += discarded
             return {"safety_net": "inside the branch under trial", "verdict_step": self.trial.due_step}
         if not self.config.safety_net:
             return {}
-        self.trial = Trial(reason, step, target, step + discarded, before)
+        self.trial = Trial(finding.reason.value, step, target, step + discarded, before, finding=finding)
         decision.keep_head = True
+        if self.config.precheck and finding.reason is not Reason.NONFINITE:
+            decision.check_step = check_target(snapshots, finding.onset_step, step,
+                                               plateau=finding.reason is Reason.EARLY_CONVERGENCE)
         return {"verdict_step": step + discarded}
 
     def head_scored(self, decision: Decision, scores: Scores | None, why_not: str = "") -> None:
@@ -259,6 +300,7 @@ class RecoveryPolicy:
                 why_not = f"{scores.units} evaluation unit(s): too few to estimate the noise"
             self.trial = None
             decision.keep_head = False
+            decision.check_step = None
             if rollback is not None:
                 rollback.details.pop("verdict_step", None)
                 rollback.details["safety_net"] = f"off for this rollback: {why_not or 'no evaluation batches'}"
@@ -268,6 +310,69 @@ class RecoveryPolicy:
             rollback.details["head_score"] = scores.mean
             rollback.message += (f"; the abandoned head (held-out loss {_fmt(scores.mean)}) is kept, and the "
                                  f"recovery is judged against it at step {trial.due_step}")
+
+    def checked(self, step: int, decision: Decision, scores: Scores | None) -> bool:
+        """The look before the rollback: ``scores`` are the held-out scores of the weights of
+        snapshot ``decision.check_step``. True: go on with the rollback. False: it is declined
+        (see the module docstring); the integration puts the head back, and ``decision`` now says
+        so: its rollback and LR override are replaced by a ``decline`` action, and the trigger
+        finding is ``info`` with the comparison as its evidence."""
+        trial, check = self.trial, decision.check_step
+        rollback = next((a for a in decision.actions if a.action is ActionKind.ROLLBACK), None)
+        if trial is None or trial.head is None or check is None:
+            return True
+        if scores is None or scores.units < 2 or not math.isfinite(scores.mean):
+            if rollback is not None:
+                rollback.details["precheck"] = f"the snapshot of step {check} could not be scored"
+            return True
+        gain, se, n = paired_gain(scores, trial.head)  # positive where the head does better
+        finding = trial.finding
+        plateau = trial.reason == Reason.EARLY_CONVERGENCE.value
+        floor = self.config.precheck_plateau_gain * abs(scores.mean) if plateau else 0.0
+        threshold = max(self.config.judge_z * se, floor)
+        numbers = {"check_step": check, "check_score": scores.mean, "head_score": trial.head.mean,
+                   "gain": gain, "stderr": se, "units": n, "threshold": threshold}
+        # a plateau at a no-learning level stands while the held-out loss is still at that level:
+        # falling *to* the unigram level is not learning from the inputs
+        level = _level(finding) if plateau else None
+        if level is not None:
+            numbers["level"] = level
+        at_level = level is not None and trial.head.mean >= level
+        if at_level or not (math.isfinite(gain) and math.isfinite(se) and gain > threshold):
+            if rollback is not None:
+                rollback.details["precheck"] = numbers
+            return True
+        self._load_fields(trial.before)  # the rollback never happened: rollbacks, LR and phase as before
+        self.trial = None
+        self.verdicts["decline"] = self.verdicts.get("decline", 0) + 1
+        self.cooldown_until = step + self.config.cooldown_steps * 2 ** min(self.verdicts["decline"] - 1, 6)
+        since = f"step {check}" if finding is None or check >= finding.onset_step else f"step {check}, before the onset"
+        why = (f"the head's held-out loss {_fmt(trial.head.mean)} beats {_fmt(scores.mean)} at {since} by "
+               f"{_fmt(gain)} (more than {_fmt(threshold)}: {self.config.judge_z:g} x {_fmt(se)} over {n} units"
+               + (f", and at least {self.config.precheck_plateau_gain:g} of the loss" if plateau else "") + ")"
+               + (f" and is clearly below the no-learning level the plateau sat at ({_fmt(level)})"
+                  if level is not None else ""))
+        if finding is not None and finding.severity is not Severity.INFO:
+            finding.severity = Severity.INFO
+            finding.evidence["confidence"] = "contradicted"
+            finding.evidence["support"] = [*finding.evidence.get("support", ["training loss"]),
+                                           "held-out loss improved since the onset"]
+            finding.evidence["precheck"] = numbers
+            finding.message += f"; not acted on: {why}"
+        decision.actions = [a for a in decision.actions
+                            if a.action not in (ActionKind.ROLLBACK, ActionKind.LR_OVERRIDE)]
+        decision.actions.append(Action(
+            ActionKind.DECLINE, step,
+            f"declined the {trial.reason} rollback to step {trial.target_step}: {why}; the run has improved since the "
+            f"trouble began, so training goes on from step {step} unchanged (no step lost)",
+            from_step=step, to_step=check, reason=as_reason(trial.reason),
+            details={**numbers, "target_step": trial.target_step}))
+        decision.rollback_to = None
+        decision.keep_head = False
+        decision.check_step = None
+        decision.save = False
+        decision.drop_head = True
+        return False
 
     @property
     def judging(self) -> bool:
@@ -380,7 +485,7 @@ class RecoveryPolicy:
         gap = finding.onset_step - target
         decision.rollback_to = target
         decision.save = True
-        trial = self._begin_trial(step, finding.reason.value, target, fields, decision)
+        trial = self._begin_trial(step, finding, target, fields, decision, snapshots)
         decision.actions.append(Action(
             ActionKind.ROLLBACK, step,
             f"rolled back from step {step} to the snapshot of step {target} ({gap} steps before the "
@@ -444,10 +549,11 @@ class RecoveryPolicy:
     def _relapse(self, step: int, snapshots: Sequence[int], decision: Decision, level: float, why: str) -> None:
         cfg = self.config
         message = f"{why}; the scheduled LR looks too high for this run"  # printed after the reason
-        decision.findings.append(Finding(Reason.RELAPSE, Severity.WARNING, step, self.restore_step, message,
-                                         evidence={"restore_level": self.restore_level, "level": level,
-                                                   "trigger_level": self.trigger_level},
-                                         detector="recovery"))
+        relapse = Finding(Reason.RELAPSE, Severity.WARNING, step, self.restore_step, message,
+                          evidence={"restore_level": self.restore_level, "level": level,
+                                    "trigger_level": self.trigger_level},
+                          detector="recovery")
+        decision.findings.append(relapse)
         self.watch_until = -1
         if self.rollbacks >= cfg.max_rollbacks:
             self._give_up(step, f"relapse and the budget of {cfg.max_rollbacks} rollbacks is spent", decision)
@@ -477,7 +583,7 @@ class RecoveryPolicy:
         self._recent.clear()
         decision.rollback_to = target
         decision.save = True
-        trial = self._begin_trial(step, Reason.RELAPSE.value, target, fields, decision)
+        trial = self._begin_trial(step, relapse, target, fields, decision, snapshots)
         decision.actions.append(Action(
             ActionKind.ROLLBACK, step,
             f"rolled back from step {step} to the post-recovery snapshot of step {target} after a relapse; "
@@ -529,4 +635,4 @@ class RecoveryPolicy:
         trial = state.get("trial")
         self.trial = None if trial is None else Trial.from_record(trial)
         self.false_alarms = [str(r) for r in state.get("false_alarms", [])]
-        self.verdicts = {"keep": 0, "revert": 0, **state.get("verdicts", {})}
+        self.verdicts = {"keep": 0, "revert": 0, "decline": 0, **state.get("verdicts", {})}

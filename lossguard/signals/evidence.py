@@ -70,7 +70,7 @@ def judge_plateau(finding: Finding, refs: References, evals: list[tuple[int, flo
     at = (ev["reference"], ev["reference_level"]) if ev.get("rule") == "reference" else refs.nearest(level, tolerance)
     if at is not None:
         name, ref = at
-        ev["reference"], ev["reference_level"] = name, ref
+        ev["reference"], ev["reference_level"], ev["reference_tolerance"] = name, ref, tolerance
         support.append(f"{name} level")
         if trend is not None:
             support.append(f"eval loss {trend}")

@@ -238,7 +238,7 @@ def test_real_false_alarms_of_over_sensitive_detection_are_reverted_and_shown_ev
 
     guard = LossGuard(GuardConfig(detection=OVER_SENSITIVE, probe={"enabled": False},
                                   recovery={"snapshot_every": 5, "rollback_steps": 10, "max_low_lr_steps": 40,
-                                            "judge_sequences": 32}))
+                                            "judge_sequences": 32, "precheck": False}))  # the trials themselves
     spy = Spy(keep=range(1, steps + 1))
     out = tmp_path / "run"
     trainer = make_trainer(tiny_setup(n_train=128), str(out), callbacks=[guard, spy], max_steps=steps,
@@ -282,3 +282,53 @@ def test_real_false_alarms_of_over_sensitive_detection_are_reverted_and_shown_ev
     assert verdicts[0]["head_score"] == pytest.approx(det["head_score"])
     assert verdicts[0]["branch_score"] == pytest.approx(det["branch_score"])
     assert verdicts[0]["false_alarm"] == first["reason"]
+
+
+def test_a_false_alarm_the_held_out_loss_contradicts_is_declined_changes_nothing_and_is_shown(tmp_path, capsys):
+    """A forced spike on a healthy run: the head beats the snapshot before the spike on the judge's
+    sequences, so the rollback is declined. The run ends bitwise where the plain run ends, the
+    finding is info (the run stays healthy), and every view shows the decline."""
+    import io
+    import json
+
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from lossguard.cli import _register, app
+    from lossguard.presentation.dashboard import render
+    from lossguard.presentation.report import render_html
+    from lossguard.watch.live import read_run
+
+    steps = 40
+    plain = Spy(keep=(steps,))
+    make_trainer(tiny_setup(n_train=128), str(tmp_path / "plain"), callbacks=[plain], max_steps=steps,
+                 learning_rate=1e-2, logging_steps=50).train()
+    guard = LossGuard(GuardConfig(probe={"enabled": False},
+                                  recovery={"snapshot_every": 5, "rollback_steps": 10, "judge_sequences": 32}))
+    spy = Spy(keep=(steps,))
+    out = tmp_path / "run"
+    make_trainer(tiny_setup(n_train=128), str(out), callbacks=[guard, Forced(guard, Reason.SPIKE, {20: 6}), spy],
+                 max_steps=steps, learning_rate=1e-2, logging_steps=50).train()
+    decline, = _actions(out)
+    assert (decline["action"], decline["step"], decline["to_step"]) == ("decline", 20, 5)
+    det = decline["details"]
+    assert det["check_step"] == 5 and det["target_step"] == 0 and det["units"] == 32
+    assert det["gain"] == pytest.approx(det["check_score"] - det["head_score"], rel=1e-6) and det["gain"] > det["threshold"]
+    _assert_same_state(spy.kept[steps], plain.kept[steps])
+    forced = next(f for f in guard.findings if f.message.startswith("forced"))
+    assert forced.severity is Severity.INFO and forced.evidence["precheck"]["check_step"] == 5
+    assert guard.recovery.recoverer.head is None and guard.engine.policy.false_alarms == []
+
+    console = capsys.readouterr().err
+    assert "lossguard action decline declined the spike rollback to step 0" in console
+    live = read_run(out)
+    buf = io.StringIO()
+    Console(file=buf, width=120, color_system=None, force_terminal=False).print(render(live, width=120, now=0))
+    assert "declined 1" in buf.getvalue() and "NORMAL" in buf.getvalue()
+    page = render_html(live)
+    assert "<td>verdicts on rollbacks</td><td>-, declined 1</td>" in page and "rollback declined (1)" in page
+    _register()
+    doc = json.loads(CliRunner().invoke(app, ["watch", str(out), "--once", "--json"]).output)
+    assert doc["status"] == "healthy"
+    verdict, = doc["verdicts"]
+    assert (verdict["verdict"], verdict["check_step"], verdict["head_step"]) == ("decline", 5, 20)

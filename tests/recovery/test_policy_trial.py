@@ -69,7 +69,7 @@ def test_a_false_alarm_is_reverted_to_the_head_and_its_reason_triggers_no_more()
     # the policy is back where it stood at the head, with the budget spent and a cooldown
     assert pol.phase is Phase.NORMAL and pol.lr_multiplier(401) == 1.0 and pol.rollbacks == 1
     assert pol.state_dict()["recent"] == recent_at_head and pol.trial is None
-    assert pol.false_alarms == ["spike"] and pol.verdicts == {"keep": 0, "revert": 1}
+    assert pol.false_alarms == ["spike"] and pol.verdicts == {"keep": 0, "revert": 1, "decline": 0}
     assert pol.cooldown_until == 410
     # spikes are reported (the findings are the detectors') but start nothing; other reasons still do
     assert pol.step(500, 9.0, [_finding(Reason.SPIKE, 500, 500)], [0, 100, 200, 400]).actions == []
@@ -95,7 +95,7 @@ def test_a_genuine_recovery_is_kept_with_both_scores_and_carries_on():
     assert keep.details["gain"] == pytest.approx(1.5) and keep.details["stderr"] == pytest.approx(0.0, abs=1e-12)
     assert (keep.from_step, keep.to_step, keep.reason) == (120, 0, "early_convergence")
     assert "beats the abandoned head's" in keep.message
-    assert pol.trial is None and pol.false_alarms == [] and pol.verdicts == {"keep": 1, "revert": 0}
+    assert pol.trial is None and pol.false_alarms == [] and pol.verdicts == {"keep": 1, "revert": 0, "decline": 0}
     assert d.revert_to is None
 
 
@@ -242,9 +242,9 @@ def test_state_dict_round_trip_mid_trial_and_after_a_revert():
     assert a.actions[0].action is ActionKind.REVERT
     again = RecoveryPolicy(pol.config)
     again.load_state_dict(json.loads(json.dumps(pol.state_dict(), allow_nan=False)))
-    assert again.false_alarms == ["spike"] and again.verdicts == {"keep": 0, "revert": 1} and again.trial is None
+    assert again.false_alarms == ["spike"] and again.verdicts == {"keep": 0, "revert": 1, "decline": 0} and again.trial is None
     # a state saved before the safety net existed loads with none of it
     old = {k: v for k, v in pol.state_dict().items() if k not in ("trial", "false_alarms", "verdicts")}
     legacy = RecoveryPolicy(pol.config)
     legacy.load_state_dict(old)
-    assert legacy.trial is None and legacy.false_alarms == [] and legacy.verdicts == {"keep": 0, "revert": 0}
+    assert legacy.trial is None and legacy.false_alarms == [] and legacy.verdicts == {"keep": 0, "revert": 0, "decline": 0}
