@@ -9,7 +9,9 @@ the same run is repeated under each remedy users have today and under lossguard:
 - ``zclip``: ZClip adaptive gradient clipping (EMA z-score 2.5), ``peer_remedies.ZClip``;
 - ``plateau-cut``: an LR cut on plateau (torch's ReduceLROnPlateau), ``peer_remedies.PlateauCut``;
 - ``lg-no-net``: ``LossGuard`` with ``recovery.safety_net=False``;
-- ``lg``: ``LossGuard`` with the safety net (the default).
+- ``lg-trial``: ``LossGuard`` with the safety net but ``recovery.precheck=False``: every rollback
+  is tried and judged, none declined beforehand;
+- ``lg``: ``LossGuard`` with the safety net and its look before rolling back (the defaults).
 
 Runs (``SCENARIOS``): healthy runs on two tasks and three learning rates, and a run trained
 from scratch whose loss falls late, all with lossguard's detection made over-sensitive
@@ -70,7 +72,7 @@ SENSITIVE: dict[str, Any] = {
     "stall_z": 0.5, "stall_rate": 0.01, "stall_min_improvement": 0.5, "early_fraction": 0.9,
 }
 
-REMEDIES = ("none", "skip-step", "zclip", "plateau-cut", "lg-no-net", "lg")
+REMEDIES = ("none", "skip-step", "zclip", "plateau-cut", "lg-no-net", "lg-trial", "lg")
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,7 @@ class Result:
     rollbacks: int = 0
     kept: int = 0
     reverted: int = 0
+    declined: int = 0
     discarded: int = 0
     acted: list[str] = field(default_factory=list)
 
@@ -196,9 +199,10 @@ def remedy(name: str, spec: Scenario) -> tuple[Any, dict[str, Any]]:
         return ZClip(), {"max_grad_norm": 0.0}
     if name == "plateau-cut":
         return PlateauCut(), {}
-    if name in ("lg", "lg-no-net"):
+    if name in ("lg", "lg-trial", "lg-no-net"):
         detection = SENSITIVE if spec.sensitive else {}
-        config = GuardConfig(console=False, detection=detection, recovery={"safety_net": name == "lg"})
+        config = GuardConfig(console=False, detection=detection,
+                             recovery={"safety_net": name != "lg-no-net", "precheck": name == "lg"})
         return LossGuard(config), {}
     return None, {}
 
@@ -292,11 +296,13 @@ def _train_and_measure(trainer: Any, callback: Any, held_out: Any) -> Result:
     acted = [f"{a.action.value}@{a.step}" + (f"->{a.to_step}" if a.action in (ActionKind.ROLLBACK, ActionKind.REVERT)
                                              else "") + (f"({a.reason.value})" if a.action is ActionKind.ROLLBACK
                                                          and a.reason is not None else "")
-             for a in acts if a.action in (ActionKind.ROLLBACK, ActionKind.KEEP, ActionKind.REVERT, ActionKind.GIVE_UP)]
+             for a in acts if a.action in (ActionKind.ROLLBACK, ActionKind.KEEP, ActionKind.REVERT, ActionKind.DECLINE,
+                                           ActionKind.GIVE_UP)]
     return Result(loss, wall, callback.hook_seconds + saving["s"],
                   rollbacks=sum(a.action is ActionKind.ROLLBACK for a in acts),
                   kept=sum(a.action is ActionKind.KEEP for a in acts),
                   reverted=sum(a.action is ActionKind.REVERT for a in acts),
+                  declined=sum(a.action is ActionKind.DECLINE for a in acts),
                   discarded=sum(int(a.details.get("discarded_steps", 0)) for a in acts
                                 if a.action is ActionKind.ROLLBACK), acted=acted)
 
@@ -411,13 +417,15 @@ def main(argv: list[str] | None = None) -> int:
                 cell = _loss(res.loss) + (f" ({res.extra:+.1%})" if r != "none" else "")
                 if r.startswith("lg") and res.rollbacks:
                     cell += f" rb {res.rollbacks}"
+                if res.declined:
+                    cell += f" dec {res.declined}"
                 cells.append(cell)
             lg = results.get((s, seed, "lg"))
             acted = " ".join(lg.acted) if lg is not None and lg.acted else "-"
             print(f"| {s} | {seed} | " + " | ".join(cells) + f" | {acted} |")
             sys.stdout.flush()
     for (s, seed, r), res in results.items():
-        if r in ("skip-step", "zclip", "plateau-cut", "lg-no-net"):
+        if r in ("skip-step", "zclip", "plateau-cut", "lg-no-net", "lg-trial"):
             print(f"  {s} seed {seed} {r}: {' '.join(res.acted) or '-'}")
     print()
     for line in targets(results, args.seeds):
