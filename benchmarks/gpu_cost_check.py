@@ -224,6 +224,8 @@ def main() -> int:
             run_size(torch, size, args.budget, Path(args.spill_dir))
         except torch.OutOfMemoryError as err:
             check(f"{size}: ran", False, f"out of memory outside the probe ({str(err)[:160]})")
+        except Exception as err:  # noqa: BLE001 - one size failing says so and the next still runs
+            check(f"{size}: ran", False, f"{type(err).__name__}: {str(err)[:200]}")
         gc.collect()
         torch.cuda.empty_cache()
     failed = [name for name, ok, _ in RESULTS if not ok]

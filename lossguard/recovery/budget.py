@@ -225,7 +225,8 @@ def cost_rows(cost: SnapshotCost, *, budget: float, user_every: int | None = Non
              f"({how})", False, "")]
     cap = cost.capture_seconds
     rate = f"{_bytes(cost.capture_bytes_per_s)}/s" if cost.capture_bytes_per_s else "?"
-    rows.append(("snapshot copy", f"~{cap:.3g} s each (copy measured at {rate})" if cap is not None
+    check = f", finite check at {_bytes(cost.check_bytes_per_s)}/s" if cost.check_bytes_per_s else ""
+    rows.append(("snapshot copy", f"~{cap:.3g} s each (copy measured at {rate}{check})" if cap is not None
                  else "not measured", False, ""))
     room = f"{_bytes(cost.host_available)} available" if cost.host_available is not None else "unknown"
     held = cost.in_memory()

@@ -107,7 +107,10 @@ def test_the_cost_line_and_rows_carry_the_numbers() -> None:
     assert f"every {c.every} steps" in line and c.every == 4060 and "probes at most 5%" in line
     rows = {name: (value, warn) for name, value, warn, _ in cost_rows(cost, budget=0.01)}
     assert "70 GB" in rows["snapshot size"][0] and "14 GB" in rows["snapshot size"][0]
-    assert rows["snapshot copy"][0].startswith("~7 s")
+    assert rows["snapshot copy"][0].startswith("~7 s") and "finite check" not in rows["snapshot copy"][0]
+    checked = {name: value for name, value, _, _ in cost_rows(replace(cost, check_bytes_per_s=7 * GB), budget=0.01)}
+    # 70 GB copied at 10 GB/s, the 14 GB of bf16 weights checked at 7 GB/s
+    assert checked["snapshot copy"] == "~9 s each (copy measured at 10 GB/s, finite check at 7 GB/s)"
     assert "35 s per spilled snapshot" in rows["spill disk"][0]
 
 
