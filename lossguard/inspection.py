@@ -447,6 +447,17 @@ def _weight_shards(path: Path, names: set[str]) -> list[Path]:
     return []
 
 
+def _is_dcp(names: set[str]) -> bool:
+    """A ``torch.distributed.checkpoint`` folder (``LoopGuard``'s checkpoints): shards and their index."""
+    return any(n.endswith(".distcp") for n in names)
+
+
+def _dcp_sentence(p: Path, names: set[str]) -> str:
+    shards = sum(1 for n in names if n.endswith(".distcp"))
+    return (f"{p}: a torch.distributed.checkpoint ({shards} .distcp file(s), one per rank that wrote it), which "
+            "inspect does not read; load it with lossguard.load_checkpoint(path, model, optimizer)")
+
+
 def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
     """Everything ``inspect`` reports about one checkpoint directory; file problems are noted, not raised."""
     p = Path(path)
@@ -457,7 +468,9 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
     except OSError as err:
         raise CheckpointError(f"{p}: cannot list the directory ({err.strerror or err})") from None
     names = {f.name for f in info.files}
-    if not _has_checkpoint_files(names):
+    if _is_dcp(names):
+        info.problems.append(_dcp_sentence(p, names))
+    elif not _has_checkpoint_files(names):
         info.problems.append(f"{p}: no weights, adapter or trainer_state.json here (an interrupted save?)")
 
     if ADAPTER_CONFIG in names:
@@ -541,6 +554,8 @@ def inspect_path(path: str | os.PathLike[str]) -> Inspection:
         if _has_checkpoint_files(names):
             result.final = inspect_checkpoint(p)
         return result
+    if _is_dcp(names):
+        raise CheckpointError(_dcp_sentence(p, names))
     if not _has_checkpoint_files(names):
         runs = sorted(e.name for e in entries if e.is_dir() and _holds_checkpoints(e))
         if runs:
