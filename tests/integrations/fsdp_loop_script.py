@@ -3,7 +3,8 @@ with ``LoopGuard``; rank 1's own shard of one weight turns NaN.
 
 After optimizer step 10 a NaN is written into rank 1's local shard of one weight (rank 0's shard is
 untouched): the snapshot due at step 10 is refused on both ranks, step 11's loss is NaN on both
-(the forward all-gathers the shard), both roll back to step 5 and train on at 0.1 x the LR. Each
+(the forward all-gathers the shard), both roll back to step 6 (read back from each rank's own
+spill folder) and train on at 0.1 x the LR. Each
 rank writes what it saw to ``<out>/fsdp.rank<N>.json``; the test compares the ranks.
 """
 
@@ -81,9 +82,11 @@ collate = PadCollator(tok.pad_token_id)
 judge = [collate(build_dataset(tok, 8, seed=500 + rank))]
 guard = LoopGuard(model, opt, sched, log_dir=os.path.join(out, "lossguard"), max_steps=STEPS,
                   checkpoint_dir=os.path.join(out, "ckpt"), judge_batches=judge,
-                  config=GuardConfig(console=False, recovery={"snapshot_every": 5, "rollback_steps": 1,
+                  config=GuardConfig(console=False, recovery={"snapshot_every": 2, "rollback_steps": 4,
                                                               "max_low_lr_steps": 6, "relapse_watch_steps": 0,
-                                                              "judge_sequences": 16}))
+                                                              "judge_sequences": 16,
+                                                              # ~0: all but the newest snapshot go to disk
+                                                              "snapshot_memory_mb": 1e-6}))
 lr_used = {}
 opt.register_step_pre_hook(lambda o, a, k: lr_used.__setitem__(guard.global_step + 1, o.param_groups[0]["lr"]))
 record = {"world": dist.get_world_size(), "engine": guard.engine_info.to_record(), "losses": {}, "rings": {},
@@ -110,6 +113,8 @@ for i in range(STEPS):
     result = guard.step(loss, grad_norm=total)
     record["losses"][step] = float(loss)
     record["rings"][step] = list(guard.recoverer.ring.steps())
+    record.setdefault("on_disk", {})[step] = list(guard.recoverer.ring.state_summary()["disk"])
+    record["spill_dir"] = str(guard.recoverer.ring.spill_dir)
     if step in guard.recoverer.ring and step not in snapshots:
         snapshots[step] = local_state(model, opt)
         record.setdefault("snapshot_checksums", {})[step] = full_checksum(model)

@@ -37,11 +37,14 @@ def test_nan_in_one_shard_both_ranks_roll_back_bitwise(ranks):
     _, (r0, r1) = ranks
     # rank 1's shard was NaN at step 10: neither rank kept that snapshot, so both hold the same targets
     assert r0["rings"] == r1["rings"]
-    assert 10 not in r0["rings"]["10"] and r0["rings"]["10"] == [0, 5]
+    assert 10 not in r0["rings"]["10"] and r0["rings"]["10"] == [0, 2, 4, 6, 8]
+    # the target came back from disk: each rank spilled its own shards (safetensors) into its own folder
+    assert r0["on_disk"]["10"] == r1["on_disk"]["10"] == [0, 2, 4, 6]
+    assert r0["spill_dir"].endswith("lossguard/snapshots") and r1["spill_dir"].endswith("lossguard/snapshots-rank1")
     for r in (r0, r1):
-        assert (r["rollback"]["step"], r["rollback"]["to"]) == (11, 5)
+        assert (r["rollback"]["step"], r["rollback"]["to"]) == (11, 6)
         assert r["rollback"]["bitwise"]  # this rank's parameter and optimizer shards are the snapshot's
-        assert r["rollback"]["checksum"] == r["snapshot_checksums"]["5"]
+        assert r["rollback"]["checksum"] == r["snapshot_checksums"]["6"]
         assert r["final_finite"]
     assert r0["rollback"]["checksum"] == r1["rollback"]["checksum"]  # the gathered model, identical
     assert r0["final_checksum"] == r1["final_checksum"]
@@ -88,7 +91,7 @@ def test_lr_override_and_safety_net_verdict_in_lockstep(ranks):
 def test_fallback_checkpoint_is_dcp_and_resumes_bitwise(ranks):
     _, (r0, r1) = ranks
     saves = [a for a in r0["actions"] if a["action"] == "save"]
-    assert saves[0]["from_step"] == 5 and saves[0]["details"]["format"] == "torch.distributed.checkpoint"
+    assert saves[0]["from_step"] == 6 and saves[0]["details"]["format"] == "torch.distributed.checkpoint"
     path = Path(saves[0]["details"]["path"])
     assert path.name == "lossguard-fallback-11" and (path / ".metadata").is_file()
     assert (path / "lossguard_state.json").is_file() and (path / "lossguard_fallback.json").is_file()
