@@ -144,7 +144,8 @@ def detect(model: Any, *, args: Any = None, accelerator: Any = None, world_size:
         return Engine(EngineKind.FSDP1, recovery=False, probe=False,
                       why="FSDP1 flattens the parameters; use fully_shard (FSDP2)",
                       probe_why="probe skipped: parameters are sharded (FSDP1)")
-    if (hasattr(inner, "modules") and fsdp_modules(inner)) or any(is_sharded(p) for p in inner.parameters()):
+    params = inner.parameters() if hasattr(inner, "parameters") else ()
+    if (hasattr(inner, "modules") and fsdp_modules(inner)) or any(is_sharded(p) for p in params):
         forced = os.environ.get(FORCE_ENV, "") == "1"
         recovery = loop or forced
         return Engine(EngineKind.FSDP2, recovery=recovery, probe=False, probe_why=SHARDED,

@@ -46,6 +46,7 @@ def test_deepspeed_from_accelerate_environment(model, monkeypatch):
 def test_plain_model_keeps_everything_on(model):
     engine = detect(model)
     assert (engine.kind, engine.recovery, engine.probe, engine.line()) == (EngineKind.SINGLE, True, True, None)
+    assert detect(None, world_size=2).kind is EngineKind.DDP  # a Trainer that passes no model: by the world size
 
 
 def test_recovery_ruled_out_means_the_policy_decides_nothing(model):
