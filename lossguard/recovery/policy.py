@@ -251,9 +251,10 @@ class RecoveryPolicy:
         return decision
 
     def _trigger(self, step: int, findings: Sequence[Finding]) -> Finding | None:
-        # an info finding (shape only, or contradicted by other evidence) is reported, never acted on
+        # an info finding (shape only, or contradicted by other evidence) is reported, never acted
+        # on; nor is one that says so itself (evidence["actionable"] False: nothing could judge the action)
         wanted = [f for f in findings if f.reason in self.config.triggers and f.severity is not Severity.INFO
-                  and f.reason.value not in self.false_alarms]
+                  and f.reason.value not in self.false_alarms and f.evidence.get("actionable", True) is not False]
         if not wanted:
             return None
         wanted.sort(key=lambda f: (_PRIORITY.get(f.reason, 9), f.onset_step))

@@ -62,7 +62,7 @@ def judge_plateau(finding: Finding, refs: References, evals: list[tuple[int, flo
     """Weigh an early-convergence finding against the references and the eval loss."""
     ev = finding.evidence
     level = float(ev.get("level", float("nan")))
-    support = ["training loss shape"]
+    support = list(ev.get("support") or ["training loss shape"])  # what the detector itself rests it on
     trend = eval_trend(evals, finding.onset_step, finding.step)
     if trend == "falling":
         return _as_info(finding, "But the eval loss is still falling since the onset: the model is still learning, "

@@ -24,6 +24,7 @@ from lossguard.signals.gradients import GradientDetector
 from lossguard.signals.lr_too_high import LRTooHighStage
 from lossguard.signals.nonfinite import NonfiniteDetector
 from lossguard.signals.plateau import PlateauDetector
+from lossguard.signals.preference import PreferenceLevelDetector
 from lossguard.signals.references import References
 from lossguard.signals.spike import GradExplosionDetector, SpikeDetector
 
@@ -60,6 +61,7 @@ class Registration:
 DETECTORS: tuple[Registration, ...] = (
     Registration(lambda c, plan: NonfiniteDetector()),
     Registration(lambda c, plan: DegenerateLossDetector(c)),
+    Registration(lambda c, plan: PreferenceLevelDetector(c)),
     Registration(lambda c, plan: GradientDetector(c)),
     Registration(lambda c, plan: SpikeDetector(c)),
     Registration(lambda c, plan: GradExplosionDetector(c)),
@@ -218,7 +220,8 @@ class DetectorSuite:
         kept = []
         cooldown = self.config.cooldown_steps
         for f in findings:
-            if self.degenerate.active and f.reason in _CONVERGENCE:
+            # a preference loss read against its own level (``preference.py``) is not a convergence reading
+            if self.degenerate.active and f.reason in _CONVERGENCE and f.detector != "preference":
                 continue
             key = f.reason.value
             last = self.last_reported.get(key)

@@ -18,6 +18,7 @@ from lossguard.config import DetectionConfig
 from lossguard.records import Columns, Finding, Reason, Sample
 from lossguard.signals import suite as suite_module
 from lossguard.signals.base import Detector, Stage, Suite
+from lossguard.signals.references import Objective, References
 from lossguard.signals.suite import DETECTORS, DetectorSuite, RunPlan
 from lossguard.testing.synthetic import make_curve
 
@@ -76,6 +77,15 @@ def _short_jump() -> list[Sample]:
     return [Sample(step=10 * (i + 1), loss=v, grad_norm=1.0) for i, v in enumerate(values)]
 
 
+def _dpo() -> list[Sample]:
+    """A DPO loss from ln 2: stuck there with a zero gradient, then worse than its reference, with gaps."""
+    rng = np.random.default_rng(5)
+    out = [Sample(step=i + 1, loss=math.log(2.0), grad_norm=0.0 if i % 3 else 5e-8) for i in range(30)]
+    out += [Sample(step=i + 31, loss=float(0.7 + 0.5 * abs(rng.standard_normal())), grad_norm=2.0) for i in range(40)]
+    out[40] = Sample(step=41, loss=math.nan, grad_norm=math.nan)
+    return out
+
+
 STREAMS = {
     "noisy": lambda: (_noisy(1), 1500),
     "short_jump": lambda: (_short_jump(), 1000),
@@ -87,12 +97,18 @@ STREAMS = {
     "divergence_fast_every_10": lambda: _curve("divergence_fast", 13, every=10),
     "plateau": lambda: _curve("plateau", 6),
     "stuck": lambda: _curve("stuck", 14),
+    "dpo": lambda: (_dpo(), 200),
 }
+# the references a stream's run would have (the rest: none known)
+REFERENCES = {"dpo": References(objective=Objective.PREFERENCE)}
 NAMES = [reg.build(DetectionConfig(), RunPlan()).name for reg in DETECTORS]
 
 
-def _make(index: int, max_steps: int | None) -> Detector:
-    return DETECTORS[index].build(DetectionConfig(), RunPlan(max_steps=max_steps))
+def _make(index: int, max_steps: int | None, stream: str = "") -> Detector:
+    det = DETECTORS[index].build(DetectionConfig(), RunPlan(max_steps=max_steps))
+    if stream in REFERENCES and hasattr(det, "references"):
+        det.references = REFERENCES[stream]
+    return det
 
 
 def _key(row: int, f: Finding) -> tuple:
@@ -118,7 +134,7 @@ def test_every_detector_keeps_the_contract(index):
     fired = 0
     for name, make in STREAMS.items():
         samples, max_steps = make()
-        det = _make(index, max_steps)
+        det = _make(index, max_steps, name)
         assert isinstance(det, Detector) and det.name == NAMES[index]
         before = _state(det)
         assert det.update_many(Columns.from_samples([])) == [] and _state(det) == before  # empty input
@@ -126,7 +142,7 @@ def test_every_detector_keeps_the_contract(index):
         fired += bool(expected)
 
         # batch == streaming, across cuts (one of them a single row)
-        many = _make(index, max_steps)
+        many = _make(index, max_steps, name)
         cols = Columns.from_samples(samples)
         cuts = [0, 1, len(samples) // 3, len(samples)]
         got = []
@@ -137,9 +153,9 @@ def test_every_detector_keeps_the_contract(index):
 
         # a JSON round trip of the state mid-stream gives the same future
         half = len(samples) // 2
-        first = _make(index, max_steps)
+        first = _make(index, max_steps, name)
         _stream(first, samples[:half])
-        clone = _make(index, None)
+        clone = _make(index, None, name)
         clone.load_state_dict(json.loads(_state(first)))
         assert _state(clone) == _state(first), name
         rest = _stream(first, samples, half)
