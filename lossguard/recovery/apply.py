@@ -203,10 +203,11 @@ class Recoverer:
         snap = self.ring.get(step)
         assert snap.params is not None
         self.capturer.fence()
+        self.capturer.sharded_state()
         params = trainable_parameters(self.model)
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(snap.params[name])
+                local_tensor(p).copy_(snap.params[name])  # a sharded parameter: this rank's shard
 
     def _put_back(self, snap: Snapshot) -> None:
         """Trainable parameters (pending gradients dropped), optimizer state and RNGs from ``snap``, bitwise."""

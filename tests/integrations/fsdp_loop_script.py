@@ -154,7 +154,7 @@ record["resumed"]["trains"] = bool(torch.isfinite(loss)) and all(bool(torch.isfi
 guard2 = LoopGuard(model, opt, sched, max_steps=STEPS, judge_batches=judge,
                    config=GuardConfig(console=False, recovery={"snapshot_every": 5, "rollback_steps": 5,
                                                                "max_low_lr_steps": 20, "relapse_watch_steps": 0,
-                                                               "judge_sequences": 16}))
+                                                               "judge_sequences": 16, "precheck": False}))
 observe = guard2.engine.detectors.observe
 
 
@@ -178,6 +178,37 @@ for i in range(20):
         record["after_revert"] = [float(p.to_local().double().sum()) for p in model.parameters()]
 guard2.close()
 record["verdicts"] = [a.to_record() for a in guard2.actions if a.action.value in ("keep", "revert")]
+
+# the look before rolling back on sharded state: a fresh model, a forced spike at step 12 with its
+# onset at step 3; the head is compared with the snapshot before the onset (each rank loads its own shards)
+model3 = sharded_model(tok)
+opt3 = torch.optim.AdamW(model3.parameters(), lr=BASE_LR)
+guard3 = LoopGuard(model3, opt3, max_steps=STEPS, judge_batches=judge,
+                   config=GuardConfig(console=False, recovery={"snapshot_every": 5, "rollback_steps": 5,
+                                                               "judge_sequences": 16}))
+observe3 = guard3.engine.detectors.observe
+
+
+def forced3(sample):
+    found = observe3(sample)
+    if sample.step == 12:
+        found.append(Finding(Reason.SPIKE, Severity.WARNING, 12, 3, "forced", detector="test"))
+    return found
+
+
+guard3.engine.detectors.observe = forced3
+for i in range(20):
+    loss = model3(**collate(data[i * 4:(i + 1) * 4])).loss
+    loss.backward()
+    opt3.step()
+    opt3.zero_grad()
+    before = [float(p.to_local().double().sum()) for p in model3.parameters()]
+    result = guard3.step(loss)
+    if any(a.action.value == "decline" for a in result.actions):  # (the finding is acted on at a flush)
+        record["before_decline"] = before
+        record["after_decline"] = [float(p.to_local().double().sum()) for p in model3.parameters()]
+guard3.close()
+record["precheck_actions"] = [a.to_record() for a in guard3.actions]
 
 # the Hessian probe: a recorded skip on every rank, never a verdict from one shard
 probe = TrainerProbe(ProbeConfig(enabled=True))

@@ -88,6 +88,19 @@ def test_lr_override_and_safety_net_verdict_in_lockstep(ranks):
             assert r["after_revert"] == r["head_checksum"]
 
 
+def test_a_rollback_the_held_out_loss_contradicts_is_declined_on_every_rank_and_changes_no_shard(ranks):
+    _, (r0, r1) = ranks
+    for r in (r0, r1):
+        for a in r["precheck_actions"]:
+            a["details"].pop("restore_seconds", None)
+    assert r0["precheck_actions"] == r1["precheck_actions"]  # pooled scores: one decision
+    decline, = r0["precheck_actions"]
+    assert decline["action"] == "decline" and 12 <= decline["step"] < 20 and decline["to_step"] <= 3
+    assert decline["details"]["units"] == 8 and decline["details"]["gain"] > decline["details"]["threshold"]
+    for r in (r0, r1):  # each rank's shards put back, bitwise
+        assert r["after_decline"] == r["before_decline"]
+
+
 def test_fallback_checkpoint_is_dcp_and_resumes_bitwise(ranks):
     _, (r0, r1) = ranks
     saves = [a for a in r0["actions"] if a["action"] == "save"]
