@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from lossguard.config import DetectionConfig
-from lossguard.records import Columns, Finding, Reason, Sample
+from lossguard.records import Columns, Finding, Reason, Sample, Severity
 from lossguard.signals.base import Detector, Stage
 from lossguard.signals.climb import ClimbDetector
 from lossguard.signals.degenerate import DegenerateLossDetector
@@ -32,6 +32,9 @@ from lossguard.signals.spike import GradExplosionDetector, SpikeDetector
 _EPISODIC = frozenset({Reason.NONFINITE, Reason.EARLY_CONVERGENCE, Reason.NOT_A_CONVERGENCE_SIGNAL,
                        Reason.ZERO_LOSS, Reason.GRAD_VANISHING, Reason.LR_TOO_HIGH})
 _CONVERGENCE = frozenset({Reason.EARLY_CONVERGENCE, Reason.DIVERGENCE})
+# what an RL or preference loss does by nature (a TD loss jumps 100x, a GRPO loss is 0 until the
+# KL term grows): reported as info on such a run, never a warning and never a rollback
+_NATURAL_FOR_RL = frozenset({Reason.SPIKE, Reason.ZERO_LOSS})
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,12 @@ class DetectorSuite:
             # a cluster (spikes every few dozen steps) is one episode: the cooldown runs from the last one
             if f.reason not in _EPISODIC and last is not None and 0 <= step - last <= cooldown:
                 continue
+            if self.degenerate.active and f.reason in _NATURAL_FOR_RL and f.severity is not Severity.INFO:
+                f.severity = Severity.INFO
+                f.message += (" The loss is not a convergence signal here (an RL or preference objective, or "
+                              "negative values): its spikes and zeros are reported, not acted on.")
+                f.evidence["confidence"] = "shape_only"
+                f.evidence["support"] = ["training loss shape", "not a convergence signal"]
             kept.append(f)
         return kept
 

@@ -87,3 +87,17 @@ def test_the_policy_does_not_act_on_a_finding_that_is_not_actionable():
     finding = Finding(Reason.DIVERGENCE, Severity.WARNING, 50, 40, "worse", evidence={"actionable": False})
     d = pol.step(50, 1.0, [finding], [0, 20, 40])
     assert d.rollback_to is None and d.actions == []
+
+
+def test_spikes_and_zeros_of_an_rl_loss_are_info_and_the_same_spike_on_a_cross_entropy_is_a_warning():
+    # a GRPO loss: exactly 0 until the KL term grows, then 1e-4 with a jump to 3e-4 (hf-0127's shape)
+    values = [0.0] * 30 + [1e-4] * 40 + [3e-4] + [1e-4] * 20
+    suite = _suite(References(objective=Objective.RL, sources={"objective": "trainer class GRPOTrainer"}))
+    rl = [f for i, v in enumerate(values, 1) for f in suite.observe(Sample(step=i, loss=v, grad_norm=0.5))]
+    assert {f.reason for f in rl} >= {Reason.NOT_A_CONVERGENCE_SIGNAL}
+    assert all(f.severity is Severity.INFO for f in rl), [(f.reason, f.severity) for f in rl]
+    # the same jump on a loss read as a cross-entropy (a level of 2, a jump to 6) is a warning
+    ce = _suite(References(objective=Objective.CROSS_ENTROPY))
+    curve = [2.0 + 0.01 * (-1) ** i for i in range(70)] + [6.0] + [2.0] * 20
+    found = [f for i, v in enumerate(curve, 1) for f in ce.observe(Sample(step=i, loss=v, grad_norm=0.5))]
+    assert [(f.reason, f.severity) for f in found if f.severity is not Severity.INFO] == [(Reason.SPIKE, Severity.WARNING)]
