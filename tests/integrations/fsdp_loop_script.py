@@ -155,17 +155,22 @@ guard2 = LoopGuard(model, opt, sched, max_steps=STEPS, judge_batches=judge,
                    config=GuardConfig(console=False, recovery={"snapshot_every": 5, "rollback_steps": 5,
                                                                "max_low_lr_steps": 20, "relapse_watch_steps": 0,
                                                                "judge_sequences": 16, "precheck": False}))
-observe = guard2.engine.detectors.observe
 
 
-def forced(sample):
-    found = observe(sample)
-    if sample.step == 10:
-        found.append(Finding(Reason.SPIKE, Severity.WARNING, 10, 10, "forced", detector="test"))
-    return found
+def force_spike(guard, at, onset):
+    """The guard's detectors also report a spike at step ``at`` (onset ``onset``): a forced false alarm."""
+    observe = guard.engine.detectors.observe
+
+    def forced(sample):
+        found = observe(sample)
+        if sample.step == at:
+            found.append(Finding(Reason.SPIKE, Severity.WARNING, at, onset, "forced", detector="test"))
+        return found
+
+    guard.engine.detectors.observe = forced
 
 
-guard2.engine.detectors.observe = forced
+force_spike(guard2, 10, 10)
 for i in range(20):
     loss = model(**collate(data[i * 4:(i + 1) * 4])).loss
     loss.backward()
@@ -186,17 +191,7 @@ opt3 = torch.optim.AdamW(model3.parameters(), lr=BASE_LR)
 guard3 = LoopGuard(model3, opt3, max_steps=STEPS, judge_batches=judge,
                    config=GuardConfig(console=False, recovery={"snapshot_every": 5, "rollback_steps": 5,
                                                                "judge_sequences": 16}))
-observe3 = guard3.engine.detectors.observe
-
-
-def forced3(sample):
-    found = observe3(sample)
-    if sample.step == 12:
-        found.append(Finding(Reason.SPIKE, Severity.WARNING, 12, 3, "forced", detector="test"))
-    return found
-
-
-guard3.engine.detectors.observe = forced3
+force_spike(guard3, 12, 3)
 for i in range(20):
     loss = model3(**collate(data[i * 4:(i + 1) * 4])).loss
     loss.backward()
